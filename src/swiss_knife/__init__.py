@@ -1,0 +1,110 @@
+"""Swiss Knife: make large language models small, and measure what it cost.
+
+Importing the package is cheap: names are loaded on first use, so `import swiss_knife` pulls in
+neither torch nor transformers, and touches no GPU.
+
+    from swiss_knife import load_model, evaluate, EvaluationConfig
+    loaded = load_model("path/to/model")
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "CastConfig": "config",
+    "CompressionConfig": "config",
+    "DataConfig": "config",
+    "EvaluationConfig": "config",
+    "EvaluateStageConfig": "config",
+    "ModelSpec": "config",
+    "load_config": "config",
+    "load_recipe": "config",
+    "save_config": "config",
+    "load_model": "models",
+    "save_model": "models",
+    "cast_model": "models",
+    "LoadedModel": "models",
+    "read_documents": "data",
+    "load_token_stream": "data",
+    "sample_calibration": "data",
+    "token_windows": "data",
+    "evaluate": "evaluation",
+    "EvaluationReport": "evaluation",
+    "write_reports": "evaluation",
+    "run_recipe": "pipeline",
+    "register_stage": "pipeline",
+    "resolve_device": "device",
+    "device_info": "device",
+    "get_arch": "arch",
+    "SwissKnifeError": "errors",
+    "UserInputError": "errors",
+}
+
+__all__ = [
+    "CastConfig",
+    "CompressionConfig",
+    "DataConfig",
+    "EvaluateStageConfig",
+    "EvaluationConfig",
+    "EvaluationReport",
+    "LoadedModel",
+    "ModelSpec",
+    "SwissKnifeError",
+    "UserInputError",
+    "__version__",
+    "cast_model",
+    "device_info",
+    "evaluate",
+    "get_arch",
+    "load_config",
+    "load_model",
+    "load_recipe",
+    "load_token_stream",
+    "read_documents",
+    "register_stage",
+    "resolve_device",
+    "run_recipe",
+    "sample_calibration",
+    "save_config",
+    "save_model",
+    "token_windows",
+    "write_reports",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'swiss_knife' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:
+    from .arch import get_arch
+    from .config import (
+        CastConfig,
+        CompressionConfig,
+        DataConfig,
+        EvaluateStageConfig,
+        EvaluationConfig,
+        ModelSpec,
+        load_config,
+        load_recipe,
+        save_config,
+    )
+    from .data import load_token_stream, read_documents, sample_calibration, token_windows
+    from .device import device_info, resolve_device
+    from .errors import SwissKnifeError, UserInputError
+    from .evaluation import EvaluationReport, evaluate, write_reports
+    from .models import LoadedModel, cast_model, load_model, save_model
+    from .pipeline import register_stage, run_recipe

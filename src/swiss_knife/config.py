@@ -1,0 +1,361 @@
+"""Typed, validated configs: one per stage, and `CompressionConfig`, a recipe of stages.
+
+Every config is a frozen pydantic model that rejects unknown keys, so a typo in a recipe is an
+error that names the closest valid key instead of a silently ignored setting. YAML and JSON are two
+serialised forms of the same tree; `CompressionConfig.model_json_schema()` is the recipe schema.
+
+Validation collects every problem before reporting, each with its path in the file
+(`stages[1].dtype: ...`), so a user fixes a recipe in one pass.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DTypeName = Literal["auto", "fp32", "fp16", "bf16"]
+DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+DocumentSplit = Literal["none", "paragraph", "line"]
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys are errors and instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelSpec(StrictModel):
+    """Where a model comes from and how to load it."""
+
+    path: str = Field(description="Hugging Face hub id, local directory, or a .gguf file.")
+    gguf_file: str | None = Field(
+        default=None, description="GGUF file name inside `path` (dequantised on load)."
+    )
+    dtype: DTypeName = Field(default="auto", description="Load dtype; auto keeps the checkpoint's.")
+    device: DeviceName = Field(default="auto", description="auto picks CUDA, then MPS, then CPU.")
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Run modelling code shipped with the checkpoint (off by default).",
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
+
+
+class DataConfig(StrictModel):
+    """A text source: a local file or folder, or a Hugging Face dataset `name:config:split`."""
+
+    source: str = Field(
+        description=(
+            "Local .txt/.jsonl/.json/.parquet/.csv file, a folder of .txt files, or a Hugging Face "
+            "dataset as name[:config[:split]]."
+        )
+    )
+    field: str = Field(default="text", description="Text field of .jsonl/.json/.parquet/.csv rows.")
+    split_documents: DocumentSplit = Field(
+        default="none",
+        description=(
+            "How to cut plain text into documents (each starts with BOS): none = one document per "
+            "file, paragraph = at blank lines, line = every line."
+        ),
+    )
+    add_bos: bool = Field(default=True, description="Prepend the tokenizer's BOS to each document.")
+    encoding: str = Field(default="utf-8", description="Encoding of local text files.")
+    max_documents: int | None = Field(default=None, ge=1, description="Read at most this many.")
+
+
+class PerplexityConfig(StrictModel):
+    enabled: bool = True
+    window: int = Field(default=512, ge=2, description="Tokens per window (the context length).")
+    stride: int | None = Field(
+        default=None, ge=1, description="Step between windows; defaults to the window (no overlap)."
+    )
+    batch_size: int = Field(default=4, ge=1)
+    max_windows: int | None = Field(
+        default=40, ge=1, description="Score at most this many windows (None: the whole text)."
+    )
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> PerplexityConfig:
+        if self.stride is not None and self.stride > self.window:
+            raise ValueError(f"stride ({self.stride}) must not exceed window ({self.window})")
+        return self
+
+
+class SpeedConfig(StrictModel):
+    enabled: bool = True
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1], min_length=1
+    )
+    prompt_len: int = Field(default=128, ge=1)
+    new_tokens: int = Field(default=32, ge=1)
+    warmup: int = Field(default=1, ge=0)
+    repeats: int = Field(default=3, ge=1)
+
+
+class AgreementConfig(StrictModel):
+    enabled: bool = Field(default=True, description="KL and top-1 agreement with the original.")
+    window: int = Field(default=512, ge=2)
+    max_windows: int | None = Field(default=8, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+
+
+class BleuConfig(StrictModel):
+    references: str | None = Field(
+        default=None, description="A .jsonl (prompt, reference) or .tsv file; None skips BLEU."
+    )
+    max_new_tokens: int = Field(default=32, ge=1)
+    batch_size: int = Field(default=4, ge=1)
+
+
+class HarnessConfig(StrictModel):
+    tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks; empty skips the harness."
+    )
+    limit: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=1, ge=1)
+
+
+class EvaluationConfig(StrictModel):
+    """What `evaluate` measures. Every part can be switched off."""
+
+    perplexity: PerplexityConfig = Field(default_factory=PerplexityConfig)
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
+    memory: bool = True
+    size: bool = True
+    agreement: AgreementConfig = Field(default_factory=AgreementConfig)
+    bleu: BleuConfig = Field(default_factory=BleuConfig)
+    harness: HarnessConfig = Field(default_factory=HarnessConfig)
+    seed: int = 0
+
+
+class StageBase(StrictModel):
+    """Fields every recipe stage shares."""
+
+    name: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="Stage name (defaults to the type); names the stage's output folder.",
+    )
+    evaluate: bool = Field(default=True, description="Evaluate the model after this stage.")
+
+
+class CastConfig(StageBase):
+    """Half-precision casting: the first and simplest compression."""
+
+    type: Literal["cast"] = "cast"
+    dtype: Literal["fp32", "fp16", "bf16"] = "bf16"
+
+
+class EvaluateStageConfig(StageBase):
+    """An explicit evaluation at a point in the recipe, optionally with its own settings."""
+
+    type: Literal["evaluate"] = "evaluate"
+    evaluation: EvaluationConfig | None = Field(
+        default=None, description="Overrides the recipe's evaluation settings for this stage."
+    )
+
+
+# Stage configs are a discriminated union on `type`; each later stage issue adds its config here.
+StageConfig = Annotated[Union[CastConfig, EvaluateStageConfig], Field(discriminator="type")]  # noqa: UP007
+
+
+class DataSources(StrictModel):
+    eval: DataConfig | None = Field(default=None, description="Text for perplexity and agreement.")
+    calibration: DataConfig | None = Field(
+        default=None, description="Text for calibration-based methods (defaults to eval data)."
+    )
+
+    @field_validator("eval", "calibration", mode="before")
+    @classmethod
+    def _source_shorthand(cls, value: Any) -> Any:
+        return {"source": value} if isinstance(value, str) else value
+
+
+class CompressionConfig(StrictModel):
+    """A recipe: a model, its data, and an ordered list of stages, evaluated after each."""
+
+    version: Literal[1] = 1
+    model: ModelSpec
+    data: DataSources = Field(default_factory=DataSources)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    evaluate_original: bool = Field(
+        default=True, description="Evaluate the input model first, as the baseline."
+    )
+    stages: list[StageConfig] = Field(default_factory=list)
+    output_dir: str | None = Field(default=None, description="Where stage outputs and reports go.")
+    seed: int = 0
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> CompressionConfig:
+        seen: set[str] = set()
+        for index, stage in enumerate(self.stages):
+            name = stage_name(stage, index)
+            if name in seen:
+                raise ValueError(f"stage name {name!r} is used twice; names must be unique")
+            seen.add(name)
+        return self
+
+
+def stage_name(stage: StageBase, index: int) -> str:
+    """The folder name of a stage: its explicit name, or NN-type."""
+    return stage.name or f"{index:02d}-{getattr(stage, 'type', 'stage')}"
+
+
+# --------------------------------------------------------------------------- loading and saving
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def _stage_tags() -> set[str]:
+    return {str(cls.model_fields["type"].default) for cls in _unwrap(StageConfig)}
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    tags = _stage_tags()
+    for i, part in enumerate(loc):
+        # pydantic puts a discriminated union's tag after the list index; users never wrote it.
+        if i > 0 and isinstance(loc[i - 1], int) and part in tags:
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "<root>"
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The BaseModel classes an annotation can hold (through Optional, list, Annotated, unions)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType, list, tuple, dict):
+        found: list[Any] = []
+        for arg in typing.get_args(annotation):
+            found.extend(_unwrap(arg))
+        return found
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return []
+
+
+def _model_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """Walk an error location down the config classes to the model that owns its last key."""
+    current: list[type[BaseModel]] = [root]
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        nxt: list[type[BaseModel]] = []
+        for cls in current:
+            field = cls.model_fields.get(str(part))
+            if field is not None:
+                nxt.extend(_unwrap(field.annotation))
+            # A discriminated union puts the tag in the location: ('stages', 0, 'cast', ...).
+            if cls is root or not nxt:
+                for candidate in _all_models(cls):
+                    tag = candidate.model_fields.get("type")
+                    if tag is not None and tag.default == part:
+                        nxt.append(candidate)
+        if not nxt:
+            return current[0] if current else None
+        current = nxt
+    return current[0] if current else None
+
+
+def _all_models(cls: type[BaseModel]) -> list[type[BaseModel]]:
+    out: list[type[BaseModel]] = []
+    for field in cls.model_fields.values():
+        out.extend(_unwrap(field.annotation))
+    return out
+
+
+def format_validation_error(error: ValidationError, root: type[BaseModel], source: str) -> str:
+    lines = [f"{source}: {error.error_count()} problem(s):"]
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        message = item["msg"]
+        if item["type"] == "extra_forbidden" and loc:
+            owner = _model_at(root, loc[:-1])
+            key = str(loc[-1])
+            if owner is not None:
+                valid = sorted(owner.model_fields)
+                close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+                message = f"unknown key {key!r}"
+                message += f" (did you mean {close[0]!r}?)" if close else ""
+                message += f"; valid keys: {', '.join(valid)}"
+        lines.append(f"  - {_format_loc(loc)}: {message}")
+    return "\n".join(lines)
+
+
+def validate_dict(cls: type[T], data: Any, source: str = "config") -> T:
+    """Validate a plain dict into `cls`, raising ConfigError that lists every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, cls, source)) from None
+
+
+def read_config_file(path: str | Path) -> Any:
+    """Parse a .yaml/.yml/.json file into plain data (YAML loaded safely)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    try:
+        if p.suffix.lower() == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot parse: {exc}".replace("\n", " ")) from None
+
+
+def load_config(path: str | Path, cls: type[T]) -> T:
+    return validate_dict(cls, read_config_file(path), str(path))
+
+
+def load_recipe(path: str | Path) -> CompressionConfig:
+    """Load and validate a recipe file without touching any weights."""
+    return load_config(path, CompressionConfig)
+
+
+def config_to_dict(config: BaseModel) -> dict[str, Any]:
+    return config.model_dump(mode="json")
+
+
+def save_config(config: BaseModel, path: str | Path) -> None:
+    """Write a config as YAML or JSON (by extension)."""
+    p = Path(path)
+    data = config_to_dict(config)
+    if p.suffix.lower() == ".json":
+        text = json.dumps(data, indent=2) + "\n"
+    else:
+        text = yaml.safe_dump(data, sort_keys=False)
+    p.write_text(text, encoding="utf-8")
+
+
+def recipe_schema() -> dict[str, Any]:
+    """The JSON Schema of a recipe, for editor autocompletion."""
+    schema = CompressionConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Swiss Knife recipe"
+    return schema

@@ -1,0 +1,98 @@
+"""Device choice (CUDA, then MPS, then CPU) and the facts `device-info` prints."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+from typing import Any
+
+import torch
+
+from .errors import UserInputError
+
+_LIBRARIES = (
+    "swiss-knife",
+    "torch",
+    "transformers",
+    "accelerate",
+    "safetensors",
+    "tokenizers",
+    "bitsandbytes",
+    "torchao",
+    "compressed-tensors",
+    "gguf",
+    "lm-eval",
+)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Map a device name to a torch.device, refusing devices this machine does not have."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserInputError("device 'cuda' was requested but no CUDA GPU is available here")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError("device 'mps' was requested but MPS is not available here")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise UserInputError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name)
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries whose behaviour changes results."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _cpu_bf16_supported() -> bool:
+    # Native bf16 matmuls need AVX-512 BF16 or AMX; without them bf16 is emulated and slow.
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read()  # noqa: SIM115
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def device_info() -> dict[str, Any]:
+    """Devices, memory, bf16 support and library versions, as plain data."""
+    import psutil
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu": {
+            "cores_logical": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "memory_total_bytes": psutil.virtual_memory().total,
+            "memory_available_bytes": psutil.virtual_memory().available,
+            "bf16_native": _cpu_bf16_supported(),
+        },
+        "cuda": [],
+        "mps": bool(torch.backends.mps.is_available()),
+        "default_device": str(resolve_device("auto")),
+        "versions": library_versions(),
+    }
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            info["cuda"].append(
+                {
+                    "index": index,
+                    "name": props.name,
+                    "memory_total_bytes": props.total_memory,
+                    "capability": f"{props.major}.{props.minor}",
+                    "bf16": bool(torch.cuda.is_bf16_supported()),
+                }
+            )
+    return info

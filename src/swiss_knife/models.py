@@ -1,0 +1,396 @@
+"""Load models (hub id, local directory, GGUF file), cast them, and save them atomically.
+
+Loading is conservative: `trust_remote_code` stays off unless asked, safetensors weights are
+preferred, and every failure is turned into one line that says what to do. Saving writes into a
+hidden temporary directory beside the target and renames it into place only when everything,
+the manifest last of all, is on disk: an interrupted save never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import CastConfig, ModelSpec
+from .device import library_versions, resolve_device
+from .errors import ModelLoadError, OutputExistsError, UserInputError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "swiss_knife.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and where it came from."""
+
+    model: Any  # transformers.PreTrainedModel
+    tokenizer: Any | None
+    source: str  # what the user passed: hub id, directory or .gguf file
+    directory: Path | None  # local directory holding the weights, None for a hub download
+    gguf_file: str | None
+    device: torch.device
+
+    @property
+    def weights_path(self) -> Path | None:
+        """The file or directory whose bytes on disk are this model's size."""
+        if self.directory is None:
+            return None
+        return self.directory / self.gguf_file if self.gguf_file else self.directory
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    return str(dtype).replace("torch.", "")
+
+
+def _looks_like_local_path(source: str) -> bool:
+    # Hub ids are `name` or `org/name`; anything else that is not on disk was meant as a path.
+    return (
+        source.startswith(("/", ".", "~"))
+        or source.count("/") > 1
+        or source.endswith(WEIGHT_SUFFIXES)
+        or "\\" in source
+    )
+
+
+def _has_weights(directory: Path) -> bool:
+    return any(p.suffix in WEIGHT_SUFFIXES for p in directory.iterdir() if p.is_file())
+
+
+def _explain_load_failure(source: str, exc: BaseException) -> ModelLoadError:
+    text = f"{type(exc).__name__}: {exc}"
+    lowered = text.lower()
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if "trust_remote_code" in lowered:
+        return ModelLoadError(
+            f"{source} needs modelling code shipped with the checkpoint; rerun with "
+            "--trust-remote-code only if you trust its author"
+        )
+    if "safetensor" in lowered or "header" in lowered or "deserializ" in lowered:
+        return ModelLoadError(f"the weights of {source} are corrupt or truncated ({first})")
+    if any(
+        word in lowered
+        for word in ("offline", "connection", "resolve", "couldn't connect", "huggingface.co")
+    ):
+        return ModelLoadError(
+            f"could not fetch {source!r} from the Hugging Face hub (this machine looks offline); "
+            "download the model elsewhere and pass its local directory or .gguf file"
+        )
+    if "unrecognized configuration" in lowered or "model type" in lowered:
+        return ModelLoadError(
+            f"{source} is not a causal language model transformers knows ({first})"
+        )
+    return ModelLoadError(f"could not load {source}: {first}")
+
+
+def load_model(
+    spec: ModelSpec | str,
+    *,
+    with_tokenizer: bool = True,
+    **overrides: Any,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
+
+    `overrides` replace fields of the spec, e.g. `load_model("dir", dtype="bf16")`.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(spec, str):
+        spec = ModelSpec(path=spec, **overrides)
+    elif overrides:
+        spec = spec.model_copy(update=overrides)
+    source = spec.path
+    path = Path(source).expanduser()
+    gguf_file = spec.gguf_file
+    directory: Path | None
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(
+                f"{source} is a file, not a model: pass a model directory (with config.json) "
+                "or a .gguf file"
+            )
+        directory, gguf_file = path.parent, path.name
+    elif path.is_dir():
+        directory = path
+        if gguf_file is not None:
+            if not (path / gguf_file).is_file():
+                raise ModelLoadError(f"GGUF file {gguf_file!r} not found in {source}")
+        elif not (path / "config.json").is_file():
+            raise ModelLoadError(f"{source} is not a model directory (no config.json in it)")
+        elif not _has_weights(path):
+            raise ModelLoadError(f"{source} has a config.json but no weight files")
+    elif _looks_like_local_path(source):
+        raise ModelLoadError(f"model path not found: {source}")
+    else:
+        directory = None  # a hub id
+
+    target = str(directory) if directory is not None else source
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": spec.trust_remote_code,
+        "dtype": DTYPES.get(spec.dtype, "auto"),
+    }
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    if gguf_file:
+        from transformers.utils.quantization_config import GgufConfig
+
+        kwargs["gguf_file"] = gguf_file
+        # Unpack every GGUF block to plain float weights: compression starts from dense tensors.
+        kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_file, dequantize=True)
+    elif directory is not None and any(directory.glob("*.safetensors")):
+        kwargs["use_safetensors"] = True
+    device = resolve_device(spec.device)
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+    except Exception as exc:  # OSError, ValueError, safetensors' own error type, ...
+        raise _explain_load_failure(source, exc) from exc
+    if gguf_file:
+        _detach_gguf_quantizer(model, source)
+    model.eval()
+    model = model.to(device)
+
+    tokenizer = None
+    if with_tokenizer:
+        tok_kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+        if gguf_file:
+            tok_kwargs["gguf_file"] = gguf_file
+        if spec.revision:
+            tok_kwargs["revision"] = spec.revision
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(target, **tok_kwargs)
+        except Exception as exc:
+            logger.warning("no tokenizer loaded for %s: %s", source, str(exc).splitlines()[0])
+    return LoadedModel(model, tokenizer, source, directory, gguf_file, device)
+
+
+def _detach_gguf_quantizer(model: Any, source: str) -> None:
+    """Turn a dequantised GGUF model into an ordinary dense model that saves like any other.
+
+    transformers keeps its GGUF quantizer attached after unpacking the weights, and that
+    quantizer refuses `save_pretrained`; the weights themselves are plain float tensors.
+    """
+    packed = [
+        name
+        for name, module in model.named_modules()
+        if type(module).__name__.lower().startswith("gguf")
+    ]
+    if packed:
+        raise ModelLoadError(
+            f"{source}: transformers kept {len(packed)} GGUF layers packed; cannot compress them"
+        )
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def cast_model(model: nn.Module, config: CastConfig | str) -> nn.Module:
+    """Cast every floating-point parameter and buffer to fp16, bf16 or fp32, in place."""
+    name = config if isinstance(config, str) else config.dtype
+    if name not in DTYPES:
+        raise UserInputError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    dtype = DTYPES[name]
+    device = next(model.parameters()).device
+    if dtype == torch.float16 and device.type == "cpu":
+        logger.warning("fp16 on CPU runs through slow kernels; bf16 is usually faster there")
+    return model.to(dtype=dtype)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _finalize_tree(root: Path) -> None:
+    """Give files the permissions the user's umask asks for, and flush them to disk.
+
+    mkdtemp creates the folder owner-only; a saved model should be as readable as any file.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            os.chmod(path, 0o777 & ~umask)
+    os.chmod(root, 0o777 & ~umask)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_dir(
+    output_dir: str | Path, *, overwrite: bool = False, protect: Iterable[str | Path] = ()
+) -> Path:
+    """Refuse an output directory that would overwrite data; return it resolved.
+
+    Called before any work so that a long compression never ends in a refused save.
+    """
+    out = Path(output_dir).expanduser().resolve()
+    for item in protect:
+        guarded = Path(item).expanduser().resolve()
+        if _is_within(out, guarded) or _is_within(guarded, out):
+            raise OutputExistsError(
+                f"refusing to write {out} over the input model {guarded}; choose another output dir"
+            )
+    if out.exists():
+        if not out.is_dir():
+            raise OutputExistsError(f"output path {out} exists and is a file")
+        if any(out.iterdir()) and not overwrite:
+            raise OutputExistsError(
+                f"output directory {out} is not empty; pass --overwrite to replace it"
+            )
+    return out
+
+
+def build_manifest(
+    *,
+    source: str | None = None,
+    recipe: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    timings: Mapping[str, float] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The facts saved next to the weights: what was done, with what, and what it measured."""
+    return {
+        "swiss_knife_manifest": 1,
+        "created_unix": time.time(),
+        "source_model": source,
+        "recipe": dict(recipe or {}),
+        "versions": library_versions(),
+        "timings_s": dict(timings or {}),
+        "metrics": dict(metrics or {}),
+        **dict(extra or {}),
+    }
+
+
+def save_model(
+    model: nn.Module,
+    output_dir: str | Path,
+    *,
+    tokenizer: Any | None = None,
+    overwrite: bool = False,
+    protect: Iterable[str | Path] = (),
+    manifest: Mapping[str, Any] | None = None,
+    model_card: str | None = None,
+) -> Path:
+    """Save an ordinary Hugging Face checkpoint atomically, with manifest and model card.
+
+    The checkpoint is written to `.NAME.partial-*` beside the target, the manifest last, then
+    renamed into place. `protect` lists input paths that must never be overwritten.
+    """
+    out = check_output_dir(output_dir, overwrite=overwrite, protect=protect)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)  # type: ignore[operator]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if model_card is not None:
+            (tmp / "README.md").write_text(model_card, encoding="utf-8")
+        manifest_data = dict(manifest) if manifest is not None else build_manifest()
+        # Written last: its presence means the directory is complete.
+        (tmp / MANIFEST_NAME).write_text(
+            json.dumps(manifest_data, indent=2, default=str) + "\n", encoding="utf-8"
+        )
+        _finalize_tree(tmp)
+        if out.exists():
+            if any(out.iterdir()):
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.rename(out, old / "x")
+                os.rename(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                out.rmdir()
+                os.rename(tmp, out)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data
+
+
+def render_model_card(
+    *,
+    title: str,
+    source: str | None,
+    tags: Iterable[str],
+    steps: Iterable[str],
+    metrics_table: str | None = None,
+) -> str:
+    """A model card with Hugging Face metadata (base_model, tags) and the measured results."""
+    import yaml
+
+    meta: dict[str, Any] = {
+        "library_name": "transformers",
+        "tags": ["swiss-knife", "compressed", *tags],
+    }
+    # base_model must be a hub id; a local path or file says nothing to the hub.
+    if source and not _looks_like_local_path(source) and not Path(source).exists():
+        meta["base_model"] = source
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {title}", ""]
+    lines.append(
+        f"Compressed with Swiss Knife from `{source}`." if source else "Made by Swiss Knife."
+    )
+    lines += ["", "## What was done", ""]
+    lines += [f"- {step}" for step in steps] or ["- nothing (a copy)"]
+    if metrics_table:
+        lines += ["", "## Measured results", "", metrics_table]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        "```",
+        "",
+        f"The full recipe and library versions are in `{MANIFEST_NAME}`.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,363 @@
+"""Run a recipe: stages in order, each saved as a checkpoint, evaluated as the recipe says.
+
+Layout of an output directory:
+
+    recipe.yaml                 the fully resolved recipe
+    evaluations/original.json   the baseline, measured first
+    stages/NN-TYPE/             a loadable checkpoint per model-changing stage (with manifest, card)
+    evaluations/NN-TYPE.json    results of `evaluate` stages
+    report.{md,json,html}       every evaluation side by side
+
+A re-run resumes: a stage whose manifest records the same chain of stages (model, data and every
+stage up to it) is loaded from disk instead of being redone. Stage types register a runner with
+`@register_stage("type")`; the recipe's stage configs live in `config.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .config import (
+    CastConfig,
+    CompressionConfig,
+    EvaluateStageConfig,
+    EvaluationConfig,
+    config_to_dict,
+    stage_name,
+)
+from .data import load_token_stream
+from .errors import ConfigError, OutputExistsError, UserInputError
+from .evaluation import EvaluationReport, evaluate, write_reports
+from .evaluation.compare import comparison_rows
+from .evaluation.report import markdown_table
+from .models import (
+    LoadedModel,
+    build_manifest,
+    cast_model,
+    check_output_dir,
+    load_model,
+    read_manifest,
+    render_model_card,
+    save_model,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineState:
+    """What stages see: the current model and the recipe's data, loaded once, lazily."""
+
+    recipe: CompressionConfig
+    loaded: LoadedModel
+    model: Any
+    output_dir: Path
+    progress: bool = True
+    _eval_tokens: torch.Tensor | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.loaded.tokenizer
+
+    def eval_tokens(self) -> torch.Tensor | None:
+        if self._eval_tokens is None and self.recipe.data.eval is not None:
+            self._eval_tokens = load_token_stream(self.recipe.data.eval, self.tokenizer)
+        return self._eval_tokens
+
+
+@dataclass
+class StageOutcome:
+    """What a stage did: whether it changed the model, in words for the model card."""
+
+    changed_model: bool
+    steps: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    report: EvaluationReport | None = None
+
+
+StageRunner = Callable[[PipelineState, Any], StageOutcome]
+_STAGES: dict[str, StageRunner] = {}
+
+
+def register_stage(type_name: str) -> Callable[[StageRunner], StageRunner]:
+    """Register the runner for a stage type; a second runner for the same type is an error."""
+
+    def decorator(fn: StageRunner) -> StageRunner:
+        if type_name in _STAGES:
+            raise ValueError(f"stage type {type_name!r} is already registered")
+        _STAGES[type_name] = fn
+        return fn
+
+    return decorator
+
+
+def registered_stages() -> list[str]:
+    return sorted(_STAGES)
+
+
+@register_stage("cast")
+def _run_cast(state: PipelineState, stage: CastConfig) -> StageOutcome:
+    before = str(next(state.model.parameters()).dtype).replace("torch.", "")
+    state.model = cast_model(state.model, stage)
+    return StageOutcome(True, [f"cast weights from {before} to {stage.dtype}"])
+
+
+@register_stage("evaluate")
+def _run_evaluate(state: PipelineState, stage: EvaluateStageConfig) -> StageOutcome:
+    return StageOutcome(False, ["evaluated"])
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, default=str)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        return data
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _chain(recipe: CompressionConfig, upto: int) -> dict[str, Any]:
+    """Everything that determines the model after stage `upto`: its resume key."""
+    return {
+        "model": config_to_dict(recipe.model),
+        "data": config_to_dict(recipe.data),
+        "seed": recipe.seed,
+        "stages": [config_to_dict(s) for s in recipe.stages[: upto + 1]],
+    }
+
+
+def _eval_key(recipe: CompressionConfig, evaluation: EvaluationConfig, upto: int) -> dict[str, Any]:
+    return {"chain": _chain(recipe, upto), "evaluation": config_to_dict(evaluation)}
+
+
+@dataclass
+class PipelineResult:
+    output_dir: Path
+    reports: list[EvaluationReport]
+    final_model_dir: Path | None
+    report_paths: dict[str, Path]
+    resumed_stages: list[str]
+
+
+def _prepare_output(recipe: CompressionConfig, out: Path, resume: bool, overwrite: bool) -> None:
+    recipe_file = out / "recipe.yaml"
+    if out.exists() and any(out.iterdir()):
+        if overwrite:
+            if not recipe_file.is_file():
+                raise OutputExistsError(
+                    f"{out} is not empty and holds no Swiss Knife run; refusing to delete it"
+                )
+            shutil.rmtree(out)
+        elif not resume:
+            raise OutputExistsError(
+                f"output directory {out} is not empty; pass --overwrite to start again"
+            )
+        elif not recipe_file.is_file():
+            raise OutputExistsError(
+                f"output directory {out} is not empty and holds no Swiss Knife run; "
+                "choose another directory"
+            )
+        else:
+            previous = yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}
+            current = config_to_dict(recipe)
+            if previous.get("model") != current["model"]:
+                raise OutputExistsError(
+                    f"{out} holds a run of another model ({previous.get('model', {}).get('path')}); "
+                    "choose another --output-dir or pass --overwrite"
+                )
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".recipe.", dir=out)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(config_to_dict(recipe), handle, sort_keys=False)
+    os.replace(tmp, recipe_file)
+
+
+def _evaluate(
+    state: PipelineState,
+    evaluation: EvaluationConfig,
+    *,
+    name: str,
+    reference: Any | None,
+    weights_path: Path | None,
+) -> EvaluationReport:
+    eval_data = state.recipe.data.eval
+    logger.info("evaluating %s", name)
+    return evaluate(
+        state.model,
+        state.tokenizer,
+        evaluation,
+        tokens=state.eval_tokens(),
+        reference=reference,
+        weights_path=weights_path,
+        name=name,
+        source=str(weights_path) if weights_path else state.recipe.model.path,
+        eval_data=eval_data.source if eval_data else None,
+        progress=state.progress,
+    )
+
+
+def _stage_card(
+    recipe: CompressionConfig, steps: list[str], reports: list[EvaluationReport]
+) -> str:
+    table = markdown_table(comparison_rows(reports)) if len(reports) > 1 else None
+    tags = [s.type for s in recipe.stages if s.type != "evaluate"]
+    return render_model_card(
+        title=f"{Path(recipe.model.path).name} (Swiss Knife)",
+        source=recipe.model.path,
+        tags=tags,
+        steps=steps,
+        metrics_table=table,
+    )
+
+
+def run_recipe(
+    recipe: CompressionConfig,
+    output_dir: str | Path | None = None,
+    *,
+    resume: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+    title: str | None = None,
+    notes: list[str] | None = None,
+) -> PipelineResult:
+    """Run every stage of a recipe, evaluating as it says; resumable."""
+    target = output_dir or recipe.output_dir
+    if target is None:
+        raise ConfigError("no output directory: pass --output-dir or set output_dir in the recipe")
+    unknown = [s.type for s in recipe.stages if s.type not in _STAGES]
+    if unknown:
+        raise ConfigError(f"no runner for stage type(s) {unknown}; known: {registered_stages()}")
+    protect = [recipe.model.path] if Path(recipe.model.path).expanduser().exists() else []
+    out = check_output_dir(target, overwrite=True, protect=protect)
+    _prepare_output(recipe, out, resume, overwrite)
+
+    torch.manual_seed(recipe.seed)
+    loaded = load_model(recipe.model)
+    state = PipelineState(recipe, loaded, loaded.model, out, progress)
+    evaluation = recipe.evaluation
+    reports: list[EvaluationReport] = []
+    resumed: list[str] = []
+    needs_reference = evaluation.agreement.enabled and recipe.data.eval is not None
+    reference = copy.deepcopy(loaded.model) if needs_reference and recipe.stages else None
+
+    if recipe.evaluate_original:
+        path = out / "evaluations" / "original.json"
+        key = _eval_key(recipe, evaluation, -1)
+        cached = _read_json(path)
+        if resume and cached and cached.get("key") == key:
+            reports.append(EvaluationReport.from_dict(cached["report"]))
+            resumed.append("original")
+        else:
+            report = _evaluate(
+                state, evaluation, name="original", reference=None, weights_path=loaded.weights_path
+            )
+            _write_json_atomic(path, {"key": key, "report": report.to_dict()})
+            reports.append(report)
+
+    final_dir: Path | None = None
+    steps: list[str] = []
+    for index, stage in enumerate(recipe.stages):
+        name = stage_name(stage, index)
+        stage_dir = out / "stages" / name
+        chain = _chain(recipe, index)
+        started = time.perf_counter()
+        if stage.type == "evaluate":
+            stage_eval = getattr(stage, "evaluation", None) or evaluation
+            path = out / "evaluations" / f"{name}.json"
+            key = _eval_key(recipe, stage_eval, index)
+            cached = _read_json(path)
+            if resume and cached and cached.get("key") == key:
+                reports.append(EvaluationReport.from_dict(cached["report"]))
+                resumed.append(name)
+                continue
+            report = _evaluate(
+                state, stage_eval, name=name, reference=reference, weights_path=final_dir
+            )
+            _write_json_atomic(path, {"key": key, "report": report.to_dict()})
+            reports.append(report)
+            continue
+
+        manifest = read_manifest(stage_dir) if resume else None
+        if manifest is not None and manifest.get("chain") == chain:
+            logger.info("stage %s already done; loading it from %s", name, stage_dir)
+            state.model = load_model(
+                str(stage_dir), device=recipe.model.device, with_tokenizer=False
+            ).model
+            steps.extend(manifest.get("steps", []))
+            resumed.append(name)
+            cached_report = manifest.get("evaluation")
+            final_dir = stage_dir
+            if stage.evaluate and cached_report:
+                reports.append(EvaluationReport.from_dict(cached_report))
+                continue
+            if not stage.evaluate:
+                continue
+            seconds = manifest.get("timings_s", {}).get("stage", 0.0)
+        else:
+            outcome = _STAGES[stage.type](state, stage)
+            seconds = round(time.perf_counter() - started, 3)
+            steps.extend(outcome.steps)
+            manifest = build_manifest(
+                source=recipe.model.path,
+                recipe=config_to_dict(recipe),
+                timings={"stage": seconds},
+                extra={"chain": chain, "stage": config_to_dict(stage), "steps": list(steps)},
+            )
+            save_model(
+                state.model,
+                stage_dir,
+                tokenizer=state.tokenizer,
+                overwrite=True,
+                protect=protect,
+                manifest=manifest,
+                model_card=_stage_card(recipe, steps, reports),
+            )
+            final_dir = stage_dir
+            if not stage.evaluate:
+                continue
+        report = _evaluate(
+            state, evaluation, name=name, reference=reference, weights_path=stage_dir
+        )
+        reports.append(report)
+        # Add the results to the saved checkpoint: manifest and card replaced atomically.
+        manifest = {**manifest, "evaluation": report.to_dict(), "metrics": report.metrics}
+        _write_json_atomic(stage_dir / "swiss_knife.json", manifest)
+        card = _stage_card(recipe, steps, [*reports[:1], report] if reports else [report])
+        fd, tmp = tempfile.mkstemp(prefix=".README.", dir=stage_dir)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(card)
+        os.replace(tmp, stage_dir / "README.md")
+
+    if not reports:
+        raise UserInputError("the recipe evaluated nothing and has no stages; nothing to report")
+    paths = write_reports(
+        out,
+        reports,
+        title=title or f"Swiss Knife run: {Path(recipe.model.path).name}",
+        notes=notes,
+    )
+    return PipelineResult(out, reports, final_dir, paths, resumed)
