@@ -258,28 +258,26 @@ def _model_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseMod
     for part in loc:
         if isinstance(part, int):
             continue
+        # A discriminated union puts the tag in the location: ('stages', 0, 'cast', ...);
+        # it selects the union member whose `type` default is that tag.
+        tagged = [cls for cls in current if _type_tag(cls) == part]
+        if len(current) > 1 and tagged:
+            current = tagged
+            continue
         nxt: list[type[BaseModel]] = []
         for cls in current:
             field = cls.model_fields.get(str(part))
             if field is not None:
                 nxt.extend(_unwrap(field.annotation))
-            # A discriminated union puts the tag in the location: ('stages', 0, 'cast', ...).
-            if cls is root or not nxt:
-                for candidate in _all_models(cls):
-                    tag = candidate.model_fields.get("type")
-                    if tag is not None and tag.default == part:
-                        nxt.append(candidate)
         if not nxt:
             return current[0] if current else None
         current = nxt
     return current[0] if current else None
 
 
-def _all_models(cls: type[BaseModel]) -> list[type[BaseModel]]:
-    out: list[type[BaseModel]] = []
-    for field in cls.model_fields.values():
-        out.extend(_unwrap(field.annotation))
-    return out
+def _type_tag(cls: type[BaseModel]) -> Any:
+    field = cls.model_fields.get("type")
+    return None if field is None else field.default
 
 
 def format_validation_error(error: ValidationError, root: type[BaseModel], source: str) -> str:
@@ -356,6 +354,14 @@ def save_config(config: BaseModel, path: str | Path) -> None:
 def recipe_schema() -> dict[str, Any]:
     """The JSON Schema of a recipe, for editor autocompletion."""
     schema = CompressionConfig.model_json_schema()
+    # The shorthands the validators accept (`model: PATH`, `data: {eval: FILE}`) are valid too,
+    # so an editor must not flag the shipped samples that use them.
+    schema["properties"]["model"] = {
+        "anyOf": [schema["properties"]["model"], {"type": "string"}],
+        "description": "A ModelSpec, or just its path.",
+    }
+    for field in schema["$defs"]["DataSources"]["properties"].values():
+        field["anyOf"].insert(1, {"type": "string"})
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "Swiss Knife recipe"
     return schema

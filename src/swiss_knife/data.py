@@ -8,6 +8,7 @@ tokenizer has one and `add_bos` is on), so perplexities match the usual reportin
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import re
@@ -66,7 +67,8 @@ def _field(row: Any, field: str, where: str) -> str:
 
 def _read_jsonl(path: Path, cfg: DataConfig) -> list[str]:
     docs: list[str] = []
-    for number, line in enumerate(_decode(path, cfg.encoding).splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold raw U+2028, U+0085 and the like.
+    for number, line in enumerate(_decode(path, cfg.encoding).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -93,7 +95,8 @@ def _read_json(path: Path, cfg: DataConfig) -> list[str]:
 
 
 def _read_csv(path: Path, cfg: DataConfig) -> list[str]:
-    reader = csv.DictReader(_decode(path, cfg.encoding).splitlines())
+    # newline="" keeps line breaks inside quoted fields (splitlines() would drop them).
+    reader = csv.DictReader(io.StringIO(_decode(path, cfg.encoding), newline=""))
     if reader.fieldnames is None or cfg.field not in reader.fieldnames:
         columns = ", ".join(reader.fieldnames or []) or "none"
         raise DataError(f"{path}: no column {cfg.field!r} (columns: {columns})")
@@ -177,7 +180,9 @@ def read_documents(cfg: DataConfig | str) -> list[str]:
     source = cfg.source
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in ALL_SUFFIXES)
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in ALL_SUFFIXES
+        )
         if not files:
             raise DataError(f"folder {source} holds no text files ({', '.join(ALL_SUFFIXES)})")
         docs = [d for f in files for d in _read_file(f, cfg)]

@@ -149,6 +149,8 @@ def load_model(
     kwargs: dict[str, Any] = {
         "trust_remote_code": spec.trust_remote_code,
         "dtype": DTYPES.get(spec.dtype, "auto"),
+        # Pickle checkpoints may only hold tensors; safetensors is preferred below anyway.
+        "weights_only": True,
     }
     if spec.revision:
         kwargs["revision"] = spec.revision
@@ -207,7 +209,11 @@ def _detach_gguf_quantizer(model: Any, source: str) -> None:
 
 
 def cast_model(model: nn.Module, config: CastConfig | str) -> nn.Module:
-    """Cast every floating-point parameter and buffer to fp16, bf16 or fp32, in place."""
+    """Cast every floating-point parameter and saved buffer to fp16, bf16 or fp32, in place.
+
+    Non-persistent buffers (RoPE's `inv_freq`, ...) keep their dtype: they are not saved, so a
+    reload recomputes them in fp32, and the cast model must compute what its checkpoint will.
+    """
     name = config if isinstance(config, str) else config.dtype
     if name not in DTYPES:
         raise UserInputError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
@@ -215,7 +221,16 @@ def cast_model(model: nn.Module, config: CastConfig | str) -> nn.Module:
     device = next(model.parameters()).device
     if dtype == torch.float16 and device.type == "cpu":
         logger.warning("fp16 on CPU runs through slow kernels; bf16 is usually faster there")
-    return model.to(dtype=dtype)
+    kept = [
+        (module, key, buffer)
+        for module in model.modules()
+        for key, buffer in module._buffers.items()
+        if buffer is not None and key in module._non_persistent_buffers_set
+    ]
+    model = model.to(dtype=dtype)
+    for module, key, buffer in kept:
+        module._buffers[key] = buffer
+    return model
 
 
 # --------------------------------------------------------------------------- saving

@@ -19,7 +19,7 @@ from ..errors import UserInputError
 from .generation import agreement, bleu, load_prompt_references
 from .harness import run_harness
 from .memory import PeakMemory
-from .perplexity import perplexity
+from .perplexity import max_positions, perplexity
 from .size import model_size
 from .speed import measure_speed
 
@@ -95,8 +95,12 @@ def evaluate(
             stride = ppl_cfg.stride or window
             stream = tokens
             if ppl_cfg.max_windows is not None:
-                # Enough tokens for exactly max_windows windows at this stride.
-                stream = tokens[: window + stride * (ppl_cfg.max_windows - 1)]
+                # Enough tokens for exactly max_windows windows at this stride, counted with the
+                # window perplexity() will use (clamped to the model's context, with a warning).
+                limit = max_positions(model)
+                used = min(window, limit) if limit is not None else window
+                step = min(stride, used)
+                stream = tokens[: used + step * (ppl_cfg.max_windows - 1)]
             result = timed(
                 "perplexity",
                 lambda: perplexity(
