@@ -187,6 +187,7 @@ def _load(args: argparse.Namespace, path: str, with_tokenizer: bool = True) -> A
         "model options",
     )
     logger.info("loading %s", path)
+    _library_progress(args)
     return load_model(spec, with_tokenizer=with_tokenizer)
 
 
@@ -196,6 +197,18 @@ def _print_json(data: Any) -> None:
 
 def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
+
+
+def _library_progress(args: argparse.Namespace) -> None:
+    """Hide transformers' own bars (e.g. "Loading weights") whenever ours are hidden.
+
+    transformers draws them on stderr even when it is not a terminal, so `-q` or a redirected
+    stderr would otherwise get progress-bar noise around the one-line error.
+    """
+    if not _progress(args):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 # --------------------------------------------------------------------------- commands
@@ -294,6 +307,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run_recipe
 
     recipe = load_recipe(args.recipe)
+    _library_progress(args)
     result = run_recipe(
         recipe,
         args.output_dir,
@@ -376,6 +390,7 @@ def cmd_device_info(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _library_progress(args)
     result = run_demo(
         args.output_dir, overwrite=args.overwrite, quick=args.quick, progress=_progress(args)
     )
@@ -544,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SwissKnifeError as exc:
         if verbose:
             logger.exception("failed")
-        message = str(exc) if verbose or "\n" in str(exc) else str(exc).splitlines()[0]
+        message = str(exc) or type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

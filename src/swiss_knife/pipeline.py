@@ -154,6 +154,23 @@ def _eval_key(recipe: CompressionConfig, evaluation: EvaluationConfig, upto: int
     return {"chain": _chain(recipe, upto), "evaluation": config_to_dict(evaluation)}
 
 
+def _check_eval_text(recipe: CompressionConfig) -> None:
+    """Refuse a recipe that measures perplexity but gives no text, before any work."""
+    if recipe.data.eval is not None:
+        return
+    evaluations = [recipe.evaluation] if recipe.evaluate_original else []
+    for stage in recipe.stages:
+        if stage.type == "evaluate":
+            evaluations.append(getattr(stage, "evaluation", None) or recipe.evaluation)
+        elif stage.evaluate:
+            evaluations.append(recipe.evaluation)
+    if any(e.perplexity.enabled for e in evaluations):
+        raise ConfigError(
+            "the recipe measures perplexity but gives no evaluation text: set data.eval "
+            "(a text file, folder or dataset), or set evaluation.perplexity.enabled: false"
+        )
+
+
 @dataclass
 class PipelineResult:
     output_dir: Path
@@ -223,7 +240,8 @@ def _evaluate(
 def _stage_card(
     recipe: CompressionConfig, steps: list[str], reports: list[EvaluationReport]
 ) -> str:
-    table = markdown_table(comparison_rows(reports)) if len(reports) > 1 else None
+    """The model card; `reports` are this stage's measurement, after the baseline if any."""
+    table = markdown_table(comparison_rows(reports)) if reports else None
     tags = [s.type for s in recipe.stages if s.type != "evaluate"]
     return render_model_card(
         title=f"{Path(recipe.model.path).name} (Swiss Knife)",
@@ -251,6 +269,7 @@ def run_recipe(
     unknown = [s.type for s in recipe.stages if s.type not in _STAGES]
     if unknown:
         raise ConfigError(f"no runner for stage type(s) {unknown}; known: {registered_stages()}")
+    _check_eval_text(recipe)
     protect = [recipe.model.path] if Path(recipe.model.path).expanduser().exists() else []
     out = check_output_dir(target, overwrite=True, protect=protect)
     _prepare_output(recipe, out, resume, overwrite)
@@ -310,6 +329,8 @@ def run_recipe(
             steps.extend(manifest.get("steps", []))
             resumed.append(name)
             cached_report = manifest.get("evaluation")
+            if manifest.get("evaluation_config") != config_to_dict(evaluation):
+                cached_report = None  # measured with other settings: measure again
             final_dir = stage_dir
             if stage.evaluate and cached_report:
                 reports.append(EvaluationReport.from_dict(cached_report))
@@ -334,7 +355,7 @@ def run_recipe(
                 overwrite=True,
                 protect=protect,
                 manifest=manifest,
-                model_card=_stage_card(recipe, steps, reports),
+                model_card=_stage_card(recipe, steps, []),  # results added once measured
             )
             final_dir = stage_dir
             if not stage.evaluate:
@@ -344,9 +365,15 @@ def run_recipe(
         )
         reports.append(report)
         # Add the results to the saved checkpoint: manifest and card replaced atomically.
-        manifest = {**manifest, "evaluation": report.to_dict(), "metrics": report.metrics}
+        manifest = {
+            **manifest,
+            "evaluation": report.to_dict(),
+            "evaluation_config": config_to_dict(evaluation),
+            "metrics": report.metrics,
+        }
         _write_json_atomic(stage_dir / "swiss_knife.json", manifest)
-        card = _stage_card(recipe, steps, [*reports[:1], report] if reports else [report])
+        baseline = [reports[0]] if recipe.evaluate_original else []
+        card = _stage_card(recipe, steps, [*baseline, report])
         fd, tmp = tempfile.mkstemp(prefix=".README.", dir=stage_dir)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(card)
