@@ -1,0 +1,218 @@
+"""GPTQ: quantize a linear layer's weight column by column, compensating each rounding error.
+
+Frantar, Ashkboos, Hoefler and Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", ICLR 2023 (arXiv:2210.17323).
+
+For a layer ``y = x W^T`` with calibration inputs ``X`` ``(tokens, in)`` and ``H = X^T X``, GPTQ
+minimises ``||X W^T - X Q^T||_F^2 = tr((W - Q) H (W - Q)^T)`` one input column at a time (the
+Optimal Brain Quantization step): column ``j`` is rounded to the grid, and its error
+``e = (w_j - q_j) / [U]_jj`` is spread over the columns not yet quantized,
+``W[:, j+1:] -= e [U]_{j, j+1:}``, where ``U`` is the upper Cholesky factor of ``H^-1``, whose row
+``j`` holds exactly the inverse-Hessian entries of the remaining columns that OBS needs. Each step
+adds ``(w_j - q_j)^2 / [U]_jj^2`` to the objective; the sum of these terms is the returned loss,
+which equals ``tr((W - Q) H_damped (W - Q)^T)`` with ``H_damped = H + damp * mean(diag H) * I``.
+
+Details from the paper and its reference code (IST-DASLab/gptq):
+
+- dead inputs (``H_jj = 0``, a column no calibration token activates) get ``H_jj = 1`` and a zero
+  weight column: they cannot affect the output, and 0 is exactly on the grid;
+- damping ``damp * mean(diag H)`` keeps the Cholesky factorisation stable;
+- "lazy batch updates": within a block of ``block_size`` columns the rank-1 updates touch only the
+  block; the rest of ``W`` is updated once per block with one matmul, so the O(out * in^2) work is
+  mostly matrix-matrix and memory-bound traffic drops by the block size;
+- group scales are fitted when the first column of a group is reached, on the already-updated
+  weights (here blocks are aligned to groups so that every group is fitted with all the updates of
+  the columns before it); ``static_groups`` fits every group up front on the original weights;
+- ``act_order`` processes columns by decreasing ``H_jj`` (most activated inputs first, while the
+  most columns remain to absorb their error). With groups fitted on the fly, a group is then a set
+  of non-adjacent columns and the result carries a ``g_idx``; with ``static_groups`` the groups
+  stay contiguous (``g_idx`` is None). transformers' compressed-tensors loader has no ``g_idx``
+  (compressed-tensors dropped ``actorder="group"``; ``actorder="weight"`` is this static form), so
+  an exportable act-order result needs ``static_groups=True`` or per-channel scales.
+
+Cost for ``W`` ``(out, in)``: O(in^3) for the Cholesky factorisations plus O(out * in^2) for the
+updates; memory O(in^2) for ``H`` and its factor (float32, float64 on fallback) plus a float32
+copy of ``W``. The per-column loop runs ``in`` small vector steps; everything else is blocked.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from swiss_knife.compression.quantization.grid import (
+    QuantGrid,
+    QuantizedWeight,
+    check_group_size,
+    fit_qparams,
+    resolve_scale_dtype,
+)
+from swiss_knife.errors import SwissKnifeError, UserInputError
+
+logger = logging.getLogger(__name__)
+
+
+def inverse_cholesky_upper(H: Tensor, damp: float) -> tuple[Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1``, in float32.
+
+    Tries float32 first; if a factorisation fails (``H`` numerically singular) retries in float64,
+    then in float64 with 10x and 100x the damping. Returns ``(U, damp actually used)``.
+    """
+    mean_diag = float(torch.diagonal(H).double().mean())
+    base = damp if damp > 0 else 1e-6
+    attempts = [
+        (torch.float32, damp),
+        (torch.float64, damp),
+        (torch.float64, base * 10),
+        (torch.float64, base * 100),
+    ]
+    for dtype, used in attempts:
+        Hd = H.to(dtype).clone()  # (in, in)
+        Hd.diagonal().add_(used * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) != 0:
+            continue
+        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        if int(info) != 0 or not bool(torch.isfinite(U).all()):
+            continue
+        if used != damp or dtype != torch.float32:
+            logger.warning(
+                "GPTQ: Hessian not positive definite in float32 with damp=%g; used %s with damp=%g",
+                damp,
+                dtype,
+                used,
+            )
+        return U.float(), used
+    raise SwissKnifeError(
+        "GPTQ: the Hessian is not positive definite even with 100x damping; the calibration "
+        "inputs of this layer are degenerate (too few tokens, or NaN/inf activations)"
+    )
+
+
+def gptq_quantize(
+    W: Tensor,
+    H: Tensor,
+    grid: QuantGrid,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    clip_search: bool = False,
+    scale_dtype: torch.dtype | None = None,
+) -> tuple[QuantizedWeight, float]:
+    """Quantize ``W`` ``(out, in)`` with GPTQ given the input Hessian ``H = X^T X`` ``(in, in)``.
+
+    Args:
+        block_size: columns per lazy batch update.
+        damp: damping, relative to the mean of ``diag(H)``.
+        act_order: process columns by decreasing ``diag(H)``.
+        static_groups: fit every group's scale on the original weights before quantizing
+            (keeps groups contiguous under ``act_order``, which the export needs).
+        clip_search: fit scales with the MSE range search of `grid.fit_qparams`.
+        scale_dtype: dtype the scales are stored in; defaults to ``W.dtype``.
+
+    Returns:
+        ``(result, loss)``: the quantized weight, in the original column order, and the summed
+        OBS error ``tr((W - Q) H_damped (W - Q)^T)`` (see the module docstring).
+    """
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D (out, in), got shape {tuple(W.shape)}")
+    out_features, in_features = W.shape
+    if tuple(H.shape) != (in_features, in_features):
+        raise ValueError(f"H must be ({in_features}, {in_features}), got {tuple(H.shape)}")
+    if block_size < 1:
+        raise UserInputError(f"block_size must be at least 1, got {block_size}")
+    if damp < 0:
+        raise UserInputError(f"damp must be non-negative, got {damp}")
+    check_group_size(in_features, grid.group_size)
+    qmin, qmax = grid.qmin, grid.qmax
+    group = grid.group_size or in_features
+    n_groups = in_features // group
+    sdtype = resolve_scale_dtype(W, scale_dtype)
+
+    W = W.detach().to(torch.float32, copy=True)  # (out, in)
+    H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)  # (in, in)
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    def fit(columns: Tensor) -> tuple[Tensor, Tensor]:
+        return fit_qparams(columns, grid, clip_search=clip_search, scale_dtype=sdtype)
+
+    scale = torch.empty(out_features, n_groups, dtype=sdtype, device=W.device)
+    zero = torch.zeros(out_features, n_groups, dtype=torch.int8, device=W.device)
+    # Per channel there is one group, fitted up front on the whole row, as in the reference code.
+    fit_up_front = static_groups or n_groups == 1
+    if fit_up_front:
+        s, z = fit(W.reshape(out_features * n_groups, group))  # (out * n_groups, 1)
+        scale.copy_(s.reshape(out_features, n_groups))
+        zero.copy_(z.reshape(out_features, n_groups))
+
+    perm: Tensor | None = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)  # (in,)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    U, _ = inverse_cholesky_upper(H, damp)  # (in, in) upper triangular
+    del H
+
+    # Group of the column processed at each step: its original group when groups are fixed,
+    # else the step's position (a group is the next `group` columns in processing order).
+    if fit_up_front and perm is not None:
+        step_group = (perm // group).tolist()
+    else:
+        step_group = [j // group for j in range(in_features)]
+    if not fit_up_front:
+        # Align blocks to groups so a group never spans two blocks: its scale is then fitted on
+        # weights that carry the updates of every earlier column.
+        block_size = group if group >= block_size else (block_size // group) * group
+
+    # float32 copies for the arithmetic; zero is 0 for symmetric grids.
+    scale32 = scale.float()  # (out, n_groups)
+    zero32 = zero.float()  # (out, n_groups)
+    Q = torch.empty(out_features, in_features, dtype=torch.float32, device=W.device)
+    loss = torch.zeros(out_features, dtype=torch.float64, device=W.device)
+
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        W1 = W[:, i1:i2].clone()  # (out, B)
+        Err1 = torch.empty_like(W1)  # (out, B)
+        U1 = U[i1:i2, i1:i2]  # (B, B)
+        for i in range(i2 - i1):
+            j = i1 + i
+            g = step_group[j]
+            if not fit_up_front and j % group == 0:
+                s, z = fit(W1[:, i : i + group])  # (out, 1) each
+                scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
+                scale32[:, g], zero32[:, g] = s[:, 0].float(), z[:, 0].float()
+            w = W1[:, i]  # (out,)
+            s32, z32 = scale32[:, g], zero32[:, g]
+            q = torch.clamp(torch.round(w / s32 + z32), qmin, qmax)  # (out,)
+            Q[:, j] = q
+            err = (w - (q - z32) * s32) / U1[i, i]  # (out,)
+            # OBS update of the rest of the block; the columns after it wait for the block end.
+            W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)  # lazy batch update
+        loss += Err1.double().square().sum(dim=1)  # each column's (w - q)^2 / U_jj^2
+
+    g_idx: Tensor | None = None
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        Q = Q[:, inverse]
+        if not fit_up_front:
+            contiguous = torch.arange(in_features, device=W.device) // group  # (in,)
+            g_idx = contiguous[inverse]
+            if torch.equal(g_idx, contiguous):  # the order kept every group together
+                g_idx = None
+    result = QuantizedWeight(
+        q=Q.to(torch.int8),
+        scale=scale,
+        zero=None if grid.symmetric else zero,
+        grid=grid,
+        g_idx=g_idx,
+    )
+    return result, float(loss.sum())
