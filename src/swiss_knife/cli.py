@@ -300,6 +300,204 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quant_method_names() -> list[str]:
+    """Methods named by the recipe configs (no torch import, so --help stays fast)."""
+    import typing
+
+    from .config import QuantizeConfig
+
+    union = typing.get_args(QuantizeConfig)[0]
+    names: list[str] = []
+    for cls in typing.get_args(union):
+        names.extend(typing.get_args(cls.model_fields["method"].annotation))
+    return names
+
+
+def _bits_override(text: str) -> tuple[str, int]:
+    pattern, sep, bits = text.rpartition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"expected PATTERN=BITS, got {text!r}")
+    try:
+        return pattern, int(bits)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bits must be an integer in {text!r}") from None
+
+
+def _optional_float(text: str) -> float | None:
+    if text.lower() in ("none", "off", "null"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+# (flag attribute, config key) pairs copied into the method's config when given.
+_QUANT_FLAGS = (
+    ("bits", "bits"),
+    ("damp", "damp"),
+    ("block_size", "block_size"),
+    ("grid", "grid"),
+    ("threshold", "threshold"),
+    ("quant_type", "quant_type"),
+    ("compute_dtype", "compute_dtype"),
+    ("targets", "targets"),
+    ("ignore", "ignore"),
+)
+_QUANT_SWITCHES = (
+    ("asymmetric", "symmetric", False),
+    ("act_order", "act_order", True),
+    ("static_groups", "static_groups", True),
+    ("clip_search", "clip_search", True),
+    ("no_true_sequential", "true_sequential", False),
+    ("no_double_quant", "double_quant", False),
+    ("weight_only", "weight_only", True),
+)
+
+
+def _quant_config(args: argparse.Namespace) -> Any:
+    from pydantic import TypeAdapter, ValidationError
+
+    from .config import QuantizeConfig, format_validation_error, read_config_file
+    from .errors import ConfigError
+
+    data: dict[str, Any] = {}
+    if args.config:
+        loaded = read_config_file(args.config)
+        if not isinstance(loaded, dict):
+            raise UserInputError(f"{args.config}: expected a mapping")
+        data = loaded
+    data["type"] = "quantize"
+    if args.method:
+        data["method"] = args.method
+    if "method" not in data:
+        raise UserInputError("give --method (or method: in --config)")
+    for flag, key in _QUANT_FLAGS:
+        if getattr(args, flag) is not None:
+            data[key] = getattr(args, flag)
+    for flag, key, value in _QUANT_SWITCHES:
+        if getattr(args, flag):
+            data[key] = value
+    if args.group_size is not None:
+        data["group_size"] = args.group_size or None
+    if args.smoothquant_alpha is not None:
+        try:
+            data["smoothquant_alpha"] = _optional_float(args.smoothquant_alpha)
+        except argparse.ArgumentTypeError as exc:
+            raise UserInputError(f"--smoothquant-alpha: {exc}") from None
+    if args.bits_override:
+        data["bits_overrides"] = {**data.get("bits_overrides", {}), **dict(args.bits_override)}
+    calibration = dict(data.get("calibration") or {})
+    for flag, key in (
+        ("num_samples", "num_samples"),
+        ("seq_len", "seq_len"),
+        ("seed", "seed"),
+        ("calibration_batch_size", "batch_size"),
+    ):
+        if getattr(args, flag) is not None:
+            calibration[key] = getattr(args, flag)
+    if calibration:
+        data["calibration"] = calibration
+    try:
+        return TypeAdapter(QuantizeConfig).validate_python(data)
+    except ValidationError as exc:
+        from .config import CompressionConfig
+
+        # Report paths as the user wrote them (flags map to these keys).
+        message = format_validation_error(exc, CompressionConfig, args.config or "options")
+        raise ConfigError(message) from None
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .compression.quantization.api import calibration_samples, quantize
+    from .compression.quantization.base import get_method
+    from .config import DataConfig, config_to_dict, validate_dict
+    from .models import build_manifest, check_output_dir, render_model_card, save_model
+
+    config = _quant_config(args)
+    info = get_method(config.method)
+    protect = [args.model] if Path(args.model).expanduser().exists() else []
+    out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
+    data_cfg = None
+    if args.calibration_data:
+        data_cfg = validate_dict(
+            DataConfig,
+            {
+                "source": args.calibration_data,
+                "field": args.field,
+                "split_documents": args.split_documents,
+            },
+            "--calibration-data",
+        )
+    elif info.needs_calibration:
+        raise UserInputError(f"method {config.method!r} needs --calibration-data")
+    loaded = _load(args, args.model)
+    calibration = None
+    if data_cfg is not None and info.needs_calibration:
+        calibration = calibration_samples(
+            data_cfg,
+            loaded.tokenizer,
+            config.calibration,
+            max_positions=getattr(loaded.model.config, "max_position_embeddings", None),
+        )
+    outcome = quantize(
+        loaded.model,
+        config,
+        calibration=calibration,
+        device=loaded.device,
+        progress=_progress(args),
+        tokenizer=loaded.tokenizer,
+        source_dir=loaded.directory,
+    )
+    manifest = build_manifest(
+        source=args.model,
+        recipe={"quantize": config_to_dict(config)},
+        timings={"quantize": outcome.report.get("seconds", 0.0)},
+        extra={"steps": outcome.steps, "format": outcome.format, "stage_report": outcome.report},
+    )
+    card = render_model_card(
+        title=f"{Path(args.model).name} ({config.method}, Swiss Knife)",
+        source=args.model,
+        tags=["quantized", config.method],
+        steps=outcome.steps,
+    )
+    saved = save_model(
+        outcome.model,
+        out,
+        tokenizer=loaded.tokenizer,
+        overwrite=args.overwrite,
+        protect=protect,
+        manifest=manifest,
+        model_card=card,
+        writer=outcome.writer,
+    )
+    from .evaluation.size import weight_files
+
+    disk = sum(p.stat().st_size for p in weight_files(saved))
+    summary = {
+        "output_dir": str(saved),
+        "method": config.method,
+        "format": outcome.format,
+        "seconds": outcome.report.get("seconds"),
+        "disk_bytes": disk,
+        "steps": outcome.steps,
+        "worst_layers": outcome.report.get("sensitivity", [])[:5],
+    }
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(f"{config.method}: {'; '.join(outcome.steps)}")
+    print(f"format {outcome.format}, {disk / 1e6:.2f} MB on disk, {summary['seconds']} s")
+    worst = summary["worst_layers"]
+    if worst:
+        print(f"worst layers ({outcome.report.get('sensitivity_kind', 'error')}):")
+        for row in worst:
+            sqnr = row.get("sqnr_db")
+            print(f"  {row['name']:<48} rel error {row['rel_error']:.4f}  SQNR {sqnr:.1f} dB")
+    print(f"saved to {saved}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_recipe
     from .evaluation.compare import comparison_rows
@@ -470,6 +668,75 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     _add_data_options(p, required=True)
     _add_eval_options(p)
+    _add_output_options(p)
+
+    p = add(
+        "quantize",
+        cmd_quantize,
+        "Quantize a model (fp16/bf16, bitsandbytes, torchao int8, static int8, RTN, GPTQ, AWQ).",
+        """
+        swiss-knife quantize ./model --method 4bit --output-dir ./model-nf4
+        swiss-knife quantize ./model --method rtn --bits 8 --group-size 0 --output-dir ./m-int8
+        swiss-knife quantize ./model --method gptq --bits 4 --group-size 64 \\
+            --calibration-data wiki.train.txt --num-samples 128 --seq-len 512 --output-dir ./m-gptq
+        swiss-knife quantize ./model --method awq --bits 4 --group-size 64 \\
+            --bits-override 're:.*down_proj=8' --calibration-data text.txt --output-dir ./m-awq
+        swiss-knife quantize ./model --method dynamic --output-dir ./m-w8a8
+        """,
+    )
+    p.add_argument("model", help="hub id, local directory or .gguf file")
+    p.add_argument("--method", choices=_quant_method_names(), help="quantization method")
+    p.add_argument("--output-dir", required=True, help="where the quantized checkpoint goes")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+    p.add_argument("--config", metavar="FILE", help="a quantization config (.yaml/.json)")
+    g = p.add_argument_group("integer grids (rtn, gptq, awq)")
+    g.add_argument("--bits", type=int, help="bits per weight, 2-8 (default 4)")
+    g.add_argument("--group-size", type=int, help="inputs sharing a scale; 0 = per channel")
+    g.add_argument("--asymmetric", action="store_true", help="use a zero point")
+    g.add_argument(
+        "--bits-override",
+        type=_bits_override,
+        action="append",
+        metavar="PATTERN=BITS",
+        help="mixed precision, e.g. 're:.*down_proj=8' (repeatable; first match wins)",
+    )
+    g.add_argument("--clip-search", action="store_true", help="search clipping ranges")
+    g.add_argument("--act-order", action="store_true", help="gptq: activation order")
+    g.add_argument("--static-groups", action="store_true", help="gptq: fix group scales first")
+    g.add_argument("--damp", type=float, help="gptq: Hessian dampening (default 0.01)")
+    g.add_argument("--block-size", type=int, help="gptq: columns per lazy update (default 128)")
+    g.add_argument(
+        "--no-true-sequential", action="store_true", help="gptq: observe a block at once"
+    )
+    g.add_argument("--grid", type=int, help="awq: points of the scale search (default 20)")
+    g = p.add_argument_group("bitsandbytes (8bit, 4bit), torchao (dynamic), static int8")
+    g.add_argument("--threshold", type=float, help="8bit: outlier threshold (default 6.0)")
+    g.add_argument("--quant-type", choices=["nf4", "fp4"], help="4bit: data type (default nf4)")
+    g.add_argument("--no-double-quant", action="store_true", help="4bit: plain block scales")
+    g.add_argument("--compute-dtype", choices=["fp32", "fp16", "bf16"], help="4bit: compute dtype")
+    g.add_argument("--weight-only", action="store_true", help="dynamic: int8 weights only")
+    g.add_argument(
+        "--smoothquant-alpha",
+        metavar="ALPHA",
+        help="static: SmoothQuant strength 0-1, or 'none' (default 0.5)",
+    )
+    g = p.add_argument_group("targets")
+    g.add_argument("--targets", type=_comma_strings, help="patterns to quantize (default Linear)")
+    g.add_argument("--ignore", type=_comma_strings, help="patterns to skip (default lm_head)")
+    g = p.add_argument_group("calibration (gptq, awq, static)")
+    g.add_argument("--calibration-data", metavar="SOURCE", help="text to calibrate on")
+    g.add_argument("--field", default="text", help="text field of structured files")
+    g.add_argument(
+        "--split-documents",
+        choices=["none", "paragraph", "line"],
+        default="none",
+        help="cut plain text into documents",
+    )
+    g.add_argument("--num-samples", type=int, help="calibration windows (default 128)")
+    g.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
+    g.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    g.add_argument("--calibration-batch-size", type=int, help="windows per forward (default 8)")
+    _add_model_options(p)
     _add_output_options(p)
 
     p = add(

@@ -163,8 +163,151 @@ class EvaluateStageConfig(StageBase):
     )
 
 
-# Stage configs are a discriminated union on `type`; each later stage issue adds its config here.
-StageConfig = Annotated[Union[CastConfig, EvaluateStageConfig], Field(discriminator="type")]  # noqa: UP007
+# ----------------------------------------------------------------------- quantization stages
+
+
+class CalibrationSettings(StrictModel):
+    """How many token windows of the calibration text a data-driven method sees."""
+
+    num_samples: int = Field(default=128, ge=1, description="Calibration windows.")
+    seq_len: int = Field(default=512, ge=8, description="Tokens per calibration window.")
+    seed: int = Field(default=0, description="Seed of the window sampler.")
+    batch_size: int = Field(default=8, ge=1, description="Windows per forward pass.")
+
+
+class QuantizeBase(StageBase):
+    """Fields every quantization method shares: which modules it touches."""
+
+    type: Literal["quantize"] = "quantize"
+    targets: list[str] = Field(
+        default_factory=lambda: ["Linear", "Conv1D"],
+        description="Module names, class names or 're:<regex>' (full match) to quantize.",
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"], description="Patterns to leave alone (same syntax)."
+    )
+
+
+class HalfPrecisionConfig(QuantizeBase):
+    """fp16 / bf16: cast every floating-point weight (targets do not apply)."""
+
+    method: Literal["fp16", "bf16"]
+
+
+class BnB8bitConfig(QuantizeBase):
+    """bitsandbytes LLM.int8 (Dettmers et al. 2022): int8 weights, fp16 outlier columns."""
+
+    method: Literal["8bit"] = "8bit"
+    threshold: float = Field(
+        default=6.0, ge=0.0, description="Activation magnitude above which a column stays fp16."
+    )
+
+
+class BnB4bitConfig(QuantizeBase):
+    """bitsandbytes 4-bit (QLoRA, Dettmers et al. 2023): NF4 or FP4 blocks of 64 weights."""
+
+    method: Literal["4bit"] = "4bit"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(default=True, description="Quantize the block scales too.")
+    compute_dtype: Literal["fp32", "fp16", "bf16"] = "bf16"
+
+
+class DynamicInt8Config(QuantizeBase):
+    """torchao int8: int8 weights; activations quantized per token at run time (or kept float)."""
+
+    method: Literal["dynamic"] = "dynamic"
+    weight_only: bool = Field(
+        default=False, description="Keep activations in float (int8 weight-only)."
+    )
+
+
+class StaticInt8Config(QuantizeBase):
+    """int8 weights and int8 activations with scales calibrated on data (W8A8 static)."""
+
+    method: Literal["static"] = "static"
+    smoothquant_alpha: float | None = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="SmoothQuant migration strength; null disables smoothing.",
+    )
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+
+
+class _IntWeightConfig(QuantizeBase):
+    bits: int = Field(default=4, ge=2, le=8, description="Bits per weight.")
+    group_size: int | None = Field(
+        default=128, ge=2, description="Input channels sharing a scale; null: one per row."
+    )
+    symmetric: bool = Field(default=True, description="No zero point (symmetric grid).")
+    bits_overrides: dict[str, Annotated[int, Field(ge=2, le=8)]] = Field(
+        default_factory=dict,
+        description="Per-pattern bits for mixed precision, e.g. {'re:.*down_proj': 8}.",
+    )
+
+
+class RTNConfig(_IntWeightConfig):
+    """Round-to-nearest weight-only quantization, optionally with a clipping-range search."""
+
+    method: Literal["rtn"] = "rtn"
+    clip_search: bool = Field(default=False, description="Search the range that minimises error.")
+
+
+class GPTQConfig(_IntWeightConfig):
+    """GPTQ (Frantar et al. 2022): second-order weight-only quantization on calibration data."""
+
+    method: Literal["gptq"] = "gptq"
+    act_order: bool = Field(default=False, description="Quantize columns by decreasing H diag.")
+    static_groups: bool = Field(
+        default=False, description="Fix group scales before the updates (needed with act_order)."
+    )
+    damp: float = Field(default=0.01, gt=0.0, lt=1.0, description="Hessian dampening.")
+    block_size: int = Field(default=128, ge=1, description="Columns updated together.")
+    true_sequential: bool = Field(
+        default=True, description="Each sub-layer group sees the quantized outputs before it."
+    )
+    clip_search: bool = Field(default=False, description="Search the clipping range per group.")
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+
+    @model_validator(mode="after")
+    def _act_order_export(self) -> GPTQConfig:
+        if self.act_order and self.group_size is not None and not self.static_groups:
+            raise ValueError(
+                "act_order with groups needs static_groups: true (the saved format needs "
+                "contiguous groups)"
+            )
+        return self
+
+
+class AWQConfig(_IntWeightConfig):
+    """AWQ (Lin et al. 2023): activation-aware channel scales, folded into the previous op."""
+
+    method: Literal["awq"] = "awq"
+    grid: int = Field(default=20, ge=2, description="Points of the scale-exponent search.")
+    clip_search: bool = Field(default=True, description="Search the clipping range per group.")
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+
+
+QuantizeConfig = Annotated[
+    Union[  # noqa: UP007
+        HalfPrecisionConfig,
+        BnB8bitConfig,
+        BnB4bitConfig,
+        DynamicInt8Config,
+        StaticInt8Config,
+        RTNConfig,
+        GPTQConfig,
+        AWQConfig,
+    ],
+    Field(discriminator="method"),
+]
+
+# Stage configs are a discriminated union on `type` (quantize nests another on `method`); each
+# later stage issue adds its config here.
+StageConfig = Annotated[
+    Union[CastConfig, EvaluateStageConfig, QuantizeConfig],  # noqa: UP007
+    Field(discriminator="type"),
+]
 
 
 class DataSources(StrictModel):
@@ -219,17 +362,31 @@ def stage_name(stage: StageBase, index: int) -> str:
 T = TypeVar("T", bound=BaseModel)
 
 
-def _stage_tags() -> set[str]:
-    return {str(cls.model_fields["type"].default) for cls in _unwrap(StageConfig)}
+def _tags(cls: type[BaseModel]) -> set[Any]:
+    """The discriminator values a config class answers to (its `type` and `method`)."""
+    return {
+        cls.model_fields[key].default for key in ("type", "method") if key in cls.model_fields
+    } | {
+        arg
+        for key in ("method",)
+        if key in cls.model_fields
+        for arg in typing.get_args(cls.model_fields[key].annotation)
+    }
+
+
+def _stage_tags() -> set[Any]:
+    return set().union(*(_tags(cls) for cls in _unwrap(StageConfig)))
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     tags = _stage_tags()
-    for i, part in enumerate(loc):
-        # pydantic puts a discriminated union's tag after the list index; users never wrote it.
-        if i > 0 and isinstance(loc[i - 1], int) and part in tags:
+    after_index = True  # a bare union at the root also starts with its tags
+    for part in loc:
+        # pydantic puts a discriminated union's tags after the list index; users never wrote them.
+        if after_index and part in tags:
             continue
+        after_index = isinstance(part, int)
         if isinstance(part, int):
             out += f"[{part}]"
         else:
@@ -260,7 +417,7 @@ def _model_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseMod
             continue
         # A discriminated union puts the tag in the location: ('stages', 0, 'cast', ...);
         # it selects the union member whose `type` default is that tag.
-        tagged = [cls for cls in current if _type_tag(cls) == part]
+        tagged = [cls for cls in current if part in _tags(cls)]
         if len(current) > 1 and tagged:
             current = tagged
             continue
@@ -273,11 +430,6 @@ def _model_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseMod
             return current[0] if current else None
         current = nxt
     return current[0] if current else None
-
-
-def _type_tag(cls: type[BaseModel]) -> Any:
-    field = cls.model_fields.get("type")
-    return None if field is None else field.default
 
 
 def format_validation_error(error: ValidationError, root: type[BaseModel], source: str) -> str:

@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -320,17 +320,22 @@ def save_model(
     protect: Iterable[str | Path] = (),
     manifest: Mapping[str, Any] | None = None,
     model_card: str | None = None,
+    writer: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save an ordinary Hugging Face checkpoint atomically, with manifest and model card.
 
     The checkpoint is written to `.NAME.partial-*` beside the target, the manifest last, then
-    renamed into place. `protect` lists input paths that must never be overwritten.
+    renamed into place. `protect` lists input paths that must never be overwritten. `writer`
+    replaces `model.save_pretrained` for formats that write their own weights and config.
     """
     out = check_output_dir(output_dir, overwrite=overwrite, protect=protect)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        model.save_pretrained(tmp)  # type: ignore[operator]
+        if writer is not None:
+            writer(tmp)
+        else:
+            model.save_pretrained(tmp)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if model_card is not None:

@@ -86,6 +86,8 @@ class StageOutcome:
     steps: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     report: EvaluationReport | None = None
+    # Writes the checkpoint files for formats that are not a plain save_pretrained.
+    writer: Callable[[Path], None] | None = None
 
 
 StageRunner = Callable[[PipelineState, Any], StageOutcome]
@@ -113,6 +115,43 @@ def _run_cast(state: PipelineState, stage: CastConfig) -> StageOutcome:
     before = str(next(state.model.parameters()).dtype).replace("torch.", "")
     state.model = cast_model(state.model, stage)
     return StageOutcome(True, [f"cast weights from {before} to {stage.dtype}"])
+
+
+@register_stage("quantize")
+def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
+    from .compression.quantization.api import calibration_samples, quantize
+    from .compression.quantization.base import get_method
+
+    recipe = state.recipe
+    calibration = None
+    if get_method(stage.method).needs_calibration:
+        source = recipe.data.calibration or recipe.data.eval
+        if source is None:
+            raise ConfigError(
+                f"stage {stage.method!r} needs calibration text: set data.calibration "
+                "(or data.eval) in the recipe"
+            )
+        calibration = calibration_samples(
+            source,
+            state.tokenizer,
+            stage.calibration,
+            max_positions=getattr(state.model.config, "max_position_embeddings", None),
+        )
+    outcome = quantize(
+        state.model,
+        stage,
+        calibration=calibration,
+        device=state.loaded.device,
+        progress=state.progress,
+        tokenizer=state.tokenizer,
+    )
+    state.model = outcome.model
+    return StageOutcome(
+        True,
+        outcome.steps,
+        info={"format": outcome.format, **outcome.report},
+        writer=outcome.writer,
+    )
 
 
 @register_stage("evaluate")
@@ -346,7 +385,12 @@ def run_recipe(
                 source=recipe.model.path,
                 recipe=config_to_dict(recipe),
                 timings={"stage": seconds},
-                extra={"chain": chain, "stage": config_to_dict(stage), "steps": list(steps)},
+                extra={
+                    "chain": chain,
+                    "stage": config_to_dict(stage),
+                    "steps": list(steps),
+                    "stage_report": outcome.info,
+                },
             )
             save_model(
                 state.model,
@@ -356,6 +400,7 @@ def run_recipe(
                 protect=protect,
                 manifest=manifest,
                 model_card=_stage_card(recipe, steps, []),  # results added once measured
+                writer=outcome.writer,
             )
             final_dir = stage_dir
             if not stage.evaluate:

@@ -1,0 +1,110 @@
+"""`quantize(model, Config, calibration=...)`: one verb for every method in the registry.
+
+Checks that apply to every method run here, before any work: the config's method is registered,
+the model is not already quantized, calibration data is present when the method needs it and has
+the right shape, and the device can run the method.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...config import CalibrationSettings, DataConfig
+from ...data import load_token_stream, sample_calibration
+from ...errors import DataError, UserInputError
+from .base import QuantizationOutcome, QuantizeContext, get_method
+
+logger = logging.getLogger(__name__)
+
+
+def is_quantized(model: nn.Module) -> str | None:
+    """The quantization method a model already carries, or None for a float model."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        return str(getattr(model, "quantization_method", None) or "quantized")
+    qconfig = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qconfig:
+        method = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
+        return str(method or getattr(qconfig, "quant_method", "quantized"))
+    return None
+
+
+def calibration_samples(
+    source: DataConfig | str,
+    tokenizer: Any,
+    settings: CalibrationSettings,
+    *,
+    max_positions: int | None = None,
+) -> torch.Tensor:
+    """Seeded calibration windows (num_samples, seq_len) from a text source."""
+    seq_len = settings.seq_len
+    if max_positions is not None and seq_len > max_positions:
+        logger.warning(
+            "calibration seq_len %d exceeds the model's %d positions; using %d",
+            seq_len,
+            max_positions,
+            max_positions,
+        )
+        seq_len = max_positions
+    stream = load_token_stream(source, tokenizer)
+    if stream.numel() < seq_len:
+        raise DataError(
+            f"calibration text has {stream.numel()} tokens, fewer than one window of {seq_len}"
+        )
+    return sample_calibration(stream, settings.num_samples, seq_len, settings.seed)
+
+
+def quantize(
+    model: nn.Module,
+    config: Any,
+    *,
+    calibration: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    tokenizer: Any | None = None,
+    source_dir: str | Path | None = None,
+) -> QuantizationOutcome:
+    """Quantize `model` in place as `config` says; returns the model and how to save it.
+
+    `calibration` is a LongTensor (num_samples, seq_len) of token ids; methods that need data
+    (gptq, awq, static) refuse to run without it.
+    """
+    method = getattr(config, "method", None)
+    info = get_method(str(method))
+    if not isinstance(config, info.config_class):
+        raise UserInputError(
+            f"method {method!r} takes a {info.config_class.__name__}, got {type(config).__name__}"
+        )
+    already = is_quantized(model)
+    if already is not None:
+        raise UserInputError(
+            f"the model is already quantized ({already}); start from the float checkpoint"
+        )
+    if info.needs_calibration:
+        if calibration is None:
+            raise UserInputError(
+                f"method {method!r} needs calibration data: pass --calibration-data "
+                "(or data.calibration in a recipe)"
+            )
+        if calibration.dtype != torch.long or calibration.dim() != 2 or calibration.numel() == 0:
+            raise UserInputError(
+                "calibration must be a non-empty LongTensor (num_samples, seq_len)"
+            )
+    target = torch.device(device) if device is not None else next(model.parameters()).device
+    ctx = QuantizeContext(
+        calibration=calibration,
+        device=target,
+        progress=progress,
+        source_dir=Path(source_dir) if source_dir is not None else None,
+        tokenizer=tokenizer,
+    )
+    started = time.perf_counter()
+    outcome = info.apply(model, config, ctx)
+    outcome.report.setdefault("method", method)
+    outcome.report["seconds"] = round(time.perf_counter() - started, 3)
+    return outcome

@@ -1,0 +1,31 @@
+"""fp16 / bf16: the simplest compression, half the bytes of fp32 and no calibration.
+
+bf16 keeps fp32's exponent range (overflow-safe) with 8 bits of mantissa; fp16 keeps 11 bits of
+mantissa but overflows above 65504, which some models' activations reach. Saved as an ordinary
+dense checkpoint in that dtype.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...config import HalfPrecisionConfig
+from ...models import cast_model
+from .base import QuantizationOutcome, QuantizeContext, dense_writer, register_method
+
+
+def _apply(
+    model: nn.Module, config: HalfPrecisionConfig, ctx: QuantizeContext
+) -> QuantizationOutcome:
+    before = str(next(model.parameters()).dtype).replace("torch.", "")
+    model = cast_model(model, config.method)
+    return QuantizationOutcome(
+        model=model,
+        writer=dense_writer(model),
+        format="dense",
+        steps=[f"cast weights from {before} to {config.method}"],
+    )
+
+
+register_method("fp16", HalfPrecisionConfig, needs_calibration=False)(_apply)
+register_method("bf16", HalfPrecisionConfig, needs_calibration=False)(_apply)

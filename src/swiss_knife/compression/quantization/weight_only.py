@@ -1,0 +1,257 @@
+"""Weight-only integer methods, RTN and GPTQ: the orchestration around the tensor math.
+
+`rtn_quantize` and `gptq_quantize` (pure functions in `rtn.py` / `gptq.py`) do the math; this
+module decides which linears, with which grid, feeds GPTQ its Hessians through the one calibration
+engine (`calibration.run_calibration`), keeps the model fake-quantized in memory (its weights are
+the dequantized integers, so evaluation measures exactly what the checkpoint will compute) and
+saves the integers in the compressed-tensors pack-quantized format, which
+`AutoModelForCausalLM.from_pretrained` loads (compressed-tensors installed) and vLLM serves.
+
+Costs. RTN: one pass over the weights, no data. GPTQ: per linear an (in, in) float32 Hessian and
+its Cholesky factorisation, O(in^3 + out * in^2 / block) time; peak memory one block on the compute
+device plus the calibration activations (samples x seq_len x hidden).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...calibration import (
+    BlockCalibrator,
+    BlockContext,
+    HessianObserver,
+    run_calibration,
+    sequential_groups,
+)
+from ...config import GPTQConfig, RTNConfig
+from ...errors import UnsupportedArchitectureError, UserInputError
+from ...targeting import TargetSpec, resolve_overrides, resolve_targets
+from .base import QuantizationOutcome, QuantizeContext, register_method
+from .compressed_tensors_format import save_compressed
+from .gptq import gptq_quantize
+from .grid import QuantGrid, QuantizedWeight, fitting_group_sizes
+from .rtn import rtn_quantize
+
+FORMAT = "compressed-tensors/pack-quantized"
+
+
+def plan_grids(
+    model: nn.Module, config: RTNConfig | GPTQConfig
+) -> dict[str, tuple[nn.Module, QuantGrid]]:
+    """Every targeted linear with its grid; all problems are found before any work starts."""
+    targets = resolve_targets(model, TargetSpec(tuple(config.targets), tuple(config.ignore)))
+    not_linear = [name for name, module in targets.items() if not isinstance(module, nn.Linear)]
+    if not_linear:
+        raise UnsupportedArchitectureError(
+            f"{len(not_linear)} targeted layer(s) are GPT-2 style Conv1D (e.g. {not_linear[0]}); "
+            "the compressed-tensors format stores nn.Linear weights only. Supported: Llama, "
+            "Mistral, Qwen2/3, Gemma, Phi-3, OPT and GPT-NeoX style models"
+        )
+    bits = resolve_overrides(targets, config.bits_overrides) if config.bits_overrides else {}
+    plan: dict[str, tuple[nn.Module, QuantGrid]] = {}
+    misfits: dict[int, list[str]] = {}
+    for name, module in targets.items():
+        in_features = module.weight.shape[1]
+        if config.group_size is not None and in_features % config.group_size:
+            misfits.setdefault(in_features, []).append(name)
+        grid = QuantGrid(
+            bits=bits.get(name, config.bits),
+            symmetric=config.symmetric,
+            group_size=config.group_size,
+        )
+        plan[name] = (module, grid)
+    if misfits:
+        lines = []
+        for width, names in misfits.items():
+            fits = fitting_group_sizes(width)
+            fit_text = ", ".join(map(str, fits)) if fits else "none (use per-channel scales)"
+            lines.append(
+                f"{len(names)} layer(s) with {width} inputs (e.g. {names[0]}): fitting group "
+                f"sizes {fit_text}"
+            )
+        raise UserInputError(
+            f"group size {config.group_size} does not divide every layer's input width, and a "
+            "partial last group would not load: "
+            + "; ".join(lines)
+            + ". Choose a group size that fits, --group-size 0 for per-channel scales, or "
+            "ignore those layers"
+        )
+    if not config.symmetric:
+        raise UserInputError(
+            "asymmetric integer grids do not load with a plain from_pretrained under the "
+            "installed compressed-tensors (its zero-point path fails); use a symmetric grid"
+        )
+    return plan
+
+
+def _sqnr_db(rel_error: float | None) -> float | None:
+    if rel_error is None:
+        return None
+    return math.inf if rel_error == 0 else -20.0 * math.log10(rel_error)
+
+
+def sensitivity_table(rows: list[dict[str, Any]], limit: int = 10) -> list[dict[str, Any]]:
+    """The worst layers first: highest relative error (lowest SQNR)."""
+    ranked = [r for r in rows if r.get("rel_error") is not None]
+    ranked.sort(key=lambda r: r["rel_error"], reverse=True)
+    return ranked[:limit]
+
+
+def _writer(
+    model: nn.Module, quantized: Mapping[str, QuantizedWeight], ignore: list[str]
+) -> Callable[[Path], None]:
+    def write(directory: Path) -> None:
+        save_compressed(model, quantized, directory)  # type: ignore[arg-type]
+
+    return write
+
+
+def _describe(config: RTNConfig | GPTQConfig) -> str:
+    group = f"groups of {config.group_size}" if config.group_size else "per-channel scales"
+    grid = "symmetric" if config.symmetric else "asymmetric"
+    return f"{config.bits}-bit {grid} integer weights, {group}"
+
+
+def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantizeContext) -> QuantizationOutcome:
+    plan = plan_grids(model, config)
+    quantized: dict[str, QuantizedWeight] = {}
+    rows: list[dict[str, Any]] = []
+    with torch.no_grad():
+        for name, (module, grid) in plan.items():
+            weight = module.weight  # type: ignore[union-attr]
+            w = weight.detach().float()  # (out, in)
+            qw = rtn_quantize(w, grid, clip_search=config.clip_search, scale_dtype=weight.dtype)
+            deq = qw.dequantize().to(weight.dtype)
+            rel = float((deq.float() - w).norm() / w.norm().clamp_min(1e-12))
+            weight.copy_(deq)
+            quantized[name] = qw
+            rows.append(
+                {"name": name, "bits": grid.bits, "rel_error": rel, "sqnr_db": _sqnr_db(rel)}
+            )
+    steps = [f"RTN: {_describe(config)}" + (", clip search" if config.clip_search else "")]
+    return QuantizationOutcome(
+        model=model,
+        writer=_writer(model, quantized, list(config.ignore)),
+        format=FORMAT,
+        steps=steps,
+        report={
+            "layers": len(quantized),
+            "sensitivity_kind": "relative weight error (data-free)",
+            "sensitivity": sensitivity_table(rows, limit=len(rows)),
+        },
+    )
+
+
+class GPTQCalibrator(BlockCalibrator):
+    """Collects each targeted linear's input Hessian and solves it with GPTQ."""
+
+    def __init__(self, plan: Mapping[str, tuple[nn.Module, QuantGrid]], config: GPTQConfig):
+        self.plan = plan
+        self.config = config
+        self.observers: dict[str, HessianObserver] = {}
+        self.quantized: dict[str, QuantizedWeight] = {}
+
+    def groups(self, ctx: BlockContext) -> list[list[str]]:
+        return sequential_groups(ctx, self.plan, true_sequential=self.config.true_sequential)
+
+    def observe(self, name: str, module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> None:
+        self.observers.setdefault(name, HessianObserver()).update(inp)  # inp: (tokens, in)
+
+    def solve(self, name: str, module: nn.Module) -> Mapping[str, float]:
+        observer = self.observers.pop(name)
+        weight = module.weight  # type: ignore[union-attr]
+        cfg = self.config
+        qw, loss = gptq_quantize(
+            weight.detach().float(),  # (out, in)
+            observer.hessian,  # (in, in)
+            self.plan[name][1],
+            block_size=cfg.block_size,
+            damp=cfg.damp,
+            act_order=cfg.act_order,
+            static_groups=cfg.static_groups,
+            clip_search=cfg.clip_search,
+            scale_dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            weight.copy_(qw.dequantize().to(weight.dtype))
+        # The integers leave the compute device: only one block's worth lives there at a time.
+        self.quantized[name] = QuantizedWeight(
+            q=qw.q.cpu(),
+            scale=qw.scale.cpu(),
+            zero=None if qw.zero is None else qw.zero.cpu(),
+            grid=qw.grid,
+            g_idx=None if qw.g_idx is None else qw.g_idx.cpu(),
+        )
+        return {"gptq_loss": float(loss)}
+
+
+def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> QuantizationOutcome:
+    if ctx.calibration is None:
+        raise UserInputError("gptq needs calibration data: pass --calibration-data")
+    plan = plan_grids(model, config)
+    calibrator = GPTQCalibrator(plan, config)
+    started = time.perf_counter()
+    report = run_calibration(
+        model,
+        ctx.calibration,
+        calibrator,
+        device=ctx.device,
+        batch_size=config.calibration.batch_size,
+        progress=ctx.progress,
+    )
+    rows = [
+        {
+            "name": r.name,
+            "bits": plan[r.name][1].bits,
+            "rel_error": r.rel_error,
+            "sqnr_db": _sqnr_db(r.rel_error),
+            "gptq_loss": r.metrics.get("gptq_loss"),
+        }
+        for r in report.linears
+        if r.name in plan
+    ]
+    missing = set(plan) - set(calibrator.quantized)
+    if missing:
+        raise UserInputError(
+            f"{len(missing)} targeted layer(s) never ran during calibration (e.g. "
+            f"{sorted(missing)[0]}); they cannot be quantized with GPTQ"
+        )
+    extras = [
+        "activation order" if config.act_order else None,
+        "static groups" if config.static_groups else None,
+        "clip search" if config.clip_search else None,
+        "true sequential" if config.true_sequential else None,
+    ]
+    steps = [
+        f"GPTQ: {_describe(config)}, damp {config.damp}"
+        + "".join(f", {e}" for e in extras if e)
+        + f"; calibrated on {report.num_samples} x {report.seq_len} tokens"
+    ]
+    return QuantizationOutcome(
+        model=model,
+        writer=_writer(model, calibrator.quantized, list(config.ignore)),
+        format=FORMAT,
+        steps=steps,
+        report={
+            "layers": len(calibrator.quantized),
+            "calibration_seconds": round(time.perf_counter() - started, 3),
+            "calibration_tokens": report.tokens,
+            "sensitivity_kind": "relative output error on the calibration data",
+            "sensitivity": sensitivity_table(rows, limit=len(rows)),
+            "blocks": [
+                {"index": b.index, "rel_error": b.rel_error, "seconds": b.seconds}
+                for b in report.blocks
+            ],
+        },
+    )
+
+
+register_method("rtn", RTNConfig, needs_calibration=False)(_apply_rtn)
+register_method("gptq", GPTQConfig, needs_calibration=True)(_apply_gptq)
