@@ -274,7 +274,7 @@ def test_create_configs_then_validate_each_sample(tmp_path: Path) -> None:
         assert as_json.returncode == 0
         assert json.loads(as_json.stdout)["valid"] is True
     pipeline = json.loads(sk("validate", out / "pipeline.yaml", "--json").stdout)
-    assert pipeline["stages"] == ["cast", "evaluate"]
+    assert pipeline["stages"] == ["quantize", "evaluate"]
     # A second time refuses to replace the files; --overwrite replaces them.
     assert_user_error(sk("create-configs", "--output-dir", out, "-q"))
     assert sk("create-configs", "--output-dir", out, "--overwrite").returncode == 0

@@ -154,6 +154,14 @@ def test_fold_into_linear_rows_and_into_a_quantized_grid() -> None:
         torch.testing.assert_close(requantized.dequantize(), folded.dequantize())
 
 
+def test_output_error_from_the_hessian_equals_the_direct_one() -> None:
+    W, X = outlier_problem()
+    W_new = rtn_quantize(W, QuantGrid(3, group_size=16)).dequantize()
+    direct = (X @ (W_new - W).T).norm() / (X @ W.T).norm()
+    H = 2 * X.T @ X / X.shape[0]
+    assert relative_output_error(H, W, W_new) == pytest.approx(float(direct), rel=1e-4)
+
+
 def test_clip_search_lowers_output_error_and_never_raises_it() -> None:
     W, X = outlier_problem(seed=1)
     W[0, 5] = 12.0  # one weight outlier: clipping its row/group pays off
@@ -161,8 +169,9 @@ def test_clip_search_lowers_output_error_and_never_raises_it() -> None:
         ratio = awq_clip_search(W, X, grid)
         assert ratio.shape == (16 * grid.num_groups(64), 1)
         assert float(ratio.max()) <= 1.0 and float(ratio.min()) >= 0.55 - 1e-6
-        clipped = relative_output_error(X, W, quantize_with_clip(W, grid, ratio).dequantize())
-        plain = relative_output_error(X, W, quantize_with_clip(W, grid).dequantize())
+        H = 2 * X.T @ X / X.shape[0]  # the calibration engine's Hessian
+        clipped = relative_output_error(H, W, quantize_with_clip(W, grid, ratio).dequantize())
+        plain = relative_output_error(H, W, quantize_with_clip(W, grid).dequantize())
         assert clipped < plain
         assert float(ratio.min()) < 1.0
 
@@ -322,6 +331,30 @@ def test_group_size_is_checked_before_any_work() -> None:
     assert "model.layers.0.mlp.down_proj" in message and "96 inputs" in message
     assert "fitting group sizes: 16, 32" in message
     assert all(torch.equal(p, state[name]) for name, p in model.named_parameters())
+
+
+def test_search_token_budget_records_whole_first_batches() -> None:
+    from swiss_knife.calibration import run_calibration
+    from swiss_knife.compression.quantization.awq import AWQCalibrator, plan_awq_grids
+
+    model = build("llama")
+    grids = plan_awq_grids(model, AWQConfig(bits=4, group_size=32))
+    calibrator = AWQCalibrator(
+        grids, grid_points=5, clip_search=True, total_tokens=64, search_tokens=20
+    )
+    recorded: list[int] = []
+    solve_stage = calibrator._solve_stage
+
+    def spy(state: Any) -> None:
+        recorded.append(sum(ref.shape[0] * ref.shape[1] for _, _, ref in state.calls))
+        solve_stage(state)
+
+    calibrator._solve_stage = spy  # type: ignore[method-assign]
+    # Batches of 2 x 16 = 32 tokens: a budget of 20 keeps the first batch only.
+    run_calibration(model, calibration(4, 16), calibrator, batch_size=2)
+    calibrator.close()
+    assert recorded == [32, 0, 32, 0] * 2  # attention and MLP stages; v->o and down use H
+    assert sorted(calibrator.quantized) == sorted(grids)
 
 
 def test_calibration_is_required() -> None:

@@ -215,15 +215,17 @@ def _library_progress(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import load_token_stream
+    from .data import read_documents, tokenize_documents
     from .evaluation import evaluate, write_reports
     from .evaluation.compare import comparison_rows
     from .evaluation.report import terminal_table
 
     config = _eval_config(args)
     data_cfg = _data_config(args)
+    # Read the text before loading the model: a bad path fails in a second, not a minute.
+    docs = read_documents(data_cfg) if data_cfg else None
     loaded = _load(args, args.model)
-    tokens = load_token_stream(data_cfg, loaded.tokenizer) if data_cfg else None
+    tokens = tokenize_documents(docs, loaded.tokenizer, add_bos=data_cfg.add_bos) if docs else None
     reference = _load(args, args.reference, with_tokenizer=False).model if args.reference else None
     report = evaluate(
         loaded.model,
@@ -249,15 +251,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .data import load_token_stream
+    from .data import read_documents, tokenize_documents
     from .evaluation import evaluate, write_reports
     from .evaluation.compare import comparison_rows
     from .evaluation.report import terminal_table
 
     config = _eval_config(args)
     data_cfg = _data_config(args)
+    docs = read_documents(data_cfg) if data_cfg else None
     original = _load(args, args.original)
-    tokens = load_token_stream(data_cfg, original.tokenizer) if data_cfg else None
+    tokens = (
+        tokenize_documents(docs, original.tokenizer, add_bos=data_cfg.add_bos) if docs else None
+    )
     progress = _progress(args)
     reports = [
         evaluate(
@@ -813,6 +818,10 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
         # transformers and friends are chatty at INFO; keep their warnings.
         for name in ("transformers", "accelerate", "urllib3", "filelock", "httpx"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # Imported by transformers on CPU-only machines, torchao reports its CUDA-only
+        # extensions and torch's pytree deprecations: noise for a user, not a problem.
+        for name in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

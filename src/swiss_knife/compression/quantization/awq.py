@@ -18,9 +18,10 @@ Per block, for each *scaling group* (linears that read the same input, and the o
 2. search ``s(alpha) = m^alpha / sqrt(max * min)`` for ``alpha`` on ``config.grid`` evenly spaced
    points of ``[0, 1]``, keeping the one whose weights ``Q(W diag(s)) diag(s)^-1`` (plain min/max
    round-to-nearest of the scaled weights) give the smallest mean squared error of the block's
-   sub-module output on the calibration inputs (`awq_scale_search`). ``alpha = 0`` gives
-   ``s = 1``, i.e. plain RTN, so on the calibration data the chosen scales never do worse than RTN
-   on that objective;
+   sub-module output (`awq_scale_search`). ``alpha = 0`` gives ``s = 1``, i.e. plain RTN, so the
+   chosen scales never do worse than RTN on that objective. For a single linear the error on
+   every calibration token comes from the inputs' ``H = 2/n sum x x^T`` (`output_sq_error`);
+   an attention or MLP module is re-run on the first `SEARCH_MAX_TOKENS` tokens;
 3. fold: the linears' input columns are multiplied by ``s`` and ``1 / s`` goes into the previous
    op (`fold_scales_into_norm`, `fold_scales_into_linear`); exact in real arithmetic;
 4. clip (``config.clip_search``): per row and group, the range ``[min, max]`` is shrunk by the
@@ -61,13 +62,14 @@ pack-quantized checkpoint that ``AutoModelForCausalLM.from_pretrained`` reloads 
 logits. A single asymmetric grid loads through `load_compressed` only
 (``CompressedTensorsConfig(dequantize=True)``), see `compressed_tensors_format`.
 
-Cost, per block: one engine pass per stage plus the replay; the scale search runs the
-sub-module (attention or MLP) or the linears ``config.grid`` times over all calibration tokens,
-each time after a round-to-nearest of the group's weights; the clip search costs
-``10 * out * in * min(tokens, 512)`` multiply-adds per linear. Memory: besides the engine's
-activations, one stage's inputs are kept, ``tokens x in_features`` (the widest is the down
-projection's input, tokens x intermediate); for the attention and MLP stages twice (the captured
-module arguments and their concatenation) plus the module's captured outputs, tokens x hidden.
+Cost, per block: the engine's passes (one per stage plus the replay, as for true-sequential
+GPTQ); per scaling group ``config.grid`` round-to-nearest passes over its weights, each followed
+by a re-run of the attention or MLP module on at most `SEARCH_MAX_TOKENS` tokens, or by
+O(out * in^2) for a single linear; the clip search's ``10 * out * in * 512`` multiply-adds per
+linear. On a CPU the module re-runs and the engine's passes dominate (SmolLM2-135M, 32 x 512
+tokens: about a minute per block on two busy cores). Memory besides the engine's activations:
+the stage's ``H`` ``(in, in)`` float32 (like GPTQ's), 512 tokens of its input, and the module
+inputs and outputs of the searched tokens, ``SEARCH_MAX_TOKENS x hidden`` each.
 """
 
 from __future__ import annotations
@@ -92,7 +94,13 @@ from ...arch import (
     is_pre_norm,
     linear_in_out,
 )
-from ...calibration import BlockCalibrator, BlockContext, ChannelNormObserver, run_calibration
+from ...calibration import (
+    BlockCalibrator,
+    BlockContext,
+    ChannelNormObserver,
+    HessianObserver,
+    run_calibration,
+)
 from ...config import AWQConfig
 from ...errors import UnsupportedArchitectureError, UserInputError
 from ...targeting import TargetSpec, resolve_overrides, resolve_targets
@@ -117,6 +125,11 @@ SCALE_FLOOR = 1e-4
 CLIP_GRID = 20
 CLIP_MAX_SHRINK = 0.5
 CLIP_MAX_TOKENS = 512
+# Tokens on which the attention / MLP module is re-run for each candidate scale (whole
+# mini-batches, the first ones of the calibration set). Picking one exponent among `grid` needs
+# far fewer tokens than the statistics do, and the re-runs are AWQ's main cost: on a CPU, 20
+# candidates x 64k tokens through SmolLM2-135M's MLP alone is about 7 TFLOP per block.
+SEARCH_MAX_TOKENS = 8192
 # Elements per intermediate product in the chunked error computations (64 MiB of float32).
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -244,15 +257,6 @@ def fold_scales_into_quantized(
     )
 
 
-def _strided_tokens(X: Tensor, max_tokens: int) -> Tensor:
-    """At most `max_tokens` rows of `X` ``(tokens, in)``, evenly spread over all samples."""
-    tokens = X.shape[0]
-    if tokens <= max_tokens:
-        return X
-    index = torch.linspace(0, tokens - 1, max_tokens, device=X.device).round().long()
-    return X.index_select(0, index)
-
-
 def awq_clip_search(
     W: Tensor,
     X: Tensor,
@@ -260,7 +264,6 @@ def awq_clip_search(
     *,
     clip_grid: int = CLIP_GRID,
     max_shrink: float = CLIP_MAX_SHRINK,
-    max_tokens: int = CLIP_MAX_TOKENS,
     scale_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Range ratios ``(out * n_groups, 1)`` minimising each group's output error on `X`.
@@ -268,13 +271,14 @@ def awq_clip_search(
     For every row and group of `W` ``(out, in)`` the range is shrunk by ``1 - i / clip_grid`` for
     ``i < max_shrink * clip_grid`` and the ratio with the smallest
     ``mean_t (x_t[group] . (W - Q(W))[row, group])^2`` over the inputs `X` ``(tokens, in)`` wins.
-    Ratio 1.0 (plain min/max) is a candidate, so the error on `X` never increases.
+    Ratio 1.0 (plain min/max) is a candidate, so the error on `X` never increases. The work is
+    ``out * in * tokens`` per candidate, so `X` is a subsample (AWQ uses 512 tokens).
     """
     out_features, in_features = W.shape
     n_groups = grid.num_groups(in_features)
     group = in_features // n_groups
     sdtype = resolve_scale_dtype(W, scale_dtype)
-    Xg = _strided_tokens(X, max_tokens).float().reshape(-1, n_groups, group)  # (T, n_g, g)
+    Xg = X.float().reshape(-1, n_groups, group)  # (T, n_g, g)
     tokens = Xg.shape[0]
     rows = W.detach().float().reshape(out_features * n_groups, group)  # (out * n_g, g)
     best_err = torch.full((out_features, n_groups), math.inf, device=W.device)
@@ -332,24 +336,21 @@ def quantize_with_clip(
     )
 
 
-def output_sq_error(X: Tensor, W_ref: Tensor, W_new: Tensor) -> tuple[float, float]:
-    """``(||X W_new^T - X W_ref^T||^2, ||X W_ref^T||^2)`` in float64, over `X` ``(tokens, in)``.
+def output_sq_error(H: Tensor, delta: Tensor) -> float:
+    """``tr(dW H dW^T)`` for a weight change `delta` ``(out, in)``.
 
-    Chunked over tokens so the ``(tokens, out)`` outputs are never held at once.
+    With the calibration engine's ``H = 2/n sum_t x_t x_t^T`` ``(in, in)`` this is
+    ``2/n ||X dW^T||^2`` over the n calibration tokens: the output error on every token for
+    O(out * in^2) work, whatever the token count.
     """
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, W_ref.shape[0]))
-    W_ref32, delta = W_ref.float(), (W_new.float() - W_ref.float())  # (out, in)
-    diff = ref = 0.0
-    for start in range(0, X.shape[0], chunk):
-        x = X[start : start + chunk].float()  # (c, in)
-        diff += float((x @ delta.T).square().sum())
-        ref += float((x @ W_ref32.T).square().sum())
-    return diff, ref
+    delta = delta.float()
+    return max(float(((delta @ H.float()) * delta).sum()), 0.0)
 
 
-def relative_output_error(X: Tensor, W_ref: Tensor, W_new: Tensor) -> float:
-    """``||X W_new^T - X W_ref^T|| / ||X W_ref^T||`` on the inputs `X` ``(tokens, in)``."""
-    diff, ref = output_sq_error(X, W_ref, W_new)
+def relative_output_error(H: Tensor, W_ref: Tensor, W_new: Tensor) -> float:
+    """``||X W_new^T - X W_ref^T|| / ||X W_ref^T||`` from the inputs' ``H`` (`output_sq_error`)."""
+    diff = output_sq_error(H, W_new.float() - W_ref.float())
+    ref = output_sq_error(H, W_ref)
     if ref == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     return math.sqrt(diff / ref)
@@ -518,7 +519,7 @@ def block_stages(spec: ArchSpec, model_config: Any, block: nn.Module) -> list[St
         mlp_out = ScalingGroup((spec.mlp_down,), spec.mlp_up[0], "linear", inter)
     else:
         act = type(get_module(block, spec.mlp_act)).__name__
-        reason = f"{act} activation: a scale does not pass through it (only ReLU's does)"
+        reason = f"{act}: a scale does not pass through this activation (only through a ReLU)"
     stages.append(Stage("mlp_out", (spec.mlp_down,), mlp_out, reason))
     return stages
 
@@ -575,10 +576,16 @@ class _StageState:
     stage: Stage
     # Full names of the stage's targeted linears: the engine group.
     targets: list[str]
-    observer: ChannelNormObserver = field(default_factory=ChannelNormObserver)
-    inputs: list[Tensor] = field(default_factory=list)  # per batch, (tokens, in)
+    # Statistics of the stage's common input: mean |x| (salience) and H = 2/n sum x x^T (exact
+    # output errors of a linear on every calibration token, see output_sq_error).
+    norms: ChannelNormObserver = field(default_factory=ChannelNormObserver)
+    hessian: HessianObserver = field(default_factory=HessianObserver)
+    # Every `stride`-th input token, for the clip search: (<= CLIP_MAX_TOKENS, in) in all.
+    clip_inputs: list[Tensor] = field(default_factory=list)
+    seen: int = 0
     # Captured calls of the inspected sub-module: (args, kwargs, reference output).
     calls: list[tuple[tuple[Any, ...], dict[str, Any], Tensor]] = field(default_factory=list)
+    recorded: int = 0  # tokens in `calls`
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -609,18 +616,30 @@ class AWQCalibrator(BlockCalibrator):
     """Searches, folds and quantizes each block's scaling groups during the engine's walk.
 
     Per block the engine runs one pass per stage with hooks on the stage's targeted linears
-    (`observe` keeps their common input and its ``mean |x|``); a forward hook of this class on
+    (`observe` accumulates their common input's statistics); a forward hook of this class on
     the stage's inspected sub-module (attention, MLP) records its arguments and output in the
-    same pass. `solve` of the stage's first linear then does the whole stage; the next stage's
-    pass therefore sees the already-quantized, already-scaled layers before it.
+    same pass, for the first `search_tokens` tokens. `solve` of the stage's first linear then
+    does the whole stage, so the next stage's pass sees the already-quantized, already-scaled
+    layers before it.
+
+    `total_tokens` (the calibration set's size) sets the stride of the clip search's token
+    subsample, which is spread over all samples.
     """
 
     def __init__(
-        self, grids: Mapping[str, QuantGrid], *, grid_points: int, clip_search: bool
+        self,
+        grids: Mapping[str, QuantGrid],
+        *,
+        grid_points: int,
+        clip_search: bool,
+        total_tokens: int,
+        search_tokens: int = SEARCH_MAX_TOKENS,
     ) -> None:
         self.grids = grids
         self.grid_points = grid_points
         self.clip_search = clip_search
+        self.search_tokens = search_tokens
+        self.clip_stride = max(1, math.ceil(total_tokens / CLIP_MAX_TOKENS))
         self.quantized: dict[str, QuantizedWeight] = {}
         self.layers: list[dict[str, Any]] = []
         self.searches: list[dict[str, Any]] = []
@@ -656,9 +675,15 @@ class AWQCalibrator(BlockCalibrator):
 
     def observe(self, name: str, module: nn.Module, inp: Tensor, out: Tensor) -> None:
         state = self._stages[self._current]
-        if name == state.targets[0]:  # the stage's linears share this input
-            state.observer.update(inp)  # inp: (tokens, in)
-            state.inputs.append(inp.detach())
+        if name != state.targets[0]:  # the stage's linears share this input
+            return
+        inp = inp.detach()  # (tokens, in)
+        state.norms.update(inp)
+        state.hessian.update(inp)
+        # The same global stride across mini-batches: token t is kept when t % stride == 0.
+        first = -state.seen % self.clip_stride
+        state.clip_inputs.append(inp[first :: self.clip_stride].clone())
+        state.seen += inp.shape[0]
 
     def solve(self, name: str, module: nn.Module) -> Mapping[str, float] | None:
         state = self._stages[self._current]
@@ -671,7 +696,7 @@ class AWQCalibrator(BlockCalibrator):
         if name == state.targets[-1]:
             self._current += 1
             # The stage's activations are no longer needed; free them before the next pass.
-            state.inputs.clear()
+            state.clip_inputs.clear()
             state.calls.clear()
         return state.metrics.get(name)
 
@@ -690,14 +715,13 @@ class AWQCalibrator(BlockCalibrator):
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> None:
-            # Record only during this stage's pass: not the other stages', not the replay, and
-            # not the scale search's own re-runs of the module.
-            if (
-                not self._solving
-                and self._current < len(self._stages)
-                and self._stages[self._current] is state
-            ):
-                state.calls.append((args, dict(kwargs), _first_output(output).detach()))
+            # Record only during this stage's pass (not the other stages', not the replay, not
+            # the scale search's own re-runs of the module), and only up to the token budget.
+            active = self._current < len(self._stages) and self._stages[self._current] is state
+            if active and not self._solving and state.recorded < self.search_tokens:
+                reference = _first_output(output).detach()  # (batch, seq, hidden)
+                state.calls.append((args, dict(kwargs), reference))
+                state.recorded += reference.numel() // reference.shape[-1]
 
         return hook
 
@@ -707,20 +731,17 @@ class AWQCalibrator(BlockCalibrator):
         ctx = self._ctx
         assert ctx is not None, "solve called outside a block"
         stage, block = state.stage, ctx.block
-        X = torch.cat(state.inputs)  # (tokens, in), the inputs before this stage's scaling
-        state.inputs.clear()
+        H = state.hessian.hessian  # (in, in), of the inputs before this stage's scaling
         modules = {path: get_module(block, path) for path in stage.linears}
         targeted = [p for p in stage.linears if ctx.full_name(p) in self.grids]
         originals = {p: _weight(modules[p]).detach().float().clone() for p in targeted}  # (out, in)
         alpha: float | None = None
-        s_in = torch.ones(X.shape[1], device=X.device)  # (in,)
+        s_in = torch.ones(H.shape[0], device=H.device)  # (in,)
 
         group = stage.scaling
         if group is not None:
-            loss = self._candidate_loss(state, X, modules, targeted, originals)
-            result = awq_scale_search(
-                group.salience(state.observer.abs_mean), loss, self.grid_points
-            )
+            loss = self._candidate_loss(state, H, modules, targeted, originals)
+            result = awq_scale_search(group.salience(state.norms.abs_mean), loss, self.grid_points)
             apply_scales(block, group, result.scales)
             prev_name = ctx.full_name(group.prev)
             if prev_name in self.quantized:
@@ -734,7 +755,7 @@ class AWQCalibrator(BlockCalibrator):
                 with torch.no_grad():
                     prev_weight.copy_(qw.dequantize().to(prev_weight.device, prev_weight.dtype))
             alpha = result.alpha
-            s_in = group.input_scales(result.scales.to(X.device))
+            s_in = group.input_scales(result.scales.to(H.device))
             self.searches.append(
                 {
                     "block": ctx.index,
@@ -745,8 +766,8 @@ class AWQCalibrator(BlockCalibrator):
                 }
             )
 
-        # The clip search reads a subsample of what the linears now read: the inputs over s.
-        X_clip = _strided_tokens(X, CLIP_MAX_TOKENS).float() / s_in  # (<= 512, in)
+        # The clip search reads what the linears now read: the inputs divided by s.
+        X_clip = torch.cat(state.clip_inputs).float() / s_in  # (<= CLIP_MAX_TOKENS, in)
         for path in targeted:
             name = ctx.full_name(path)
             grid = self.grids[name]
@@ -762,9 +783,10 @@ class AWQCalibrator(BlockCalibrator):
             deq = qw.dequantize()  # (out, in)
             with torch.no_grad():
                 weight.copy_(deq.to(weight.dtype))
-            rel = relative_output_error(X, originals[path], deq.float() / s_in)
+            # Both errors on the unscaled inputs: the effective weight is deq / s.
+            rel = relative_output_error(H, originals[path], deq.float() / s_in)
             rtn = rtn_quantize(originals[path], grid, scale_dtype=weight.dtype).dequantize()
-            rtn_rel = relative_output_error(X, originals[path], rtn)
+            rtn_rel = relative_output_error(H, originals[path], rtn)
             # The integers leave the compute device: only one block lives there at a time.
             self.quantized[name] = QuantizedWeight(
                 q=qw.q.cpu(),
@@ -791,7 +813,7 @@ class AWQCalibrator(BlockCalibrator):
     def _candidate_loss(
         self,
         state: _StageState,
-        X: Tensor,
+        H: Tensor,
         modules: Mapping[str, nn.Module],
         targeted: Sequence[str],
         originals: Mapping[str, Tensor],
@@ -801,11 +823,11 @@ class AWQCalibrator(BlockCalibrator):
         assert ctx is not None and state.stage.scaling is not None
         group = state.stage.scaling
         dtypes = {p: _weight(modules[p]).dtype for p in targeted}
+        grids = {p: self.grids[ctx.full_name(p)] for p in targeted}
         inspect = get_module(ctx.block, group.inspect) if group.inspect is not None else None
 
         def candidates(scales: Tensor) -> dict[str, Tensor]:
-            s_in = group.input_scales(scales.to(X.device))  # (in,)
-            grids = {p: self.grids[ctx.full_name(p)] for p in targeted}
+            s_in = group.input_scales(scales.to(H.device))  # (in,)
             return {
                 p: scaled_fake_quant(originals[p], s_in, grids[p], scale_dtype=dtypes[p])
                 for p in targeted
@@ -825,12 +847,12 @@ class AWQCalibrator(BlockCalibrator):
             return module_loss
 
         def linear_loss(scales: Tensor) -> float:
-            diff, count = 0.0, 0
+            # tr(dW H dW^T) / 2 is the summed squared error per token; divide by the outputs.
+            diff, outputs = 0.0, 0
             for path, W_new in candidates(scales).items():
-                d, _ = output_sq_error(X, originals[path], W_new)
-                diff += d
-                count += X.shape[0] * W_new.shape[0]
-            return diff / max(1, count)
+                diff += output_sq_error(H, W_new - originals[path]) / 2.0
+                outputs += W_new.shape[0]
+            return diff / max(1, outputs)
 
         return linear_loss
 
@@ -899,7 +921,12 @@ def _apply_awq(model: nn.Module, config: AWQConfig, ctx: QuantizeContext) -> Qua
     if ctx.calibration is None:
         raise UserInputError("awq needs calibration data: pass --calibration-data")
     grids = plan_awq_grids(model, config)
-    calibrator = AWQCalibrator(grids, grid_points=config.grid, clip_search=config.clip_search)
+    calibrator = AWQCalibrator(
+        grids,
+        grid_points=config.grid,
+        clip_search=config.clip_search,
+        total_tokens=int(ctx.calibration.numel()),
+    )
     started = time.perf_counter()
     try:
         report = run_calibration(
@@ -921,7 +948,7 @@ def _apply_awq(model: nn.Module, config: AWQConfig, ctx: QuantizeContext) -> Qua
     scaled = sorted({s["stage"] for s in calibrator.searches})
     steps = [
         f"AWQ: {_describe(config)}; scales searched over {config.grid} exponents in [0, 1] "
-        f"for {', '.join(scaled) or 'no group'}"
+        f"({', '.join(scaled) or 'no scaling group'})"
         + (", output-error clip search (q/k excluded)" if config.clip_search else "")
         + f"; calibrated on {report.num_samples} x {report.seq_len} tokens"
     ]
