@@ -494,3 +494,18 @@ def test_stories260k_perplexity_within_two_percent(
     window = evaluation[:256].unsqueeze(0)  # (1, 256)
     assert torch.equal(logits(reloaded, window), logits(model, window))
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+
+
+def test_model_size_counts_torchao_tensors() -> None:
+    """Size metrics work on torchao's quantized tensor subclasses (count_nonzero is not defined)."""
+    pytest.importorskip("torchao")
+    from conftest import make_tiny_llama
+    from swiss_knife.compression.quantization.api import quantize
+    from swiss_knife.config import DynamicInt8Config
+    from swiss_knife.evaluation.size import model_size
+
+    model = quantize(
+        make_tiny_llama(hidden_size=64, intermediate_size=64), DynamicInt8Config()
+    ).model
+    size = model_size(model)
+    assert 0 < size.nonzero_params <= size.num_params

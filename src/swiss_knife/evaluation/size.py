@@ -99,12 +99,23 @@ def _unique_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
     return unique
 
 
+def _count_nonzero(param: torch.Tensor) -> int:
+    """Non-zeros of a parameter; quantized tensor subclasses (torchao) are counted dequantized."""
+    try:
+        return int(torch.count_nonzero(param))
+    except NotImplementedError:
+        dequantize = getattr(param, "dequantize", None)
+        if callable(dequantize):
+            return int(torch.count_nonzero(dequantize()))
+        return param.numel()
+
+
 def model_size(model: torch.nn.Module, path: str | Path | None = None) -> SizeResult:
     """Parameter count, sparsity and in-memory bytes of ``model``; disk size if ``path`` given."""
     params = _unique_parameters(model)
     num_params = sum(p.numel() for p in params)
     with torch.inference_mode():
-        nonzero = sum(int(torch.count_nonzero(p)) for p in params if p.device.type != "meta")
+        nonzero = sum(_count_nonzero(p) for p in params if p.device.type != "meta")
     param_b, buffer_b = parameter_bytes(model)
 
     disk_bytes: int | None = None
