@@ -119,6 +119,7 @@ def main() -> None:
         recipe = QuantizationModifier(config_groups=groups, ignore=["lm_head"])
 
     with PeakRSS() as peak:
+        load, times = os.getloadavg()[0], os.times()
         start = time.perf_counter()
         oneshot(
             model=model,
@@ -130,6 +131,9 @@ def main() -> None:
             batch_size=1,
         )
         seconds = time.perf_counter() - start
+        after = os.times()
+        cpu_seconds = after.user + after.system - times.user - times.system
+        load_after = os.getloadavg()[0]
     after_quantize = max_rss()
 
     save_start = time.perf_counter()
@@ -138,6 +142,8 @@ def main() -> None:
 
     result = {
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "loadavg_before_after": [load, load_after],
         "import_seconds": imported - STARTED,
         "load_seconds": loaded - imported,
         "save_seconds": save_seconds,

@@ -140,6 +140,8 @@ class Row:
     peak_rss: int | None = None
     quant_rss_increase: int | None = None
     process_s: float | None = None
+    cpu_s: float | None = None
+    load: tuple[float, float] | None = None  # 1-min load average before/after quantizing
     prefill_tps: float | None = None
     prefill_range: tuple[float, float] | None = None
     decode_ms: float | None = None
@@ -356,10 +358,11 @@ def run_logged(command: list[str], log: Path, timeout: int = WORKER_TIMEOUT_S) -
 def ensure_llmc_venv(venv: Path) -> Path:
     """Python of a venv holding llm-compressor with torch pinned to 2.13.0 (CPU)."""
     python = venv / "bin" / "python"
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    probe = "import llmcompressor, datasets"
-    if python.exists() and not subprocess.run([str(python), "-c", probe], **quiet).returncode:
-        return python
+    probe = [str(python), "-c", "import llmcompressor, datasets"]
+    if python.exists():
+        found = subprocess.run(probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if found.returncode == 0:
+            return python
     print(f"creating {venv} with llm-compressor (one-off, about a minute)...", flush=True)
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -430,6 +433,12 @@ def max_rss() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all its threads) so far."""
+    times = os.times()
+    return times.user + times.system
+
+
 def worker_main(spec_file: Path) -> None:
     """Quantize one model with Swiss Knife (or the bitsandbytes peer) and save it."""
     started = time.perf_counter()
@@ -446,11 +455,14 @@ def worker_main(spec_file: Path) -> None:
 
         qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
         with PeakMemory("cpu") as peak:
+            load, cpu = os.getloadavg()[0], cpu_seconds()
             start = time.perf_counter()
             model = AutoModelForCausalLM.from_pretrained(
                 spec["model_dir"], quantization_config=qconfig, dtype=torch.float32
             )
             result["seconds"] = time.perf_counter() - start
+            result["cpu_seconds"] = cpu_seconds() - cpu
+            result["loadavg_before_after"] = [load, os.getloadavg()[0]]
         save_start = time.perf_counter()
         model.save_pretrained(out)
         result["steps"] = [f"BitsAndBytesConfig: {qconfig.to_dict()}"]
@@ -460,11 +472,12 @@ def worker_main(spec_file: Path) -> None:
         from swiss_knife.compression.quantization.api import quantize
         from swiss_knife.config import QuantizeConfig
 
-        config = TypeAdapter(QuantizeConfig).validate_python(spec["config"])
+        config: Any = TypeAdapter(QuantizeConfig).validate_python(spec["config"])
         loaded = load_model(spec["model_dir"], dtype="fp32", device="cpu")
         calibration = torch.load(spec["calibration"]) if spec["calibration"] else None
         result["max_rss_after_load_bytes"] = max_rss()
         with PeakMemory("cpu") as peak:
+            load, cpu = os.getloadavg()[0], cpu_seconds()
             start = time.perf_counter()
             outcome = quantize(
                 loaded.model,
@@ -474,6 +487,8 @@ def worker_main(spec_file: Path) -> None:
                 source_dir=spec["model_dir"],
             )
             result["seconds"] = time.perf_counter() - start
+            result["cpu_seconds"] = cpu_seconds() - cpu
+            result["loadavg_before_after"] = [load, os.getloadavg()[0]]
         result["max_rss_after_quantize_bytes"] = max_rss()
         save_start = time.perf_counter()
         save_model(outcome.model, out, writer=outcome.writer, tokenizer=loaded.tokenizer)
@@ -586,6 +601,10 @@ def run_case(
             row.peak_rss = result["process_max_rss_bytes"]
             row.quant_rss_increase = result["rss_peak_bytes"] - result["rss_before_bytes"]
             row.process_s = result["process_seconds"]
+            row.cpu_s = result.get("cpu_seconds")
+            if "loadavg_before_after" in result:
+                before, after = result["loadavg_before_after"]
+                row.load = (float(before), float(after))
             log(
                 f"    {row.quant_s:.1f} s, peak RSS {row.peak_rss / 2**30:.2f} GiB "
                 f"(+{row.quant_rss_increase / 2**30:.2f} GiB during the call)"
@@ -743,11 +762,17 @@ def fmt(value: float | None, spec: str, missing: str = "—") -> str:
     return missing if value is None else format(value, spec)
 
 
+def quant_cell(row: Row) -> str:
+    if row.quant_s is None:
+        return "—"
+    return f"{row.quant_s:.1f}" + ("" if row.cpu_s is None else f" ({row.cpu_s:.0f})")
+
+
 def table(rows: list[Row]) -> str:
     base = baseline(rows)
     assert base.ppl and base.prefill_tps and base.decode_ms
     head = (
-        "| Method | Tool | Perplexity | Δ vs fp32 | Disk MB | Bits/weight | Quant s "
+        "| Method | Tool | Perplexity | Δ vs fp32 | Disk MB | Bits/weight | Quant s (CPU s) "
         "| Peak RSS GiB | Prefill tok/s (×fp32) | Decode ms/token (×fp32) |\n"
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
@@ -761,7 +786,7 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"| {r.variant.label} | {r.variant.tool} | {r.ppl:.3f} | {change} "
             f"| {r.disk_bytes / 1e6:.1f} | {fmt(r.bits_per_weight, '.2f')} "
-            f"| {fmt(r.quant_s, '.1f')} "
+            f"| {quant_cell(r)} "
             f"| {fmt(None if r.peak_rss is None else r.peak_rss / 2**30, '.2f')} "
             f"| {r.prefill_tps:.0f} ({r.prefill_tps / base.prefill_tps:.2f}×) "
             f"| {r.decode_ms:.1f} ({base.decode_ms / r.decode_ms:.2f}×) |\n"
@@ -802,6 +827,13 @@ def case_section(case: Case, rows: list[Row], prepared: Prepared, params: int) -
         f"- Calibration (identical token tensor for every calibrated method, ours and "
         f"llm-compressor's): {n} × {length} tokens of {prepared.calib_source}.",
         f"- Bits/weight = 8 × weight-file bytes / {params:,} parameters of the dense model.",
+        "- Load average (1 min) before → after each quantization (the CPU is shared): "
+        + "; ".join(
+            f"{r.variant.tool} {r.variant.label} {r.load[0]:.1f} → {r.load[1]:.1f}"
+            for r in rows
+            if r.load is not None
+        )
+        + ".",
         *notes(rows),
         "",
         "Floors:",
@@ -982,7 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs visible, torch threads {args.threads} "
         "(workers too)",
         "Quant s: wall time of the `quantize(...)` / `oneshot(...)` call (bitsandbytes peer: "
-        "`from_pretrained` with its config, which includes reading the weights). Peak RSS: the "
+        "`from_pretrained` with its config, which includes reading the weights), and in "
+        "brackets the CPU time (user + system, all threads) the worker spent in it. Peak RSS: the "
         "quantizing worker process's peak resident memory (imports, fp32 model, quantization, "
         "saving).",
         f"Speed: batch 1, {args.prompt_len}-token random prompt, {args.new_tokens} greedy decode "
@@ -1027,6 +1060,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "peak_rss",
                                 "quant_rss_increase",
                                 "process_s",
+                                "cpu_s",
+                                "load",
                                 "prefill_tps",
                                 "decode_ms",
                                 "error",

@@ -65,7 +65,9 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
-def run_awq(model: nn.Module, samples: torch.Tensor | None = None, **settings: Any) -> Any:
+def run_awq(
+    model: nn.Module, samples: torch.Tensor | None = None, **settings: Any
+) -> QuantizationOutcome:
     config = AWQConfig(**{"bits": 4, "group_size": 32, **settings})
     return apply(model, config, QuantizeContext(calibration=samples))
 

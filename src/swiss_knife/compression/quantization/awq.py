@@ -126,10 +126,11 @@ CLIP_GRID = 20
 CLIP_MAX_SHRINK = 0.5
 CLIP_MAX_TOKENS = 512
 # Tokens on which the attention / MLP module is re-run for each candidate scale (whole
-# mini-batches, the first ones of the calibration set). Picking one exponent among `grid` needs
-# far fewer tokens than the statistics do, and the re-runs are AWQ's main cost: on a CPU, 20
-# candidates x 64k tokens through SmolLM2-135M's MLP alone is about 7 TFLOP per block.
-SEARCH_MAX_TOKENS = 8192
+# mini-batches, the first ones of the calibration set; the statistics use every token). Picking
+# one exponent among `grid` needs far fewer tokens than the statistics do (the reference clip
+# search picks a ratio per group from 512), and the re-runs are AWQ's main cost: 20 candidates x
+# 64k tokens through SmolLM2-135M's MLP alone would be about 7 TFLOP per block.
+SEARCH_MAX_TOKENS = 4096
 # Elements per intermediate product in the chunked error computations (64 MiB of float32).
 _CHUNK_ELEMENTS = 1 << 24
 
