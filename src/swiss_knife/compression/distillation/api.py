@@ -225,6 +225,8 @@ def distill(
         if student_model is teacher_model:
             raise UserInputError("the teacher and the student are the same model object")
     check_pair(teacher_model, student_model, tokenizer, student_tok)
+    if not any(p.requires_grad for p in student_model.parameters()):
+        raise UserInputError("the student has no trainable parameters (all requires_grad=False)")
 
     train_source = train_data if train_data is not None else config.train_data
     if train_source is None:

@@ -53,8 +53,9 @@ def blocks_to_drop(total: int, spec: StudentFromTeacher) -> list[int]:
                     f"student_from_teacher: cannot spread {remove} removals over the {interior} "
                     f"interior blocks of a {total}-block teacher"
                 )
-            # Centres of `remove` equal slices of the interior; distinct since each slice >= 1.
-            drop = [1 + int((i + 0.5) * interior / remove) for i in range(remove)]
+            # The centre of each of `remove` equal slices of the interior (integer arithmetic,
+            # so no rounding surprise); distinct because each slice is at least one block wide.
+            drop = [1 + (2 * i + 1) * interior // (2 * remove) for i in range(remove)]
     if len(drop) >= total:
         raise UserInputError(f"student_from_teacher: cannot drop all {total} blocks")
     return drop
@@ -68,6 +69,8 @@ def student_from_teacher(
     drop = blocks_to_drop(total, spec)
     student = copy.deepcopy(teacher)
     drop_blocks(student, drop)
+    # The teacher may come frozen (an earlier distillation freezes its teacher); the copy trains.
+    student.requires_grad_(True)
     kept = [i for i in range(total) if i not in set(drop)]
     logger.info("student: teacher without blocks %s (%d of %d kept)", drop, len(kept), total)
     return student, kept
