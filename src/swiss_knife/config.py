@@ -686,6 +686,8 @@ def recipe_schema() -> dict[str, Any]:
     }
     for field in schema["$defs"]["DataSources"]["properties"].values():
         field["anyOf"].insert(1, {"type": "string"})
+    for key in ("train_data", "eval_data"):
+        schema["$defs"]["DistillConfig"]["properties"][key]["anyOf"].insert(1, {"type": "string"})
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "Swiss Knife recipe"
     return schema
