@@ -304,82 +304,83 @@ def test_bf16_autocast_gradient_checkpointing_and_epochs(
 # --------------------------------------------------------------------------- bad input
 
 
-def test_bad_pairs_and_data_fail_before_training(
+REMOVE_ONE = {"max_steps": 1, "student_from_teacher": {"remove": 1}}
+
+
+@pytest.mark.parametrize(
+    ("student_seed_layers_vocab", "changes", "data", "error", "message"),
+    [
+        (
+            (1, 1, 100),
+            {"max_steps": 1},
+            {},
+            UserInputError,
+            "predicts 128 tokens and the student 100",
+        ),
+        (None, REMOVE_ONE, {"train_data": 100}, DataError, "fewer than one batch"),
+        (None, REMOVE_ONE, {"eval_data": 10}, DataError, "held-out text"),
+        (
+            None,
+            {**REMOVE_ONE, "loss": {"hidden_weight": 1.0, "layer_map": [[4, 1]]}},
+            {},
+            UserInputError,
+            "layer_map",
+        ),
+        (
+            None,
+            {"max_steps": 1, "student_from_teacher": {"drop_layers": [4]}},
+            {},
+            UserInputError,
+            "out of range",
+        ),
+    ],
+)
+def test_bad_input_fails_before_training(
+    teacher: Any,
+    stream: torch.Tensor,
+    tmp_path: Path,
+    student_seed_layers_vocab: tuple[int, int, int] | None,
+    changes: dict[str, Any],
+    data: dict[str, int],
+    error: type[Exception],
+    message: str,
+) -> None:
+    student = None
+    if student_seed_layers_vocab is not None:
+        seed, layers, vocab = student_seed_layers_vocab
+        student = make_tiny_llama(seed=seed, num_hidden_layers=layers, vocab_size=vocab)
+    train = stream[: data["train_data"]] if "train_data" in data else stream
+    held_out = stream[: data["eval_data"]] if "eval_data" in data else None
+    with pytest.raises(error, match=message):
+        distill(
+            teacher,
+            student,
+            config(**changes),
+            train_data=train,
+            eval_data=held_out,
+            output_dir=tmp_path / "out",
+            progress=False,
+        )
+    assert not (tmp_path / "out").exists()  # nothing written, nothing trained
+
+
+def test_output_folders_are_protected_and_larger_students_warned(
     teacher: Any, stream: torch.Tensor, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    other_vocab = make_tiny_llama(seed=1, num_hidden_layers=1, vocab_size=100)
-    with pytest.raises(UserInputError, match="predicts 128 tokens and the student 100"):
-        distill(
-            teacher,
-            other_vocab,
-            config(max_steps=1),
-            train_data=stream,
-            output_dir=tmp_path / "a",
-            progress=False,
-        )
-    with pytest.raises(DataError, match="fewer than one batch"):
-        distill(
-            teacher,
-            None,
-            config(max_steps=1, student_from_teacher={"remove": 1}),
-            train_data=stream[:100],
-            output_dir=tmp_path / "b",
-            progress=False,
-        )
-    with pytest.raises(DataError, match="held-out text"):
-        distill(
-            teacher,
-            None,
-            config(max_steps=1, student_from_teacher={"remove": 1}),
-            train_data=stream,
-            eval_data=stream[:10],
-            output_dir=tmp_path / "c",
-            progress=False,
-        )
-    with pytest.raises(UserInputError, match="layer_map"):
-        distill(
-            teacher,
-            None,
-            config(
-                max_steps=1,
-                student_from_teacher={"remove": 1},
-                loss={"hidden_weight": 1.0, "layer_map": [[4, 1]]},
-            ),
-            train_data=stream,
-            output_dir=tmp_path / "d",
-            progress=False,
-        )
-    with pytest.raises(UserInputError, match="out of range"):
-        distill(
-            teacher,
-            None,
-            config(max_steps=1, student_from_teacher={"drop_layers": [4]}),
-            train_data=stream,
-            output_dir=tmp_path / "e",
-            progress=False,
-        )
     (tmp_path / "f").mkdir()
     (tmp_path / "f" / "mine.txt").write_text("keep me", encoding="utf-8")
-    with pytest.raises(OutputExistsError, match="not empty"):
-        distill(
-            teacher,
-            None,
-            config(max_steps=1, student_from_teacher={"remove": 1}),
-            train_data=stream,
-            output_dir=tmp_path / "f",
-            progress=False,
-        )
-    with pytest.raises(OutputExistsError, match="refusing to delete"):
-        distill(
-            teacher,
-            None,
-            config(max_steps=1, student_from_teacher={"remove": 1}),
-            train_data=stream,
-            output_dir=tmp_path / "f",
-            overwrite=True,
-            progress=False,
-        )
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    for overwrite, message in ((False, "not empty"), (True, "refusing to delete")):
+        with pytest.raises(OutputExistsError, match=message):
+            distill(
+                teacher,
+                None,
+                config(**REMOVE_ONE),
+                train_data=stream,
+                output_dir=tmp_path / "f",
+                overwrite=overwrite,
+                progress=False,
+            )
+    assert (tmp_path / "f" / "mine.txt").read_text(encoding="utf-8") == "keep me"
 
     bigger = make_tiny_llama(seed=1, num_hidden_layers=6)
     with caplog.at_level(logging.WARNING):

@@ -64,6 +64,11 @@ def _add_data_options(parser: argparse.ArgumentParser, required: bool) -> None:
         metavar="SOURCE",
         help="a .txt/.jsonl/.json/.parquet/.csv file, a folder, or a HF dataset name:config:split",
     )
+    _add_text_format_options(group)
+
+
+def _add_text_format_options(group: Any) -> None:
+    """How text files are read: --field, --split-documents, --no-bos."""
     group.add_argument("--field", default="text", help="text field of structured files")
     group.add_argument(
         "--split-documents",
@@ -128,16 +133,23 @@ def _data_config(args: argparse.Namespace) -> Any:
     )
 
 
+def _config_file(args: argparse.Namespace) -> dict[str, Any]:
+    """The mapping in `--config FILE`, or an empty one; the flags given then override it."""
+    from .config import read_config_file
+
+    if not args.config:
+        return {}
+    loaded = read_config_file(args.config)
+    if not isinstance(loaded, dict):
+        raise UserInputError(f"{args.config}: expected a mapping")
+    return loaded
+
+
 def _eval_config(args: argparse.Namespace) -> Any:
     """The evaluation config: a file (if given), then every flag given on the command line."""
-    from .config import EvaluationConfig, read_config_file, validate_dict
+    from .config import EvaluationConfig, validate_dict
 
-    data: dict[str, Any] = {}
-    if args.config:
-        loaded = read_config_file(args.config)
-        if not isinstance(loaded, dict):
-            raise UserInputError(f"{args.config}: expected a mapping")
-        data = loaded
+    data = _config_file(args)
     ppl = dict(data.get("perplexity") or {})
     speed = dict(data.get("speed") or {})
     for flag, key in (("window", "window"), ("stride", "stride"), ("batch_size", "batch_size")):
@@ -363,15 +375,10 @@ _QUANT_SWITCHES = (
 def _quant_config(args: argparse.Namespace) -> Any:
     from pydantic import TypeAdapter, ValidationError
 
-    from .config import QuantizeConfig, format_validation_error, read_config_file
+    from .config import QuantizeConfig, format_validation_error
     from .errors import ConfigError
 
-    data: dict[str, Any] = {}
-    if args.config:
-        loaded = read_config_file(args.config)
-        if not isinstance(loaded, dict):
-            raise UserInputError(f"{args.config}: expected a mapping")
-        data = loaded
+    data = _config_file(args)
     data["type"] = "quantize"
     if args.method:
         data["method"] = args.method
@@ -561,14 +568,9 @@ def _layer_map(text: str) -> list[list[int]]:
 
 
 def _distill_config(args: argparse.Namespace) -> Any:
-    from .config import DistillConfig, read_config_file, validate_dict
+    from .config import DistillConfig, validate_dict
 
-    data: dict[str, Any] = {}
-    if args.config:
-        loaded = read_config_file(args.config)
-        if not isinstance(loaded, dict):
-            raise UserInputError(f"{args.config}: expected a mapping")
-        data = loaded
+    data = _config_file(args)
     data["type"] = "distill"
     for flag, key in _DISTILL_FLAGS:
         if getattr(args, flag) is not None:
@@ -950,14 +952,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--train-data", metavar="SOURCE", help="training text (file, folder, dataset)")
     p.add_argument("--eval-data", metavar="SOURCE", help="held-out text (default: a tail split)")
-    p.add_argument("--field", default="text", help="text field of structured files")
-    p.add_argument(
-        "--split-documents",
-        choices=["none", "paragraph", "line"],
-        default="none",
-        help="cut plain text into documents (each starts with BOS)",
-    )
-    p.add_argument("--no-bos", action="store_true", help="do not prepend BOS to documents")
+    _add_text_format_options(p)
     p.add_argument("--output-dir", required=True, help="checkpoints, metrics, best/ and final/")
     p.add_argument(
         "--resume",

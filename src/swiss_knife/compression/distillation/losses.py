@@ -56,14 +56,18 @@ def _kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
 
 
-class ForwardKL(nn.Module):
-    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` averaged over kept positions."""
+class _SoftenedKL(nn.Module):
+    """A KL divergence between the two models' distributions at temperature T."""
 
     def __init__(self, temperature: float = 1.0) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
+
+
+class ForwardKL(_SoftenedKL):
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` averaged over kept positions."""
 
     def forward(
         self, student_logits: Tensor, teacher: Tensor | TopKLogits, mask: Tensor | None = None
@@ -78,14 +82,8 @@ class ForwardKL(nn.Module):
         return t * t * _masked_mean(_kl_rows(log_p, log_q), mask)
 
 
-class ReverseKL(nn.Module):
+class ReverseKL(_SoftenedKL):
     """``T^2 * KL(softmax(student / T) || softmax(teacher / T))`` averaged over kept positions."""
-
-    def __init__(self, temperature: float = 1.0) -> None:
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        self.temperature = temperature
 
     def forward(
         self, student_logits: Tensor, teacher: Tensor | TopKLogits, mask: Tensor | None = None
