@@ -543,18 +543,18 @@ _DISTILL_LOSS_FLAGS = (
 
 
 def _student_spec(text: str) -> dict[str, Any]:
-    """'remove:N[:end|even]' or 'drop:I,J,...' as a StudentFromTeacher mapping."""
+    """'remove:N[:middle|end|even]' or 'drop:I,J,...' as a StudentFromTeacher mapping."""
     kind, _, rest = text.partition(":")
     try:
         if kind == "drop" and rest:
             return {"drop_layers": [int(part) for part in rest.split(",") if part.strip()]}
         if kind == "remove" and rest:
             count, _, position = rest.partition(":")
-            return {"remove": int(count), "position": position or "end"}
+            return {"remove": int(count), **({"position": position} if position else {})}
     except ValueError:
         pass
     raise UserInputError(
-        f"--student-from-teacher {text!r}: expected remove:N, remove:N:even or drop:I,J,..."
+        f"--student-from-teacher {text!r}: expected remove:N[:middle|end|even] or drop:I,J,..."
     )
 
 
@@ -947,8 +947,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--student-from-teacher",
         metavar="SPEC",
-        help="make the student by removing teacher blocks: remove:N (the N blocks before the "
-        "last), remove:N:even (spread out), or drop:I,J,... (these indices)",
+        help="make the student by removing teacher blocks: remove:N (N contiguous blocks in the "
+        "middle), remove:N:end (the N before the last), remove:N:even (spread out), or "
+        "drop:I,J,... (these indices)",
     )
     p.add_argument("--train-data", metavar="SOURCE", help="training text (file, folder, dataset)")
     p.add_argument("--eval-data", metavar="SOURCE", help="held-out text (default: a tail split)")

@@ -308,18 +308,21 @@ QuantizeConfig = Annotated[
 class StudentFromTeacher(StrictModel):
     """Make the student from the teacher by removing whole transformer blocks (depth pruning).
 
-    Give either the block indices to drop, or how many to remove and where from. `end` removes
-    the `remove` blocks just before the last one (which is kept): Gromov et al. 2024 and Minitron
-    (Muralidharan et al. 2024) found the late blocks, except the very last, the most redundant.
-    `even` spreads the removed blocks evenly over the interior, keeping the first and last.
+    Give either the block indices to drop, or how many to remove and where from: `middle` removes
+    a contiguous run centred in the model, `end` the run just before the last block (which is
+    kept), `even` blocks spread evenly over the interior (the first and last stay). Which works
+    best depends on the model: removing 10 of SmolLM2-135M's 30 blocks leaves a perplexity of
+    about 1.5e3 (middle), 3e4 (even) or 2e10 (end) before any training, while Gromov et al. 2024
+    find the late blocks of larger Llamas the most redundant. The layer-reduction stage chooses
+    blocks by measured importance instead.
     """
 
     drop_layers: list[int] | None = Field(
         default=None, min_length=1, description="Block indices to drop (negative: from the end)."
     )
     remove: int | None = Field(default=None, ge=1, description="How many blocks to remove.")
-    position: Literal["end", "even"] = Field(
-        default="end", description="Where `remove` takes the blocks from (see above)."
+    position: Literal["middle", "end", "even"] = Field(
+        default="middle", description="Where `remove` takes the blocks from (see above)."
     )
 
     @model_validator(mode="after")

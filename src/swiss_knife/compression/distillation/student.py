@@ -38,7 +38,14 @@ def blocks_to_drop(total: int, spec: StudentFromTeacher) -> list[int]:
     else:
         assert spec.remove is not None  # the config allows exactly one of the two
         remove = spec.remove
-        if spec.position == "end":
+        if spec.position == "middle":
+            if remove > total - 1:
+                raise UserInputError(
+                    f"student_from_teacher: cannot remove {remove} of {total} blocks"
+                )
+            start = (total - remove) // 2
+            drop = list(range(start, start + remove))
+        elif spec.position == "end":
             # Keep the last block: it writes the representation the head reads.
             if remove > total - 1:
                 raise UserInputError(
