@@ -18,6 +18,7 @@ _EXPORTS = {
     "CastConfig": "config",
     "CompressionConfig": "config",
     "DataConfig": "config",
+    "DistillConfig": "config",
     "EvaluationConfig": "config",
     "EvaluateStageConfig": "config",
     "ModelSpec": "config",
@@ -36,6 +37,7 @@ _EXPORTS = {
     "EvaluationReport": "evaluation",
     "write_reports": "evaluation",
     "run_recipe": "pipeline",
+    "distill": "compression.distillation.api",
     "register_stage": "pipeline",
     "resolve_device": "device",
     "device_info": "device",
@@ -48,6 +50,7 @@ __all__ = [
     "CastConfig",
     "CompressionConfig",
     "DataConfig",
+    "DistillConfig",
     "EvaluateStageConfig",
     "EvaluationConfig",
     "EvaluationReport",
@@ -58,6 +61,7 @@ __all__ = [
     "__version__",
     "cast_model",
     "device_info",
+    "distill",
     "evaluate",
     "get_arch",
     "load_config",
@@ -91,10 +95,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .arch import get_arch
+    from .compression.distillation.api import distill
     from .config import (
         CastConfig,
         CompressionConfig,
         DataConfig,
+        DistillConfig,
         EvaluateStageConfig,
         EvaluationConfig,
         ModelSpec,
