@@ -168,13 +168,14 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(
             )
     assert steps_run == []  # refused before any training
 
+    # "auto" (what recipes use) resumes a checkpoint of this very run.
     resumed = distill(
         teacher,
         student(),
         cfg,
         train_data=stream,
         output_dir=tmp_path / "b",
-        resume=True,
+        resume="auto",
         progress=False,
     )
     assert resumed.resumed_from == tmp_path / "b" / "checkpoints" / "step-00000004"
@@ -197,6 +198,19 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(
         distill(
             teacher, student(), cfg, train_data=stream, output_dir=tmp_path / "b", progress=False
         )
+    # "auto" with other settings discards the earlier run and starts again from step 0.
+    other = config(**{**cfg.model_dump(), "max_steps": 2, "save_every": 0})
+    fresh = distill(
+        teacher,
+        student(),
+        other,
+        train_data=stream,
+        output_dir=tmp_path / "b",
+        resume="auto",
+        progress=False,
+    )
+    assert fresh.resumed_from is None and fresh.steps == 2
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-00000002"]
     with pytest.raises(UserInputError, match="not a distillation checkpoint"):
         distill(
             teacher,
