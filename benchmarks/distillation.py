@@ -7,7 +7,7 @@ contiguous run from the middle (`student_from_teacher`, Minitron's depth pruning
 al. 2024), and it is trained with `swiss_knife.compression.distillation` by:
 
 (a) **distillation**: forward KL to the teacher's next-token distribution (T = 1, alpha = 0);
-(b) **distillation + labels** (stories260K only): half KL, half cross-entropy (alpha = 0.5);
+(b) **distillation + labels**: half KL, half cross-entropy (alpha = 0.5);
 (c) **fine-tuning**: plain next-token cross-entropy on the same text (alpha = 1; the teacher is
     never run).
 
@@ -115,16 +115,16 @@ CASES = {
         text=ASSETS / "corpora" / "wikitext-2-raw" / "wiki.test.raw",
         split_documents="none",
         remove=10,
-        steps=60,
+        steps=50,
         batch_size=4,
         seq_len=128,
-        learning_rate=2e-4,
-        warmup_steps=6,
+        learning_rate=3e-4,
+        warmup_steps=5,
         mixed_precision="bf16",
-        eval_every=20,
+        eval_every=25,
         validation_windows=8,
         test_windows=32,
-        methods=("distillation", "fine-tuning"),
+        methods=("distillation", "distillation + labels", "fine-tuning"),
         threads=None,
     ),
 }
