@@ -525,7 +525,7 @@ def train(accelerator: Any, job: TrainingJob) -> DistillResult:
         unit="step",
         disable=not (job.progress and main),
     )
-    sums: dict[str, float] = {}
+    sums: dict[str, Tensor] = {}
     window_steps, window_seconds = 0, 0.0
     last_checkpoint_step = state.step if job.resume_from is not None else -1
     try:
@@ -547,8 +547,10 @@ def train(accelerator: Any, job: TrainingJob) -> DistillResult:
                 with accelerator.accumulate(module):
                     loss, parts = module(input_ids, teacher_logits, teacher_hidden)
                     accelerator.backward(loss)
+                # Kept as tensors: reading them every micro-batch would stall a GPU each time.
                 for name, value in {"loss": loss, **parts}.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) / cfg.grad_accum
+                    term = value.detach().float() / cfg.grad_accum
+                    sums[name] = sums[name] + term if name in sums else term
             # accumulate() synchronised the gradients on the last micro-batch of the step.
             grad_norm = None
             if cfg.max_grad_norm is not None:
@@ -567,7 +569,7 @@ def train(accelerator: Any, job: TrainingJob) -> DistillResult:
 
             done = state.step >= job.total_steps
             if state.step % cfg.log_every == 0 or done:
-                means = torch.tensor([sums[k] / window_steps for k in sorted(sums)], device=device)
+                means = torch.stack([sums[k] for k in sorted(sums)]) / window_steps
                 means = accelerator.reduce(means, reduction="mean")
                 record: dict[str, Any] = {"event": "train", "step": state.step}
                 record.update(
