@@ -407,6 +407,19 @@ def test_output_folders_are_protected_and_larger_students_warned(
             progress=False,
         )
     assert "larger than the teacher" in caplog.text
+    # --overwrite clears an earlier run only once the new one has passed every check.
+    other_vocab = make_tiny_llama(seed=1, num_hidden_layers=1, vocab_size=100)
+    with pytest.raises(UserInputError, match="predicts 128 tokens"):
+        distill(
+            teacher,
+            other_vocab,
+            config(max_steps=1),
+            train_data=stream,
+            output_dir=tmp_path / "g",
+            overwrite=True,
+            progress=False,
+        )
+    assert (tmp_path / "g" / "final" / "config.json").is_file()
 
 
 def test_blocks_to_drop() -> None:

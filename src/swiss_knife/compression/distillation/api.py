@@ -138,12 +138,16 @@ def _clear_run(directory: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _check_output(out: Path, resume: Resume, overwrite: bool) -> Path | None:
-    """Refuse to mix runs in one folder; returns an explicitly named checkpoint, if any."""
+def _check_output(out: Path, resume: Resume, overwrite: bool) -> tuple[Path | None, bool]:
+    """Refuse to mix runs in one folder.
+
+    Returns an explicitly named checkpoint (if any) and whether an earlier run must be cleared;
+    the caller clears it only once every other check has passed.
+    """
     if resume not in (False, True, "auto"):
         path = Path(str(resume)).expanduser()
         read_checkpoint_state(path)  # raises unless it is a checkpoint
-        return path
+        return path, False
     if resume is True and not checkpoint_dirs(out):
         raise UserInputError(f"nothing to resume: {out} holds no checkpoint")
     if resume is False and out.is_dir() and any(out.iterdir()):
@@ -156,8 +160,8 @@ def _check_output(out: Path, resume: Resume, overwrite: bool) -> Path | None:
             raise OutputExistsError(
                 f"{out} is not empty and holds no distillation run; refusing to delete it"
             )
-        _clear_run(out)
-    return None
+        return None, True
+    return None, False
 
 
 def _fingerprint(
@@ -208,7 +212,7 @@ def distill(
     """
     config = config or DistillConfig()
     out = Path(output_dir).expanduser().resolve()
-    named_checkpoint = _check_output(out, resume, overwrite)
+    named_checkpoint, clear = _check_output(out, resume, overwrite)
 
     teacher_model, teacher_tok, source = _model_and_tokenizer(teacher, "teacher")
     tokenizer = tokenizer if tokenizer is not None else teacher_tok
@@ -275,13 +279,15 @@ def distill(
             saved = read_checkpoint_state(latest[-1]).get("fingerprint", {})
             if resume == "auto" and fingerprint_mismatch(saved, fingerprint):
                 logger.info("%s holds a different run; starting again", out)
-                if accelerator.is_main_process:
-                    _clear_run(out)
-                accelerator.wait_for_everyone()
+                clear = True
             else:
                 resume_from = latest[-1]
     if resume_from is not None:
         check_resume(resume_from, fingerprint)
+    if clear:
+        if accelerator.is_main_process:
+            _clear_run(out)
+        accelerator.wait_for_everyone()
 
     topk = None
     if config.teacher_topk is not None:
