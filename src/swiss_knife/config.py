@@ -638,6 +638,16 @@ def format_validation_error(error: ValidationError, root: type[BaseModel], sourc
                 message = f"unknown key {key!r}"
                 message += f" (did you mean {close[0]!r}?)" if close else ""
                 message += f"; valid keys: {', '.join(valid)}"
+        if item["type"] == "union_tag_not_found":
+            key = str(item.get("ctx", {}).get("discriminator", "")).strip("'")
+            tags = sorted(
+                str(tag)
+                for cls in _unwrap(StageConfig)
+                if loc and loc[-1] in _tags(cls) and key in cls.model_fields
+                for tag in _tags(cls) - {loc[-1]}
+                if isinstance(tag, str)
+            )
+            message = f"missing key {key!r}" + (f"; one of: {', '.join(tags)}" if tags else "")
         lines.append(f"  - {_format_loc(loc)}: {message}")
     return "\n".join(lines)
 
