@@ -187,10 +187,19 @@ def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
             GPTQConfig(bits=4, group_size=g, calibration=calib),
             "gptq_plain",
         ),
+        # llm-compressor's defaults: activation order with static groups, and every linear of
+        # a block calibrated on the block's inputs in one pass (no true-sequential groups).
         ours(
-            f"GPTQ W4 {grid} act-order + static groups",
+            f"GPTQ W4 {grid} act-order + static groups (llm-compressor's settings)",
             "4-bit",
-            GPTQConfig(bits=4, group_size=g, act_order=True, static_groups=True, calibration=calib),
+            GPTQConfig(
+                bits=4,
+                group_size=g,
+                act_order=True,
+                static_groups=True,
+                true_sequential=False,
+                calibration=calib,
+            ),
             "gptq_matched",
         ),
         ours(
