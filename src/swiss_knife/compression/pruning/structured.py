@@ -54,6 +54,7 @@ each pruned matrix once.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -61,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -357,14 +359,21 @@ def _plan(model: nn.Module, config: StructuredPruneConfig) -> _Plan:
         hidden=hidden,
         hidden_keep=hidden_keep,
     )
-    for what, ratio, pruned in (
-        ("mlp_ratio", config.mlp_ratio, plan.prunes_mlp),
-        ("head_ratio", config.head_ratio, plan.prunes_heads),
-        ("hidden_ratio", config.hidden_ratio, plan.prunes_hidden),
+    for what, ratio, total, kept, unit in (
+        ("mlp_ratio", config.mlp_ratio, intermediate, mlp_keep, "MLP channels"),
+        ("head_ratio", config.head_ratio, kv_heads, groups_keep, "key/value groups"),
+        ("hidden_ratio", config.hidden_ratio, hidden, hidden_keep, "hidden channels"),
     ):
-        if ratio > 0 and not pruned:
-            logger.warning("%s %s rounds to removing nothing on this model", what, ratio)
+        if ratio > 0 and kept == total:
+            # A request that silently does nothing is worse than a clear refusal.
+            raise UserInputError(
+                f"{what} {ratio} removes none of the {total} {unit} (after rounding"
+                + (f" to a multiple of {config.round_to}" if unit != "key/value groups" else "")
+                + "); use a larger ratio"
+                + (", or remove MLP channels instead" if unit == "key/value groups" else "")
+            )
     _check_shapes(model, plan)
+    _check_loadable(model_config, plan)
     return plan
 
 
@@ -654,29 +663,67 @@ def _prune_hidden(model: nn.Module, plan: _Plan, keep: Tensor) -> None:
         head.in_features = plan.hidden_keep
 
 
-def _rewrite_config(model: nn.Module, plan: _Plan, new_heads: int) -> None:
+def _config_changes(plan: _Plan) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+    """New config values, and the (old, new) sizes that modules may have cached."""
     spec = plan.spec
-    config = model.config
-    changes: dict[str, tuple[int, int]] = {}
+    values: dict[str, int] = {}
+    cached: dict[str, tuple[int, int]] = {}
     if plan.prunes_mlp:
         assert spec.config_intermediate is not None
-        setattr(config, spec.config_intermediate, plan.mlp_keep)
-        changes["intermediate_size"] = (plan.intermediate, plan.mlp_keep)
+        values[spec.config_intermediate] = plan.mlp_keep
+        cached["intermediate_size"] = (plan.intermediate, plan.mlp_keep)
     if plan.prunes_heads or plan.prunes_hidden:
         assert spec.config_head_dim is not None
         # Pinned explicitly: hidden // heads no longer gives the head width.
-        setattr(config, spec.config_head_dim, plan.head_dim)
+        values[spec.config_head_dim] = plan.head_dim
     if plan.prunes_heads:
-        setattr(config, spec.config_num_heads, new_heads)
-        changes["num_heads"] = (plan.heads, new_heads)
-        changes["num_attention_heads"] = (plan.heads, new_heads)
+        new_heads = plan.groups_keep * plan.group_size
+        values[spec.config_num_heads] = new_heads
+        cached["num_heads"] = (plan.heads, new_heads)
+        cached["num_attention_heads"] = (plan.heads, new_heads)
         if spec.config_num_kv_heads is not None:
-            setattr(config, spec.config_num_kv_heads, plan.groups_keep)
-            changes["num_key_value_heads"] = (plan.kv_heads, plan.groups_keep)
+            values[spec.config_num_kv_heads] = plan.groups_keep
+            cached["num_key_value_heads"] = (plan.kv_heads, plan.groups_keep)
     if plan.prunes_hidden:
-        setattr(config, spec.config_hidden, plan.hidden_keep)
-        changes["hidden_size"] = (plan.hidden, plan.hidden_keep)
-    _refresh_ints(model, changes)
+        values[spec.config_hidden] = plan.hidden_keep
+        cached["hidden_size"] = (plan.hidden, plan.hidden_keep)
+    return values, cached
+
+
+def _check_loadable(config: Any, plan: _Plan) -> None:
+    """Run the config class's own validators on the rewritten values, before any work.
+
+    LlamaConfig and Gemma-2/3's configs refuse hidden_size % num_attention_heads != 0 on load
+    even when head_dim is explicit, so some head counts cannot be saved loadably.
+    """
+    trial = copy.deepcopy(config)
+    try:
+        for attr, value in _config_changes(plan)[0].items():
+            setattr(trial, attr, value)
+        validate = getattr(trial, "validate", None)
+        if callable(validate):
+            validate()
+    except (TypeError, ValueError, StrictDataclassError) as exc:
+        cause = exc.__cause__ or exc
+        hint = ""
+        if plan.prunes_heads:
+            fits = [
+                f"{groups * plan.group_size} heads (head_ratio {1 - groups / plan.kv_heads:.3g})"
+                for groups in range(1, plan.kv_heads)
+                if plan.hidden_keep % (groups * plan.group_size) == 0
+            ]
+            hint = f"; counts that load: {', '.join(fits)}" if fits else ""
+        raise UserInputError(
+            f"the pruned model's config would not load with from_pretrained: "
+            f"{type(config).__name__} refuses it ({cause}){hint}"
+        ) from None
+
+
+def _rewrite_config(model: nn.Module, plan: _Plan) -> None:
+    values, cached = _config_changes(plan)
+    for attr, value in values.items():
+        setattr(model.config, attr, value)
+    _refresh_ints(model, cached)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -729,7 +776,7 @@ def apply_structured(
                 removed_fraction(scores.hidden, hidden_keep_idx), 4
             )
             _prune_hidden(model, plan, hidden_keep_idx)
-    _rewrite_config(model, plan, new_heads)
+    _rewrite_config(model, plan)
     params_after = _num_params(model)
 
     for key, field_name in (
