@@ -131,21 +131,18 @@ def _epilog(text: str) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
-def _data_config(args: argparse.Namespace) -> Any:
+def _text_source(args: argparse.Namespace, source: str | None, flag: str, **extra: Any) -> Any:
+    """A validated DataConfig for the text named by `flag` (None when it was not given)."""
     from .config import DataConfig, validate_dict
 
-    if not args.eval_data:
+    if not source:
         return None
-    return validate_dict(
-        DataConfig,
-        {
-            "source": args.eval_data,
-            "field": args.field,
-            "split_documents": args.split_documents,
-            "add_bos": not args.no_bos,
-        },
-        "--eval-data",
-    )
+    fields = {"source": source, "field": args.field, "split_documents": args.split_documents}
+    return validate_dict(DataConfig, {**fields, **extra}, flag)
+
+
+def _data_config(args: argparse.Namespace) -> Any:
+    return _text_source(args, args.eval_data, "--eval-data", add_bos=not args.no_bos)
 
 
 def _eval_config(args: argparse.Namespace) -> Any:
@@ -227,19 +224,7 @@ def _calibration_settings(args: argparse.Namespace, base: Any = None) -> dict[st
 
 def _calibration_source(args: argparse.Namespace) -> Any:
     """The DataConfig of --calibration-data (validated before any model is loaded), or None."""
-    from .config import DataConfig, validate_dict
-
-    if not args.calibration_data:
-        return None
-    return validate_dict(
-        DataConfig,
-        {
-            "source": args.calibration_data,
-            "field": args.field,
-            "split_documents": args.split_documents,
-        },
-        "--calibration-data",
-    )
+    return _text_source(args, args.calibration_data, "--calibration-data")
 
 
 def _print_json(data: Any) -> None:
@@ -529,7 +514,7 @@ def _local_num_layers(model: str) -> int | None:
 
 def cmd_reduce_layers(args: argparse.Namespace) -> int:
     from .compression.layers import reduce_layers, removal_count
-    from .compression.quantization.api import calibration_samples
+    from .compression.quantization.api import model_calibration_samples
     from .models import check_output_dir
 
     config = _layer_reduction_config(args)
@@ -549,11 +534,8 @@ def cmd_reduce_layers(args: argparse.Namespace) -> int:
     loaded = _load(args, args.model)
     calibration = None
     if data_cfg is not None:
-        calibration = calibration_samples(
-            data_cfg,
-            loaded.tokenizer,
-            config.calibration,
-            max_positions=getattr(loaded.model.config, "max_position_embeddings", None),
+        calibration = model_calibration_samples(
+            loaded.model, data_cfg, loaded.tokenizer, config.calibration
         )
     outcome = reduce_layers(
         loaded.model,
@@ -590,7 +572,7 @@ def cmd_reduce_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .compression.quantization.api import calibration_samples, quantize
+    from .compression.quantization.api import model_calibration_samples, quantize
     from .compression.quantization.base import get_method
     from .models import check_output_dir
 
@@ -604,11 +586,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     loaded = _load(args, args.model)
     calibration = None
     if data_cfg is not None and info.needs_calibration:
-        calibration = calibration_samples(
-            data_cfg,
-            loaded.tokenizer,
-            config.calibration,
-            max_positions=getattr(loaded.model.config, "max_position_embeddings", None),
+        calibration = model_calibration_samples(
+            loaded.model, data_cfg, loaded.tokenizer, config.calibration
         )
     outcome = quantize(
         loaded.model,

@@ -120,7 +120,7 @@ def _run_cast(state: PipelineState, stage: CastConfig) -> StageOutcome:
 
 @register_stage("quantize")
 def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
-    from .compression.quantization.api import calibration_samples, quantize
+    from .compression.quantization.api import model_calibration_samples, quantize
     from .compression.quantization.base import get_method
 
     recipe = state.recipe
@@ -132,11 +132,8 @@ def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
                 f"stage {stage.method!r} needs calibration text: set data.calibration "
                 "(or data.eval) in the recipe"
             )
-        calibration = calibration_samples(
-            source,
-            state.tokenizer,
-            stage.calibration,
-            max_positions=getattr(state.model.config, "max_position_embeddings", None),
+        calibration = model_calibration_samples(
+            state.model, source, state.tokenizer, stage.calibration
         )
     outcome = quantize(
         state.model,
@@ -158,7 +155,7 @@ def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
 @register_stage("reduce_layers")
 def _run_reduce_layers(state: PipelineState, stage: LayerReductionConfig) -> StageOutcome:
     from .compression.layers import reduce_layers
-    from .compression.quantization.api import calibration_samples
+    from .compression.quantization.api import model_calibration_samples
 
     recipe = state.recipe
     source = recipe.data.calibration or recipe.data.eval
@@ -172,11 +169,8 @@ def _run_reduce_layers(state: PipelineState, stage: LayerReductionConfig) -> Sta
     # are chosen by position or index.
     calibration = None
     if source is not None:
-        calibration = calibration_samples(
-            source,
-            state.tokenizer,
-            stage.calibration,
-            max_positions=getattr(state.model.config, "max_position_embeddings", None),
+        calibration = model_calibration_samples(
+            state.model, source, state.tokenizer, stage.calibration
         )
     outcome = reduce_layers(
         state.model,
