@@ -29,6 +29,8 @@ over non-overlapping 512-token windows, the size of the weight files, and batch-
 jobs, so speed is measured *paired*: after one warm-up each, the original (kept loaded) and the
 variant are timed alternately, one run each, ``--speed-repeats`` times; the speedup is the ratio
 of the two medians, and the range over the repeats of the per-pair ratios is in the details.
+*CPU s per run* is the process CPU time of one prefill plus the decode loop (all threads): the
+work done, which other jobs disturb less than the wall clock (spin-waiting threads still count).
 
 Usage::
 
@@ -159,10 +161,11 @@ def apply(variant: Variant, dense: Path, calibration: torch.Tensor, out: Path) -
 def paired_speed(
     original: Any, candidate: Any, args: argparse.Namespace
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Median prefill tok/s and decode ms/token of both models, timed alternately."""
+    """Median prefill tok/s, decode ms/token and CPU seconds per run, timed alternately."""
     from swiss_knife.evaluation.speed import measure_speed
 
-    def once(model: Any, warmup: int) -> tuple[float, float]:
+    def once(model: Any, warmup: int) -> tuple[float, float, float]:
+        cpu = time.process_time()
         batch = measure_speed(
             model,
             batch_sizes=(1,),
@@ -171,15 +174,22 @@ def paired_speed(
             warmup=warmup,
             repeats=1,
         ).batches[0]
-        return batch.prefill_tokens_per_s, batch.decode_per_token.median_ms
+        # CPU seconds of this process (all its threads) for the prefill and the decode loop:
+        # the work done, which other jobs on the machine disturb less than the wall clock.
+        return (
+            batch.prefill_tokens_per_s,
+            batch.decode_per_token.median_ms,
+            time.process_time() - cpu,
+        )
 
     once(original, 1), once(candidate, 1)
     pairs = [(once(original, 0), once(candidate, 0)) for _ in range(args.speed_repeats)]
     result = []
     for side in (0, 1):
-        prefill = torch.tensor([pair[side][0] for pair in pairs]).median().item()
-        decode = torch.tensor([pair[side][1] for pair in pairs]).median().item()
-        result.append({"prefill_tps": prefill, "decode_ms": decode})
+        prefill, decode, cpu = (
+            torch.tensor([pair[side][i] for pair in pairs]).median().item() for i in range(3)
+        )
+        result.append({"prefill_tps": prefill, "decode_ms": decode, "cpu_s": cpu})
     prefill_ratios = [c[0] / o[0] for o, c in pairs]
     decode_ratios = [o[1] / c[1] for o, c in pairs]
     result[1]["prefill_ratio_range"] = (min(prefill_ratios), max(prefill_ratios))
@@ -209,6 +219,7 @@ def measure(
         **ours,
         "original_prefill_tps": base["prefill_tps"],
         "original_decode_ms": base["decode_ms"],
+        "original_cpu_s": base["cpu_s"],
     }
 
 
@@ -262,24 +273,26 @@ def table(rows: list[Row]) -> str:
     base = rows[0].measured
     head = (
         "| Variant | Shape after | Params | Disk MB | Perplexity (×orig) | Prefill tok/s "
-        "(speedup) | Decode ms/token (speedup) | Cut s |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|\n"
+        "(speedup) | Decode ms/token (speedup) | CPU s per run (speedup) | Cut s |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in rows:
         if r.error:
-            lines.append(f"| {r.variant.label} | refused: {r.error} |||||||\n")
+            lines.append(f"| {r.variant.label} | refused: {r.error} ||||||||\n")
             continue
         m = r.measured
         assert r.params is not None
         # Speedups are against the original timed alternately with this very row.
         prefill_x = m["prefill_tps"] / m["original_prefill_tps"]
         decode_x = m["original_decode_ms"] / m["decode_ms"]
+        cpu_x = m["original_cpu_s"] / m["cpu_s"]
         lines.append(
             f"| {r.variant.label} | {r.shape} | {r.params / 1e6:.3f} M "
             f"| {m['disk_bytes'] / 1e6:.2f} | {m['ppl']:.3f} ({m['ppl'] / base['ppl']:.2f}×) "
             f"| {m['prefill_tps']:.0f} ({prefill_x:.2f}×) "
             f"| {m['decode_ms']:.2f} ({decode_x:.2f}×) "
+            f"| {m['cpu_s']:.2f} ({cpu_x:.2f}×) "
             f"| {qbench.fmt(r.seconds, '.1f')} |\n"
         )
     return head + "".join(lines)
@@ -335,14 +348,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-batch-size", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--speed-repeats", type=int, default=None, help="default 7; quick 2")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--speed-repeats", type=int, default=None, help="default 5; quick 2")
+    # One thread by default: on a shared 2-core machine every intra-op barrier of a second
+    # thread waits for whichever thread the scheduler preempted, which made batch-1 decode
+    # ~6x slower and its timings noisy (measured here: 33 vs 5 ms/token on stories260K).
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write every row as JSON")
     parser.add_argument("--no-write", dest="write", action="store_false")
     args = parser.parse_args(argv)
     args.calib_samples = args.calib_samples or (8 if args.quick else 32)
     args.eval_windows = args.eval_windows or (8 if args.quick else 40)
-    args.speed_repeats = args.speed_repeats or (2 if args.quick else 7)
+    args.speed_repeats = args.speed_repeats or (2 if args.quick else 5)
     args.models = args.models or (["stories260k"] if args.quick else ["smollm2", "stories260k"])
     return args
 
