@@ -20,6 +20,7 @@ _EXPORTS = {
     "DataConfig": "config",
     "EvaluationConfig": "config",
     "EvaluateStageConfig": "config",
+    "LayerReductionConfig": "config",
     "ModelSpec": "config",
     "load_config": "config",
     "load_recipe": "config",
@@ -40,6 +41,7 @@ _EXPORTS = {
     "resolve_device": "device",
     "device_info": "device",
     "get_arch": "arch",
+    "reduce_layers": "compression.layers",
     "SwissKnifeError": "errors",
     "UserInputError": "errors",
 }
@@ -51,6 +53,7 @@ __all__ = [
     "EvaluateStageConfig",
     "EvaluationConfig",
     "EvaluationReport",
+    "LayerReductionConfig",
     "LoadedModel",
     "ModelSpec",
     "SwissKnifeError",
@@ -65,6 +68,7 @@ __all__ = [
     "load_recipe",
     "load_token_stream",
     "read_documents",
+    "reduce_layers",
     "register_stage",
     "resolve_device",
     "run_recipe",
@@ -91,12 +95,14 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .arch import get_arch
+    from .compression.layers import reduce_layers
     from .config import (
         CastConfig,
         CompressionConfig,
         DataConfig,
         EvaluateStageConfig,
         EvaluationConfig,
+        LayerReductionConfig,
         ModelSpec,
         load_config,
         load_recipe,

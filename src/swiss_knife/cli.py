@@ -100,6 +100,26 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="random seed (default 0)")
 
 
+def _add_calibration_options(
+    parser: argparse.ArgumentParser, title: str, *, default_samples: int
+) -> None:
+    g = parser.add_argument_group(title)
+    g.add_argument("--calibration-data", metavar="SOURCE", help="text to calibrate on")
+    g.add_argument("--field", default="text", help="text field of structured files")
+    g.add_argument(
+        "--split-documents",
+        choices=["none", "paragraph", "line"],
+        default="none",
+        help="cut plain text into documents",
+    )
+    g.add_argument(
+        "--num-samples", type=int, help=f"calibration windows (default {default_samples})"
+    )
+    g.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
+    g.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    g.add_argument("--calibration-batch-size", type=int, help="windows per forward (default 8)")
+
+
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
@@ -111,21 +131,18 @@ def _epilog(text: str) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
-def _data_config(args: argparse.Namespace) -> Any:
+def _text_source(args: argparse.Namespace, source: str | None, flag: str, **extra: Any) -> Any:
+    """A validated DataConfig for the text named by `flag` (None when it was not given)."""
     from .config import DataConfig, validate_dict
 
-    if not args.eval_data:
+    if not source:
         return None
-    return validate_dict(
-        DataConfig,
-        {
-            "source": args.eval_data,
-            "field": args.field,
-            "split_documents": args.split_documents,
-            "add_bos": not args.no_bos,
-        },
-        "--eval-data",
-    )
+    fields = {"source": source, "field": args.field, "split_documents": args.split_documents}
+    return validate_dict(DataConfig, {**fields, **extra}, flag)
+
+
+def _data_config(args: argparse.Namespace) -> Any:
+    return _text_source(args, args.eval_data, "--eval-data", add_bos=not args.no_bos)
 
 
 def _eval_config(args: argparse.Namespace) -> Any:
@@ -189,6 +206,25 @@ def _load(args: argparse.Namespace, path: str, with_tokenizer: bool = True) -> A
     logger.info("loading %s", path)
     _library_progress(args)
     return load_model(spec, with_tokenizer=with_tokenizer)
+
+
+def _calibration_settings(args: argparse.Namespace, base: Any = None) -> dict[str, Any]:
+    """CalibrationSettings keys from the calibration flags given, over `base` (a config's)."""
+    settings = dict(base or {})
+    for flag, key in (
+        ("num_samples", "num_samples"),
+        ("seq_len", "seq_len"),
+        ("seed", "seed"),
+        ("calibration_batch_size", "batch_size"),
+    ):
+        if getattr(args, flag) is not None:
+            settings[key] = getattr(args, flag)
+    return settings
+
+
+def _calibration_source(args: argparse.Namespace) -> Any:
+    """The DataConfig of --calibration-data (validated before any model is loaded), or None."""
+    return _text_source(args, args.calibration_data, "--calibration-data")
 
 
 def _print_json(data: Any) -> None:
@@ -392,15 +428,7 @@ def _quant_config(args: argparse.Namespace) -> Any:
             raise UserInputError(f"--smoothquant-alpha: {exc}") from None
     if args.bits_override:
         data["bits_overrides"] = {**data.get("bits_overrides", {}), **dict(args.bits_override)}
-    calibration = dict(data.get("calibration") or {})
-    for flag, key in (
-        ("num_samples", "num_samples"),
-        ("seq_len", "seq_len"),
-        ("seed", "seed"),
-        ("calibration_batch_size", "batch_size"),
-    ):
-        if getattr(args, flag) is not None:
-            calibration[key] = getattr(args, flag)
+    calibration = _calibration_settings(args, data.get("calibration"))
     if calibration:
         data["calibration"] = calibration
     try:
@@ -413,37 +441,153 @@ def _quant_config(args: argparse.Namespace) -> Any:
         raise ConfigError(message) from None
 
 
+def _save_compressed(
+    args: argparse.Namespace,
+    loaded: Any,
+    model: Any,
+    out: Path,
+    protect: list[str],
+    *,
+    stage: str,
+    config: Any,
+    steps: list[str],
+    report: dict[str, Any],
+    tags: list[str],
+    label: str,
+    writer: Callable[[Path], None] | None,
+    extra: dict[str, Any] | None = None,
+) -> tuple[Path, int]:
+    """Save a compressed model with its manifest and model card; returns (folder, weight bytes)."""
+    from .config import config_to_dict
+    from .evaluation.size import weight_files
+    from .models import build_manifest, render_model_card, save_model
+
+    manifest = build_manifest(
+        source=args.model,
+        recipe={stage: config_to_dict(config)},
+        timings={stage: report.get("seconds", 0.0)},
+        extra={"steps": steps, **(extra or {}), "stage_report": report},
+    )
+    card = render_model_card(
+        title=f"{Path(args.model).name} ({label}, Swiss Knife)",
+        source=args.model,
+        tags=tags,
+        steps=steps,
+    )
+    saved = save_model(
+        model,
+        out,
+        tokenizer=loaded.tokenizer,
+        overwrite=args.overwrite,
+        protect=protect,
+        manifest=manifest,
+        model_card=card,
+        writer=writer,
+    )
+    return saved, sum(p.stat().st_size for p in weight_files(saved))
+
+
+def _layer_reduction_config(args: argparse.Namespace) -> Any:
+    from .config import LayerReductionConfig, validate_dict
+
+    data: dict[str, Any] = {"selection": args.selection}
+    for flag in ("num_layers_to_remove", "num_layers_to_keep", "layers", "keep_first", "keep_last"):
+        if getattr(args, flag) is not None:
+            data[flag] = getattr(args, flag)
+    calibration = _calibration_settings(args)
+    if calibration:
+        data["calibration"] = calibration
+    return validate_dict(LayerReductionConfig, data, "options")
+
+
+def _local_num_layers(model: str) -> int | None:
+    """The block count from a local model folder's config.json, or None when there is none."""
+    from .arch import num_layers
+
+    config_file = Path(model).expanduser() / "config.json"
+    if not config_file.is_file():
+        return None
+    from transformers import AutoConfig
+
+    return num_layers(AutoConfig.from_pretrained(config_file.parent))
+
+
+def cmd_reduce_layers(args: argparse.Namespace) -> int:
+    from .compression.layers import reduce_layers, removal_count
+    from .compression.quantization.api import model_calibration_samples
+    from .models import check_output_dir
+
+    config = _layer_reduction_config(args)
+    by_importance = config.layers is None and config.selection == "importance"
+    data_cfg = _calibration_source(args)
+    if data_cfg is None and by_importance:
+        raise UserInputError(
+            "--selection importance needs --calibration-data; or use --selection "
+            "last/first/evenly, or --layers"
+        )
+    protect = [args.model] if Path(args.model).expanduser().exists() else []
+    out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
+    total = _local_num_layers(args.model)
+    if total is not None:
+        # Bad indices or counts fail here, before the weights are loaded.
+        removal_count(total, config)
+    loaded = _load(args, args.model)
+    calibration = None
+    if data_cfg is not None:
+        calibration = model_calibration_samples(
+            loaded.model, data_cfg, loaded.tokenizer, config.calibration
+        )
+    outcome = reduce_layers(
+        loaded.model,
+        config,
+        calibration=calibration,
+        device=loaded.device,
+        progress=_progress(args),
+    )
+    report = outcome.report
+    saved, disk = _save_compressed(
+        args,
+        loaded,
+        outcome.model,
+        out,
+        protect,
+        stage="reduce_layers",
+        config=config,
+        steps=outcome.steps,
+        report=report,
+        tags=["layer-reduction"],
+        label=f"{report['num_layers_after']} of {report['num_layers_before']} layers",
+        writer=outcome.writer,
+        extra={"format": "dense"},
+    )
+    if args.json:
+        _print_json({"output_dir": str(saved), "disk_bytes": disk, **report})
+        return 0
+    print(report["importance_table"])
+    print()
+    print("; ".join(outcome.steps))
+    print(f"{disk / 1e6:.2f} MB on disk, {report['seconds']} s")
+    print(f"saved to {saved}")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .compression.quantization.api import calibration_samples, quantize
+    from .compression.quantization.api import model_calibration_samples, quantize
     from .compression.quantization.base import get_method
-    from .config import DataConfig, config_to_dict, validate_dict
-    from .models import build_manifest, check_output_dir, render_model_card, save_model
+    from .models import check_output_dir
 
     config = _quant_config(args)
     info = get_method(config.method)
     protect = [args.model] if Path(args.model).expanduser().exists() else []
     out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
-    data_cfg = None
-    if args.calibration_data:
-        data_cfg = validate_dict(
-            DataConfig,
-            {
-                "source": args.calibration_data,
-                "field": args.field,
-                "split_documents": args.split_documents,
-            },
-            "--calibration-data",
-        )
-    elif info.needs_calibration:
+    data_cfg = _calibration_source(args)
+    if data_cfg is None and info.needs_calibration:
         raise UserInputError(f"method {config.method!r} needs --calibration-data")
     loaded = _load(args, args.model)
     calibration = None
     if data_cfg is not None and info.needs_calibration:
-        calibration = calibration_samples(
-            data_cfg,
-            loaded.tokenizer,
-            config.calibration,
-            max_positions=getattr(loaded.model.config, "max_position_embeddings", None),
+        calibration = model_calibration_samples(
+            loaded.model, data_cfg, loaded.tokenizer, config.calibration
         )
     outcome = quantize(
         loaded.model,
@@ -454,31 +598,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         tokenizer=loaded.tokenizer,
         source_dir=loaded.directory,
     )
-    manifest = build_manifest(
-        source=args.model,
-        recipe={"quantize": config_to_dict(config)},
-        timings={"quantize": outcome.report.get("seconds", 0.0)},
-        extra={"steps": outcome.steps, "format": outcome.format, "stage_report": outcome.report},
-    )
-    card = render_model_card(
-        title=f"{Path(args.model).name} ({config.method}, Swiss Knife)",
-        source=args.model,
-        tags=["quantized", config.method],
-        steps=outcome.steps,
-    )
-    saved = save_model(
+    saved, disk = _save_compressed(
+        args,
+        loaded,
         outcome.model,
         out,
-        tokenizer=loaded.tokenizer,
-        overwrite=args.overwrite,
-        protect=protect,
-        manifest=manifest,
-        model_card=card,
+        protect,
+        stage="quantize",
+        config=config,
+        steps=outcome.steps,
+        report=outcome.report,
+        tags=["quantized", config.method],
+        label=config.method,
         writer=outcome.writer,
+        extra={"format": outcome.format},
     )
-    from .evaluation.size import weight_files
-
-    disk = sum(p.stat().st_size for p in weight_files(saved))
     summary = {
         "output_dir": str(saved),
         "method": config.method,
@@ -728,19 +862,44 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("targets")
     g.add_argument("--targets", type=_comma_strings, help="patterns to quantize (default Linear)")
     g.add_argument("--ignore", type=_comma_strings, help="patterns to skip (default lm_head)")
-    g = p.add_argument_group("calibration (gptq, awq, static)")
-    g.add_argument("--calibration-data", metavar="SOURCE", help="text to calibrate on")
-    g.add_argument("--field", default="text", help="text field of structured files")
-    g.add_argument(
-        "--split-documents",
-        choices=["none", "paragraph", "line"],
-        default="none",
-        help="cut plain text into documents",
+    _add_calibration_options(p, "calibration (gptq, awq, static)", default_samples=128)
+    _add_model_options(p)
+    _add_output_options(p)
+
+    p = add(
+        "reduce-layers",
+        cmd_reduce_layers,
+        "Remove whole transformer blocks (by ShortGPT block influence, index or position).",
+        """
+        swiss-knife reduce-layers ./model --num-layers-to-remove 8 \\
+            --calibration-data wiki.train.txt --num-samples 32 --output-dir ./model-22l
+        swiss-knife reduce-layers ./model --num-layers-to-keep 24 --selection last \\
+            --output-dir ./model-24l
+        swiss-knife reduce-layers ./model --layers 3,5,-2 --keep-last 0 --output-dir ./model-cut
+        """,
     )
-    g.add_argument("--num-samples", type=int, help="calibration windows (default 128)")
-    g.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
-    g.add_argument("--seed", type=int, help="sampling seed (default 0)")
-    g.add_argument("--calibration-batch-size", type=int, help="windows per forward (default 8)")
+    p.add_argument("model", help="hub id, local directory or .gguf file")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--num-layers-to-remove", type=int, metavar="K", help="remove K blocks")
+    target.add_argument("--num-layers-to-keep", type=int, metavar="N", help="keep N blocks")
+    target.add_argument(
+        "--layers",
+        type=_comma_ints,
+        metavar="I,J",
+        help="remove exactly these block indices (negative counts from the end)",
+    )
+    p.add_argument(
+        "--selection",
+        choices=["importance", "last", "first", "evenly"],
+        default="importance",
+        help="which blocks K/N remove: lowest block influence on the calibration text "
+        "(default), or by position",
+    )
+    p.add_argument("--keep-first", type=int, help="never remove the first N blocks (default 1)")
+    p.add_argument("--keep-last", type=int, help="never remove the last N blocks (default 1)")
+    p.add_argument("--output-dir", required=True, help="where the reduced checkpoint goes")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+    _add_calibration_options(p, "calibration (selection importance)", default_samples=32)
     _add_model_options(p)
     _add_output_options(p)
 

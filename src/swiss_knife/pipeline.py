@@ -35,6 +35,7 @@ from .config import (
     CompressionConfig,
     EvaluateStageConfig,
     EvaluationConfig,
+    LayerReductionConfig,
     config_to_dict,
     stage_name,
 )
@@ -119,7 +120,7 @@ def _run_cast(state: PipelineState, stage: CastConfig) -> StageOutcome:
 
 @register_stage("quantize")
 def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
-    from .compression.quantization.api import calibration_samples, quantize
+    from .compression.quantization.api import model_calibration_samples, quantize
     from .compression.quantization.base import get_method
 
     recipe = state.recipe
@@ -131,11 +132,8 @@ def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
                 f"stage {stage.method!r} needs calibration text: set data.calibration "
                 "(or data.eval) in the recipe"
             )
-        calibration = calibration_samples(
-            source,
-            state.tokenizer,
-            stage.calibration,
-            max_positions=getattr(state.model.config, "max_position_embeddings", None),
+        calibration = model_calibration_samples(
+            state.model, source, state.tokenizer, stage.calibration
         )
     outcome = quantize(
         state.model,
@@ -152,6 +150,38 @@ def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
         info={"format": outcome.format, **outcome.report},
         writer=outcome.writer,
     )
+
+
+@register_stage("reduce_layers")
+def _run_reduce_layers(state: PipelineState, stage: LayerReductionConfig) -> StageOutcome:
+    from .compression.layers import reduce_layers
+    from .compression.quantization.api import model_calibration_samples
+
+    recipe = state.recipe
+    source = recipe.data.calibration or recipe.data.eval
+    needs_data = stage.layers is None and stage.selection == "importance"
+    if needs_data and source is None:
+        raise ConfigError(
+            "stage reduce_layers with selection 'importance' needs calibration text: set "
+            "data.calibration (or data.eval) in the recipe, or use selection last/first/evenly"
+        )
+    # With text available the block importance is measured for the table even when the blocks
+    # are chosen by position or index.
+    calibration = None
+    if source is not None:
+        calibration = model_calibration_samples(
+            state.model, source, state.tokenizer, stage.calibration
+        )
+    outcome = reduce_layers(
+        state.model,
+        stage,
+        calibration=calibration,
+        device=state.loaded.device,
+        progress=state.progress,
+    )
+    state.model = outcome.model
+    logger.info("block importance:\n%s", outcome.report["importance_table"])
+    return StageOutcome(True, outcome.steps, info=outcome.report)
 
 
 @register_stage("evaluate")
