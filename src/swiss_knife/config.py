@@ -418,6 +418,16 @@ class MagnitudePruneConfig(_UnstructuredPruneConfig):
         default="layer", description="Rank weights within each layer or across all targets."
     )
 
+    @model_validator(mode="after")
+    def _global_is_unstructured(self) -> MagnitudePruneConfig:
+        if self.scope == "global" and (self.pattern is not None or self.allocation != "uniform"):
+            chosen = f"pattern {self.pattern}" if self.pattern else f"allocation {self.allocation}"
+            raise ValueError(
+                f"scope 'global' lets one ranking across all layers decide each layer's sparsity, "
+                f"which {chosen} would override; use scope 'layer' with it"
+            )
+        return self
+
 
 class _CalibratedPruneConfig(_UnstructuredPruneConfig):
     """Methods that prune each block from its calibration activations, block after block."""

@@ -45,11 +45,22 @@ def prune(
         raise UserInputError(
             f"the model is quantized ({already}); prune the float checkpoint, then quantize"
         )
-    needs = info.needs_calibration or getattr(config, "importance", None) == "activation"
+    # OWL's allocation reads activations whatever the criterion, magnitude included.
+    needs = (
+        info.needs_calibration
+        or getattr(config, "importance", None) == "activation"
+        or getattr(config, "allocation", None) == "owl"
+    )
     if needs:
         if calibration is None:
+            if info.needs_calibration:
+                why = f"method {method!r}"
+            elif getattr(config, "allocation", None) == "owl":
+                why = "allocation 'owl' (it ranks layers by activation outliers)"
+            else:
+                why = "importance 'activation'"
             raise UserInputError(
-                f"method {method!r} needs calibration data: pass --calibration-data "
+                f"{why} needs calibration data: pass --calibration-data "
                 "(or data.calibration in a recipe)"
             )
         if calibration.dtype != torch.long or calibration.dim() != 2 or calibration.numel() == 0:

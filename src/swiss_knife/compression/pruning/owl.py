@@ -26,6 +26,7 @@ calibration engine: one forward and one replay per block).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -93,4 +94,30 @@ def owl_sparsities(
     return [float(x) for x in result]
 
 
-__all__ = ["outlier_ratio", "owl_sparsities"]
+def round_to_grid(
+    sparsities: Sequence[float], sizes: Sequence[int], steps: Sequence[int], target: float
+) -> list[float]:
+    """Snap each layer's sparsity to a multiple of ``1 / steps_l`` so the layers together prune
+    as close as possible to ``round(target x sum(sizes))`` weights.
+
+    ``steps_l`` is how finely layer ``l``'s selection can prune: its input width for a per-row
+    selection (Wanda prunes the same count in every row), its size for a per-layer one. Each
+    layer's sparsity is floored to its grid, then layers with the largest remainders take one
+    more grid step while that brings the total closer to the target, so no layer moves by a
+    full step.
+    """
+    if not len(sparsities) == len(sizes) == len(steps):
+        raise ValueError("need one size and one step per sparsity")
+    goal = math.floor(target * sum(sizes) + 0.5)
+    units = [math.floor(s * step + 1e-9) for s, step in zip(sparsities, steps, strict=True)]
+    pruned = sum(u * size // step for u, size, step in zip(units, sizes, steps, strict=True))
+    remainders = [s * step - u for s, step, u in zip(sparsities, steps, units, strict=True)]
+    for index in sorted(range(len(units)), key=lambda i: -remainders[i]):
+        gain = sizes[index] // steps[index]
+        if units[index] + 1 < steps[index] and abs(pruned + gain - goal) < abs(pruned - goal):
+            units[index] += 1
+            pruned += gain
+    return [u / step for u, step in zip(units, steps, strict=True)]
+
+
+__all__ = ["outlier_ratio", "owl_sparsities", "round_to_grid"]

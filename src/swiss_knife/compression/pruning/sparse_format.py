@@ -237,7 +237,7 @@ def load_sparse_bitmask(directory: str | Path, **kwargs: Any) -> Any:
     state = decompressed_state_dict(directory)
     try:
         # The concrete class: the Auto class refuses a state dict without a path to read.
-        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+        model_class: Any = AutoModelForCausalLM._model_mapping[type(config)]
     except KeyError:
         raise ModelLoadError(
             f"{directory}: transformers has no causal LM class for {config.model_type!r}"
