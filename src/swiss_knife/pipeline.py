@@ -154,6 +154,55 @@ def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
     )
 
 
+@register_stage("prune")
+def _run_prune(state: PipelineState, stage: Any) -> StageOutcome:
+    from .compression.pruning import prune
+    from .compression.pruning.api import calibration_reason
+    from .compression.quantization.api import calibration_samples
+
+    recipe = state.recipe
+    calibration = None
+    reason = calibration_reason(stage)
+    if reason is not None:
+        source = recipe.data.calibration or recipe.data.eval
+        if source is None:
+            raise ConfigError(
+                f"stage {stage.method!r}: {reason} needs calibration text: set "
+                "data.calibration (or data.eval) in the recipe"
+            )
+        calibration = calibration_samples(
+            source,
+            state.tokenizer,
+            stage.calibration,
+            max_positions=getattr(state.model.config, "max_position_embeddings", None),
+        )
+    train_tokens = None
+    if getattr(stage, "schedule", None) is not None:
+        # Fine-tuning reads the calibration text, never the evaluation text it is scored on.
+        if recipe.data.calibration is None:
+            raise ConfigError(
+                f"stage {stage.method!r} prunes gradually and fine-tunes between steps: set "
+                "data.calibration in the recipe to the text to train on"
+            )
+        train_tokens = load_token_stream(recipe.data.calibration, state.tokenizer)
+    outcome = prune(
+        state.model,
+        stage,
+        calibration=calibration,
+        device=state.loaded.device,
+        progress=state.progress,
+        tokenizer=state.tokenizer,
+        train_tokens=train_tokens,
+    )
+    state.model = outcome.model
+    return StageOutcome(
+        True,
+        outcome.steps,
+        info={"format": outcome.format, **outcome.report},
+        writer=outcome.writer,
+    )
+
+
 @register_stage("evaluate")
 def _run_evaluate(state: PipelineState, stage: EvaluateStageConfig) -> StageOutcome:
     return StageOutcome(False, ["evaluated"])
