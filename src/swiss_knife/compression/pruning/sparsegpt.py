@@ -82,7 +82,8 @@ def sparsegpt_prune(
             raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
         check_nm_shape(in_features, m)
         block_size = max(m, block_size // m * m)
-    W = W.detach().to(torch.float32, copy=True)  # (out, in)
+    # A contiguous copy: GPT-2's Conv1D weights arrive as a transposed view.
+    W = W.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # (out, in)
     H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)  # (in, in)
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
@@ -97,7 +98,7 @@ def sparsegpt_prune(
         W1 = W[:, i1:i2].clone()  # (out, B)
         U1 = U[i1:i2, i1:i2]  # (B, B)
         d = torch.diagonal(U1)  # (B,)
-        keep1 = torch.ones_like(W1, dtype=torch.bool)  # (out, B)
+        keep1 = torch.ones(W1.shape, dtype=torch.bool, device=W.device)  # (out, B)
         if nm is None:
             # This block's share of the layer's count: differences of the cumulative counts,
             # so the blocks add up to exactly `total`.
