@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import typing
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +52,7 @@ CONFIGS = {
     "sparsegpt": SparseGPTPruneConfig,
 }
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    # Tiny matmuls on a shared 2-core machine are dominated by thread hand-off (see test_arch).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def calibration(num: int = 4, length: int = 32, seed: int = 1) -> torch.Tensor:

@@ -360,11 +360,9 @@ _QUANT_SWITCHES = (
 )
 
 
-def _quant_config(args: argparse.Namespace) -> Any:
-    from pydantic import TypeAdapter, ValidationError
-
-    from .config import QuantizeConfig, format_validation_error, read_config_file
-    from .errors import ConfigError
+def _stage_data(args: argparse.Namespace, stage_type: str) -> dict[str, Any]:
+    """The --config file's mapping (if any), with the stage type and --method applied."""
+    from .config import read_config_file
 
     data: dict[str, Any] = {}
     if args.config:
@@ -372,11 +370,96 @@ def _quant_config(args: argparse.Namespace) -> Any:
         if not isinstance(loaded, dict):
             raise UserInputError(f"{args.config}: expected a mapping")
         data = loaded
-    data["type"] = "quantize"
+    data["type"] = stage_type
     if args.method:
         data["method"] = args.method
     if "method" not in data:
         raise UserInputError("give --method (or method: in --config)")
+    return data
+
+
+def _add_calibration_flags(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    calibration = dict(data.get("calibration") or {})
+    for flag, key in (
+        ("num_samples", "num_samples"),
+        ("seq_len", "seq_len"),
+        ("seed", "seed"),
+        ("calibration_batch_size", "batch_size"),
+    ):
+        if getattr(args, flag) is not None:
+            calibration[key] = getattr(args, flag)
+    if calibration:
+        data["calibration"] = calibration
+
+
+def _validate_stage(union: Any, data: dict[str, Any], args: argparse.Namespace) -> Any:
+    from pydantic import TypeAdapter, ValidationError
+
+    from .config import CompressionConfig, format_validation_error
+
+    try:
+        return TypeAdapter(union).validate_python(data)
+    except ValidationError as exc:
+        # Report paths as the user wrote them (flags map to these keys).
+        message = format_validation_error(exc, CompressionConfig, args.config or "options")
+        raise ConfigError(message) from None
+
+
+def _calibration_data(args: argparse.Namespace, source: str, flag: str) -> Any:
+    from .config import DataConfig, validate_dict
+
+    return validate_dict(
+        DataConfig,
+        {"source": source, "field": args.field, "split_documents": args.split_documents},
+        flag,
+    )
+
+
+def _save_outcome(
+    args: argparse.Namespace,
+    outcome: Any,
+    loaded: Any,
+    out: Path,
+    protect: list[str],
+    *,
+    verb: str,
+    config: Any,
+    tags: list[str],
+) -> tuple[Path, int]:
+    """Save a quantize/prune outcome with its manifest and model card; (folder, weight bytes)."""
+    from .config import config_to_dict
+    from .evaluation.size import weight_files
+    from .models import build_manifest, render_model_card, save_model
+
+    manifest = build_manifest(
+        source=args.model,
+        recipe={verb: config_to_dict(config)},
+        timings={verb: outcome.report.get("seconds", 0.0)},
+        extra={"steps": outcome.steps, "format": outcome.format, "stage_report": outcome.report},
+    )
+    card = render_model_card(
+        title=f"{Path(args.model).name} ({' '.join(tags[1:])}, Swiss Knife)",
+        source=args.model,
+        tags=tags,
+        steps=outcome.steps,
+    )
+    saved = save_model(
+        outcome.model,
+        out,
+        tokenizer=loaded.tokenizer,
+        overwrite=args.overwrite,
+        protect=protect,
+        manifest=manifest,
+        model_card=card,
+        writer=outcome.writer,
+    )
+    return saved, sum(p.stat().st_size for p in weight_files(saved))
+
+
+def _quant_config(args: argparse.Namespace) -> Any:
+    from .config import QuantizeConfig
+
+    data = _stage_data(args, "quantize")
     for flag, key in _QUANT_FLAGS:
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
@@ -392,32 +475,14 @@ def _quant_config(args: argparse.Namespace) -> Any:
             raise UserInputError(f"--smoothquant-alpha: {exc}") from None
     if args.bits_override:
         data["bits_overrides"] = {**data.get("bits_overrides", {}), **dict(args.bits_override)}
-    calibration = dict(data.get("calibration") or {})
-    for flag, key in (
-        ("num_samples", "num_samples"),
-        ("seq_len", "seq_len"),
-        ("seed", "seed"),
-        ("calibration_batch_size", "batch_size"),
-    ):
-        if getattr(args, flag) is not None:
-            calibration[key] = getattr(args, flag)
-    if calibration:
-        data["calibration"] = calibration
-    try:
-        return TypeAdapter(QuantizeConfig).validate_python(data)
-    except ValidationError as exc:
-        from .config import CompressionConfig
-
-        # Report paths as the user wrote them (flags map to these keys).
-        message = format_validation_error(exc, CompressionConfig, args.config or "options")
-        raise ConfigError(message) from None
+    _add_calibration_flags(args, data)
+    return _validate_stage(QuantizeConfig, data, args)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from .compression.quantization.api import calibration_samples, quantize
     from .compression.quantization.base import get_method
-    from .config import DataConfig, config_to_dict, validate_dict
-    from .models import build_manifest, check_output_dir, render_model_card, save_model
+    from .models import check_output_dir
 
     config = _quant_config(args)
     info = get_method(config.method)
@@ -425,15 +490,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
     data_cfg = None
     if args.calibration_data:
-        data_cfg = validate_dict(
-            DataConfig,
-            {
-                "source": args.calibration_data,
-                "field": args.field,
-                "split_documents": args.split_documents,
-            },
-            "--calibration-data",
-        )
+        data_cfg = _calibration_data(args, args.calibration_data, "--calibration-data")
     elif info.needs_calibration:
         raise UserInputError(f"method {config.method!r} needs --calibration-data")
     loaded = _load(args, args.model)
@@ -454,31 +511,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         tokenizer=loaded.tokenizer,
         source_dir=loaded.directory,
     )
-    manifest = build_manifest(
-        source=args.model,
-        recipe={"quantize": config_to_dict(config)},
-        timings={"quantize": outcome.report.get("seconds", 0.0)},
-        extra={"steps": outcome.steps, "format": outcome.format, "stage_report": outcome.report},
-    )
-    card = render_model_card(
-        title=f"{Path(args.model).name} ({config.method}, Swiss Knife)",
-        source=args.model,
-        tags=["quantized", config.method],
-        steps=outcome.steps,
-    )
-    saved = save_model(
-        outcome.model,
+    saved, disk = _save_outcome(
+        args,
+        outcome,
+        loaded,
         out,
-        tokenizer=loaded.tokenizer,
-        overwrite=args.overwrite,
-        protect=protect,
-        manifest=manifest,
-        model_card=card,
-        writer=outcome.writer,
+        protect,
+        verb="quantize",
+        config=config,
+        tags=["quantized", config.method],
     )
-    from .evaluation.size import weight_files
-
-    disk = sum(p.stat().st_size for p in weight_files(saved))
     summary = {
         "output_dir": str(saved),
         "method": config.method,
@@ -550,21 +592,9 @@ _SCHEDULE_FLAGS = (
 
 
 def _prune_config(args: argparse.Namespace) -> Any:
-    from pydantic import TypeAdapter, ValidationError
+    from .config import PruneConfig
 
-    from .config import CompressionConfig, PruneConfig, format_validation_error, read_config_file
-
-    data: dict[str, Any] = {}
-    if args.config:
-        loaded = read_config_file(args.config)
-        if not isinstance(loaded, dict):
-            raise UserInputError(f"{args.config}: expected a mapping")
-        data = loaded
-    data["type"] = "prune"
-    if args.method:
-        data["method"] = args.method
-    if "method" not in data:
-        raise UserInputError("give --method (or method: in --config)")
+    data = _stage_data(args, "prune")
     for flag, key in _PRUNE_FLAGS:
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
@@ -583,22 +613,8 @@ def _prune_config(args: argparse.Namespace) -> Any:
         schedule["seed"] = args.seed
     if schedule:
         data["schedule"] = schedule
-    calibration = dict(data.get("calibration") or {})
-    for flag, key in (
-        ("num_samples", "num_samples"),
-        ("seq_len", "seq_len"),
-        ("seed", "seed"),
-        ("calibration_batch_size", "batch_size"),
-    ):
-        if getattr(args, flag) is not None:
-            calibration[key] = getattr(args, flag)
-    if calibration:
-        data["calibration"] = calibration
-    try:
-        return TypeAdapter(PruneConfig).validate_python(data)
-    except ValidationError as exc:
-        message = format_validation_error(exc, CompressionConfig, args.config or "options")
-        raise ConfigError(message) from None
+    _add_calibration_flags(args, data)
+    return _validate_stage(PruneConfig, data, args)
 
 
 def _check_prunable_dir(path: str) -> None:
@@ -628,26 +644,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .compression.pruning import prune
     from .compression.pruning.api import calibration_reason
     from .compression.quantization.api import calibration_samples
-    from .config import DataConfig, config_to_dict, validate_dict
     from .data import load_token_stream
-    from .models import build_manifest, check_output_dir, render_model_card, save_model
+    from .models import check_output_dir
 
     config = _prune_config(args)
     reason = calibration_reason(config)
     schedule = getattr(config, "schedule", None)
     protect = [args.model] if Path(args.model).expanduser().exists() else []
     out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
-
-    def data_config(source: str, flag: str) -> Any:
-        return validate_dict(
-            DataConfig,
-            {"source": source, "field": args.field, "split_documents": args.split_documents},
-            flag,
-        )
-
     calib_cfg = None
     if args.calibration_data:
-        calib_cfg = data_config(args.calibration_data, "--calibration-data")
+        calib_cfg = _calibration_data(args, args.calibration_data, "--calibration-data")
     elif reason is not None:
         raise UserInputError(f"{reason} needs --calibration-data")
     train_source = args.train_data or args.calibration_data
@@ -656,7 +663,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "a gradual schedule fine-tunes between steps and needs --train-data "
             "(or --calibration-data)"
         )
-    train_cfg = data_config(train_source, "--train-data") if schedule is not None else None
+    train_cfg = _calibration_data(args, train_source, "--train-data") if schedule else None
     _check_prunable_dir(args.model)
     loaded = _load(args, args.model)
     max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
@@ -676,31 +683,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         train_tokens=train_tokens,
     )
     report = outcome.report
-    manifest = build_manifest(
-        source=args.model,
-        recipe={"prune": config_to_dict(config)},
-        timings={"prune": report.get("seconds", 0.0)},
-        extra={"steps": outcome.steps, "format": outcome.format, "stage_report": report},
-    )
-    card = render_model_card(
-        title=f"{Path(args.model).name} ({config.method} pruned, Swiss Knife)",
-        source=args.model,
-        tags=["pruned", config.method],
-        steps=outcome.steps,
-    )
-    saved = save_model(
-        outcome.model,
+    saved, disk = _save_outcome(
+        args,
+        outcome,
+        loaded,
         out,
-        tokenizer=loaded.tokenizer,
-        overwrite=args.overwrite,
-        protect=protect,
-        manifest=manifest,
-        model_card=card,
-        writer=outcome.writer,
+        protect,
+        verb="prune",
+        config=config,
+        tags=["pruned", config.method],
     )
-    from .evaluation.size import weight_files
-
-    disk = sum(p.stat().st_size for p in weight_files(saved))
     worst = report.get("sensitivity", [])[: args.show_layers]
     summary = {
         "output_dir": str(saved),

@@ -117,34 +117,28 @@ def _run_cast(state: PipelineState, stage: CastConfig) -> StageOutcome:
     return StageOutcome(True, [f"cast weights from {before} to {stage.dtype}"])
 
 
-@register_stage("quantize")
-def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
-    from .compression.quantization.api import calibration_samples, quantize
-    from .compression.quantization.base import get_method
+def _stage_calibration(state: PipelineState, stage: Any, reason: str | None) -> Any:
+    """The stage's calibration windows from data.calibration (or data.eval), or None when
+    `reason` (why the stage needs them) is None."""
+    from .compression.quantization.api import calibration_samples
 
-    recipe = state.recipe
-    calibration = None
-    if get_method(stage.method).needs_calibration:
-        source = recipe.data.calibration or recipe.data.eval
-        if source is None:
-            raise ConfigError(
-                f"stage {stage.method!r} needs calibration text: set data.calibration "
-                "(or data.eval) in the recipe"
-            )
-        calibration = calibration_samples(
-            source,
-            state.tokenizer,
-            stage.calibration,
-            max_positions=getattr(state.model.config, "max_position_embeddings", None),
+    if reason is None:
+        return None
+    source = state.recipe.data.calibration or state.recipe.data.eval
+    if source is None:
+        raise ConfigError(
+            f"stage {stage.method!r}: {reason} needs calibration text: set data.calibration "
+            "(or data.eval) in the recipe"
         )
-    outcome = quantize(
-        state.model,
-        stage,
-        calibration=calibration,
-        device=state.loaded.device,
-        progress=state.progress,
-        tokenizer=state.tokenizer,
+    return calibration_samples(
+        source,
+        state.tokenizer,
+        stage.calibration,
+        max_positions=getattr(state.model.config, "max_position_embeddings", None),
     )
+
+
+def _stage_outcome(state: PipelineState, outcome: Any) -> StageOutcome:
     state.model = outcome.model
     return StageOutcome(
         True,
@@ -154,28 +148,31 @@ def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
     )
 
 
+@register_stage("quantize")
+def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
+    from .compression.quantization.api import quantize
+    from .compression.quantization.base import get_method
+
+    needs = get_method(stage.method).needs_calibration
+    calibration = _stage_calibration(state, stage, f"method {stage.method!r}" if needs else None)
+    outcome = quantize(
+        state.model,
+        stage,
+        calibration=calibration,
+        device=state.loaded.device,
+        progress=state.progress,
+        tokenizer=state.tokenizer,
+    )
+    return _stage_outcome(state, outcome)
+
+
 @register_stage("prune")
 def _run_prune(state: PipelineState, stage: Any) -> StageOutcome:
     from .compression.pruning import prune
     from .compression.pruning.api import calibration_reason
-    from .compression.quantization.api import calibration_samples
 
     recipe = state.recipe
-    calibration = None
-    reason = calibration_reason(stage)
-    if reason is not None:
-        source = recipe.data.calibration or recipe.data.eval
-        if source is None:
-            raise ConfigError(
-                f"stage {stage.method!r}: {reason} needs calibration text: set "
-                "data.calibration (or data.eval) in the recipe"
-            )
-        calibration = calibration_samples(
-            source,
-            state.tokenizer,
-            stage.calibration,
-            max_positions=getattr(state.model.config, "max_position_embeddings", None),
-        )
+    calibration = _stage_calibration(state, stage, calibration_reason(stage))
     train_tokens = None
     if getattr(stage, "schedule", None) is not None:
         # Fine-tuning reads the calibration text, never the evaluation text it is scored on.
@@ -194,13 +191,7 @@ def _run_prune(state: PipelineState, stage: Any) -> StageOutcome:
         tokenizer=state.tokenizer,
         train_tokens=train_tokens,
     )
-    state.model = outcome.model
-    return StageOutcome(
-        True,
-        outcome.steps,
-        info={"format": outcome.format, **outcome.report},
-        writer=outcome.writer,
-    )
+    return _stage_outcome(state, outcome)
 
 
 @register_stage("evaluate")

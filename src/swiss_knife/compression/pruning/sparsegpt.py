@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from swiss_knife.compression.pruning.masks import check_nm_shape, prune_count
+from swiss_knife.compression.pruning.masks import check_nm_shape, prune_count, prune_smallest
 from swiss_knife.compression.quantization.gptq import inverse_cholesky_upper
 from swiss_knife.errors import UserInputError
 
@@ -107,9 +107,7 @@ def sparsegpt_prune(
                 out_features * i1, sparsity
             )
             saliency = (W1.square() / d.square().unsqueeze(0)).reshape(-1)  # (out * B,)
-            if count > 0:
-                order = torch.sort(saliency, stable=True).indices
-                keep1.view(-1)[order[:count]] = False
+            keep1 = prune_smallest(saliency, count).reshape(W1.shape)
         Err1 = torch.empty_like(W1)  # (out, B)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:

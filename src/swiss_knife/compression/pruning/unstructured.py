@@ -36,8 +36,8 @@ from ...calibration import (
     BlockCalibrator,
     BlockContext,
     CalibrationReport,
-    ChannelNormObserver,
     HessianObserver,
+    accumulate_channel_sq_norm,
     run_calibration,
     sequential_groups,
 )
@@ -142,6 +142,30 @@ def _block_of(names: Mapping[str, nn.Module], model: nn.Module) -> dict[str, int
 # ------------------------------------------------------------------------------- observers
 
 
+class SquaredNormObserver:
+    """Wanda's statistic alone: the sum over tokens of x^2 per input channel, (in,) float32.
+
+    (`calibration.ChannelNormObserver` also keeps AWQ's mean |x|, which Wanda does not need.)
+    """
+
+    def __init__(self) -> None:
+        self._sq_norm: Tensor | None = None
+        self.count = 0
+
+    def update(self, inp: Tensor) -> None:
+        """Fold in inputs of shape (tokens, in_features)."""
+        if self._sq_norm is None:
+            self._sq_norm = torch.zeros(inp.shape[-1], dtype=torch.float32, device=inp.device)
+        self._sq_norm, self.count = accumulate_channel_sq_norm(self._sq_norm, self.count, inp)
+
+    @property
+    def l2_norm(self) -> Tensor:
+        """||X_j||_2 per input channel, (in,)."""
+        if self._sq_norm is None:
+            raise RuntimeError("SquaredNormObserver has seen no inputs")
+        return self._sq_norm.sqrt()
+
+
 class _SharedObservers:
     """One observer per distinct input: linears fed the same tensor (q/k/v, gate/up) share it.
 
@@ -189,7 +213,7 @@ class _OutlierCalibrator(BlockCalibrator):
     def __init__(self, targets: Mapping[str, nn.Module], threshold: float) -> None:
         self.targets = targets
         self.threshold = threshold
-        self.observers = _SharedObservers(ChannelNormObserver)
+        self.observers = _SharedObservers(SquaredNormObserver)
         self.scores: list[Tensor] = []
         self.ratios: dict[int, float] = {}
 
@@ -227,7 +251,7 @@ class _PruneCalibrator(BlockCalibrator):
         self.nm = nm
         self.prior = prior
         sparsegpt = isinstance(config, SparseGPTPruneConfig)
-        self.observers = _SharedObservers(HessianObserver if sparsegpt else ChannelNormObserver)
+        self.observers = _SharedObservers(HessianObserver if sparsegpt else SquaredNormObserver)
         self.keep: Masks = {}
 
     def groups(self, ctx: BlockContext) -> list[list[str]]:
@@ -257,7 +281,7 @@ class _PruneCalibrator(BlockCalibrator):
             pruned = W * keep
         store(module, pruned)
         self.keep[name] = keep.cpu()
-        metrics["sparsity"] = 1.0 - float(keep.float().mean())
+        metrics["sparsity"] = int((~keep).sum()) / keep.numel()
         return metrics
 
     def _prior(self, name: str) -> Tensor | None:
