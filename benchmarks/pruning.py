@@ -532,7 +532,9 @@ def table(rows: list[Row]) -> str:
     lines = []
     for r in rows:
         if r.error:
-            lines.append(f"| {r.variant.label} | {r.variant.tool} | {r.error} ||||||||\n")
+            lines.append(
+                f"| {r.variant.label} | {r.variant.tool} | {short_error(r.error)} ||||||||\n"
+            )
             continue
         assert r.ppl and r.disk_bytes
         change = "—" if r is base else f"{(r.ppl / base.ppl - 1) * 100:+.1f} %"
@@ -541,13 +543,35 @@ def table(rows: list[Row]) -> str:
         if r.sparse_bytes is not None:
             sparse_cell = f"{r.sparse_bytes / 1e6:.1f}" + ("" if r.sparse_exact else " (MISMATCH)")
         lines.append(
-            f"| {r.variant.label} | {r.variant.tool} | {fmt(r.sparsity, '.1%')} | {r.ppl:.3f} "
+            f"| {r.variant.label} | {r.variant.tool} | {fmt(r.sparsity, '.2%')} | {r.ppl:.3f} "
             f"| {change} | {prune_cell} "
             f"| {fmt(None if r.peak_rss is None else r.peak_rss / 2**30, '.2f')} "
             f"| {r.disk_bytes / 1e6:.1f} | {sparse_cell} "
             f"| {speed_cells(r, base)} |\n"
         )
     return head + "".join(lines)
+
+
+KNOWN_FAILURES = {
+    "Cannot invoke event before initializing": (
+        "llm-compressor 0.14's OWL (`sparsity_profile='owl'`) fails before pruning: its "
+        "outlier pre-pass runs the calibration pipeline from inside the modifier's "
+        "initialisation, which fires lifecycle events the session refuses before it is "
+        "initialised (ValueError: Cannot invoke event before initializing)."
+    ),
+}
+
+
+def short_error(error: str) -> str:
+    """The last line of a worker's error (the full text is in the JSON output and the log)."""
+    last = error.split(" / ")[-1].split(" (log: ")[0]
+    return f"failed: {last}" if last != error else error[:200]
+
+
+def notes(rows: list[Row]) -> list[str]:
+    """Footnotes explaining the failures seen before."""
+    seen = {key for r in rows if r.error for key in KNOWN_FAILURES if key in r.error}
+    return [f"- {KNOWN_FAILURES[key]}" for key in sorted(seen)]
 
 
 def speed_cells(row: Row, base: Row) -> str:
@@ -579,6 +603,7 @@ def case_section(case: Case, rows: list[Row], prepared: Prepared, params: int) -
             if r.load is not None
         )
         + ".",
+        *notes(rows),
         "",
         "Floors:",
         "",

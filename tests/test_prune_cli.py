@@ -232,3 +232,36 @@ def test_gradual_stage_needs_calibration_text_to_train_on(
     )
     with pytest.raises(ConfigError, match=r"data\.calibration"):
         run_recipe(recipe, tmp_path / "run", progress=False)
+
+
+def test_structured_flags_build_the_structured_config() -> None:
+    # The structured method lives in its own module; the command line only builds its config.
+    from swiss_knife.config import StructuredPruneConfig
+
+    args = cli.build_parser().parse_args(
+        [
+            "prune",
+            "model",
+            "--method",
+            "structured",
+            "--mlp-ratio",
+            "0.3",
+            "--head-ratio",
+            "0.25",
+            "--hidden-ratio",
+            "0.1",
+            "--importance",
+            "magnitude",
+            "--round-to",
+            "8",
+            "--num-samples",
+            "16",
+            "--output-dir",
+            "out",
+        ]
+    )
+    config = cli._prune_config(args)
+    assert isinstance(config, StructuredPruneConfig)
+    assert (config.mlp_ratio, config.head_ratio, config.hidden_ratio) == (0.3, 0.25, 0.1)
+    assert config.importance == "magnitude" and config.round_to == 8
+    assert config.calibration.num_samples == 16

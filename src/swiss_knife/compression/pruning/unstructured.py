@@ -49,6 +49,7 @@ from ...config import (
 )
 from ...errors import UserInputError
 from ...targeting import TargetSpec, resolve_targets
+from ..quantization.weight_only import sensitivity_table
 from .base import PruneContext, PruneOutcome, register_method
 from .gradual import finetune_masked, sparsity_schedule
 from .masks import (
@@ -452,13 +453,6 @@ def _layer_rows(
     return rows
 
 
-def sensitivity_table(rows: list[dict[str, Any]], limit: int = 10) -> list[dict[str, Any]]:
-    """The worst layers first: highest relative error."""
-    ranked = [r for r in rows if r.get("rel_error") is not None]
-    ranked.sort(key=lambda r: r["rel_error"], reverse=True)
-    return ranked[:limit]
-
-
 def _describe(config: _UnstructuredPruneConfig) -> str:
     if config.pattern is not None:
         n, m = config.nm or (0, 0)
@@ -473,8 +467,8 @@ def _method_step(config: _UnstructuredPruneConfig, calibration: CalibrationRepor
     title = _TITLES[getattr(config, "method", "")]
     text = f"{title} pruning: {_describe(config)}"
     if isinstance(config, MagnitudePruneConfig):
-        text += ", ranked across all targeted layers" if config.scope == "global" else ""
-        text += ", ranked within each layer" if config.scope == "layer" else ""
+        global_scope = config.scope == "global"
+        text += ", ranked across all targeted layers" if global_scope else ", ranked per layer"
     elif isinstance(config, WandaPruneConfig):
         text += ", |W| x input-channel norm ranked within each output row"
     else:
