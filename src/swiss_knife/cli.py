@@ -104,6 +104,28 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
+def _add_compression_options(parser: argparse.ArgumentParser, verb: str, users: str) -> None:
+    """Targets, calibration text and model loading: shared by quantize and prune."""
+    g = parser.add_argument_group("targets")
+    g.add_argument("--targets", type=_comma_strings, help=f"patterns to {verb} (default Linear)")
+    g.add_argument("--ignore", type=_comma_strings, help="patterns to skip (default lm_head)")
+    g = parser.add_argument_group(f"calibration ({users})")
+    g.add_argument("--calibration-data", metavar="SOURCE", help="text to calibrate on")
+    g.add_argument("--field", default="text", help="text field of structured files")
+    g.add_argument(
+        "--split-documents",
+        choices=["none", "paragraph", "line"],
+        default="none",
+        help="cut plain text into documents",
+    )
+    g.add_argument("--num-samples", type=int, help="calibration windows (default 128)")
+    g.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
+    g.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    g.add_argument("--calibration-batch-size", type=int, help="windows per forward (default 8)")
+    _add_model_options(parser)
+    _add_output_options(parser)
+
+
 def _epilog(text: str) -> str:
     return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
 
@@ -951,24 +973,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ALPHA",
         help="static: SmoothQuant strength 0-1, or 'none' (default 0.5)",
     )
-    g = p.add_argument_group("targets")
-    g.add_argument("--targets", type=_comma_strings, help="patterns to quantize (default Linear)")
-    g.add_argument("--ignore", type=_comma_strings, help="patterns to skip (default lm_head)")
-    g = p.add_argument_group("calibration (gptq, awq, static)")
-    g.add_argument("--calibration-data", metavar="SOURCE", help="text to calibrate on")
-    g.add_argument("--field", default="text", help="text field of structured files")
-    g.add_argument(
-        "--split-documents",
-        choices=["none", "paragraph", "line"],
-        default="none",
-        help="cut plain text into documents",
-    )
-    g.add_argument("--num-samples", type=int, help="calibration windows (default 128)")
-    g.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
-    g.add_argument("--seed", type=int, help="sampling seed (default 0)")
-    g.add_argument("--calibration-batch-size", type=int, help="windows per forward (default 8)")
-    _add_model_options(p)
-    _add_output_options(p)
+    _add_compression_options(p, "quantize", "gptq, awq, static")
 
     p = add(
         "prune",
@@ -1048,24 +1053,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--importance", choices=["activation", "magnitude"], help="channel ranking (activation)"
     )
     g.add_argument("--round-to", type=int, help="keep widths a multiple of this (default 1)")
-    g = p.add_argument_group("targets")
-    g.add_argument("--targets", type=_comma_strings, help="patterns to prune (default Linear)")
-    g.add_argument("--ignore", type=_comma_strings, help="patterns to skip (default lm_head)")
-    g = p.add_argument_group("calibration (wanda, sparsegpt, owl, structured)")
-    g.add_argument("--calibration-data", metavar="SOURCE", help="text to calibrate on")
-    g.add_argument("--field", default="text", help="text field of structured files")
-    g.add_argument(
-        "--split-documents",
-        choices=["none", "paragraph", "line"],
-        default="none",
-        help="cut plain text into documents",
-    )
-    g.add_argument("--num-samples", type=int, help="calibration windows (default 128)")
-    g.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
-    g.add_argument("--seed", type=int, help="sampling seed (default 0)")
-    g.add_argument("--calibration-batch-size", type=int, help="windows per forward (default 8)")
-    _add_model_options(p)
-    _add_output_options(p)
+    _add_compression_options(p, "prune", "wanda, sparsegpt, owl, structured")
 
     p = add(
         "run",
