@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import SwissKnifeError, UserInputError
+from .errors import ConfigError, SwissKnifeError, UserInputError
 
 logger = logging.getLogger("swiss_knife")
 
@@ -122,6 +122,16 @@ def _add_calibration_options(
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _add_compression_options(parser: argparse.ArgumentParser, verb: str, users: str) -> None:
+    """Targets, calibration text and model loading: shared by quantize and prune."""
+    g = parser.add_argument_group("targets")
+    g.add_argument("--targets", type=_comma_strings, help=f"patterns to {verb} (default Linear)")
+    g.add_argument("--ignore", type=_comma_strings, help="patterns to skip (default lm_head)")
+    _add_calibration_options(parser, f"calibration ({users})", default_samples=128)
+    _add_model_options(parser)
+    _add_output_options(parser)
 
 
 def _epilog(text: str) -> str:
@@ -396,11 +406,9 @@ _QUANT_SWITCHES = (
 )
 
 
-def _quant_config(args: argparse.Namespace) -> Any:
-    from pydantic import TypeAdapter, ValidationError
-
-    from .config import QuantizeConfig, format_validation_error, read_config_file
-    from .errors import ConfigError
+def _stage_data(args: argparse.Namespace, stage_type: str) -> dict[str, Any]:
+    """The --config file's mapping (if any), with the stage type and --method applied."""
+    from .config import read_config_file
 
     data: dict[str, Any] = {}
     if args.config:
@@ -408,11 +416,83 @@ def _quant_config(args: argparse.Namespace) -> Any:
         if not isinstance(loaded, dict):
             raise UserInputError(f"{args.config}: expected a mapping")
         data = loaded
-    data["type"] = "quantize"
+    data["type"] = stage_type
     if args.method:
         data["method"] = args.method
     if "method" not in data:
         raise UserInputError("give --method (or method: in --config)")
+    return data
+
+
+def _add_calibration_flags(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    calibration = _calibration_settings(args, data.get("calibration"))
+    if calibration:
+        data["calibration"] = calibration
+
+
+def _validate_stage(union: Any, data: dict[str, Any], args: argparse.Namespace) -> Any:
+    from pydantic import TypeAdapter, ValidationError
+
+    from .config import CompressionConfig, format_validation_error
+
+    try:
+        return TypeAdapter(union).validate_python(data)
+    except ValidationError as exc:
+        # Report paths as the user wrote them (flags map to these keys).
+        message = format_validation_error(exc, CompressionConfig, args.config or "options")
+        raise ConfigError(message) from None
+
+
+def _save_outcome(
+    args: argparse.Namespace,
+    outcome: Any,
+    loaded: Any,
+    out: Path,
+    protect: list[str],
+    *,
+    verb: str,
+    config: Any,
+    tags: list[str],
+    label: str | None = None,
+) -> tuple[Path, int]:
+    """Save a compression outcome with its manifest and model card; (folder, weight bytes)."""
+    from .config import config_to_dict
+    from .evaluation.size import weight_files
+    from .models import build_manifest, render_model_card, save_model
+
+    manifest = build_manifest(
+        source=args.model,
+        recipe={verb: config_to_dict(config)},
+        timings={verb: outcome.report.get("seconds", 0.0)},
+        extra={
+            "steps": outcome.steps,
+            "format": getattr(outcome, "format", "dense"),
+            "stage_report": outcome.report,
+        },
+    )
+    card = render_model_card(
+        title=f"{Path(args.model).name} ({label or ' '.join(tags[1:])}, Swiss Knife)",
+        source=args.model,
+        tags=tags,
+        steps=outcome.steps,
+    )
+    saved = save_model(
+        outcome.model,
+        out,
+        tokenizer=loaded.tokenizer,
+        overwrite=args.overwrite,
+        protect=protect,
+        manifest=manifest,
+        model_card=card,
+        writer=outcome.writer,
+    )
+    return saved, sum(p.stat().st_size for p in weight_files(saved))
+
+
+def _quant_config(args: argparse.Namespace) -> Any:
+    from .config import QuantizeConfig
+
+    data = _stage_data(args, "quantize")
     for flag, key in _QUANT_FLAGS:
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
@@ -428,63 +508,8 @@ def _quant_config(args: argparse.Namespace) -> Any:
             raise UserInputError(f"--smoothquant-alpha: {exc}") from None
     if args.bits_override:
         data["bits_overrides"] = {**data.get("bits_overrides", {}), **dict(args.bits_override)}
-    calibration = _calibration_settings(args, data.get("calibration"))
-    if calibration:
-        data["calibration"] = calibration
-    try:
-        return TypeAdapter(QuantizeConfig).validate_python(data)
-    except ValidationError as exc:
-        from .config import CompressionConfig
-
-        # Report paths as the user wrote them (flags map to these keys).
-        message = format_validation_error(exc, CompressionConfig, args.config or "options")
-        raise ConfigError(message) from None
-
-
-def _save_compressed(
-    args: argparse.Namespace,
-    loaded: Any,
-    model: Any,
-    out: Path,
-    protect: list[str],
-    *,
-    stage: str,
-    config: Any,
-    steps: list[str],
-    report: dict[str, Any],
-    tags: list[str],
-    label: str,
-    writer: Callable[[Path], None] | None,
-    extra: dict[str, Any] | None = None,
-) -> tuple[Path, int]:
-    """Save a compressed model with its manifest and model card; returns (folder, weight bytes)."""
-    from .config import config_to_dict
-    from .evaluation.size import weight_files
-    from .models import build_manifest, render_model_card, save_model
-
-    manifest = build_manifest(
-        source=args.model,
-        recipe={stage: config_to_dict(config)},
-        timings={stage: report.get("seconds", 0.0)},
-        extra={"steps": steps, **(extra or {}), "stage_report": report},
-    )
-    card = render_model_card(
-        title=f"{Path(args.model).name} ({label}, Swiss Knife)",
-        source=args.model,
-        tags=tags,
-        steps=steps,
-    )
-    saved = save_model(
-        model,
-        out,
-        tokenizer=loaded.tokenizer,
-        overwrite=args.overwrite,
-        protect=protect,
-        manifest=manifest,
-        model_card=card,
-        writer=writer,
-    )
-    return saved, sum(p.stat().st_size for p in weight_files(saved))
+    _add_calibration_flags(args, data)
+    return _validate_stage(QuantizeConfig, data, args)
 
 
 def _layer_reduction_config(args: argparse.Namespace) -> Any:
@@ -545,20 +570,16 @@ def cmd_reduce_layers(args: argparse.Namespace) -> int:
         progress=_progress(args),
     )
     report = outcome.report
-    saved, disk = _save_compressed(
+    saved, disk = _save_outcome(
         args,
+        outcome,
         loaded,
-        outcome.model,
         out,
         protect,
-        stage="reduce_layers",
+        verb="reduce_layers",
         config=config,
-        steps=outcome.steps,
-        report=report,
         tags=["layer-reduction"],
         label=f"{report['num_layers_after']} of {report['num_layers_before']} layers",
-        writer=outcome.writer,
-        extra={"format": "dense"},
     )
     if args.json:
         _print_json({"output_dir": str(saved), "disk_bytes": disk, **report})
@@ -580,8 +601,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     info = get_method(config.method)
     protect = [args.model] if Path(args.model).expanduser().exists() else []
     out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
-    data_cfg = _calibration_source(args)
-    if data_cfg is None and info.needs_calibration:
+    data_cfg = None
+    if args.calibration_data:
+        data_cfg = _text_source(args, args.calibration_data, "--calibration-data")
+    elif info.needs_calibration:
         raise UserInputError(f"method {config.method!r} needs --calibration-data")
     loaded = _load(args, args.model)
     calibration = None
@@ -598,20 +621,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         tokenizer=loaded.tokenizer,
         source_dir=loaded.directory,
     )
-    saved, disk = _save_compressed(
+    saved, disk = _save_outcome(
         args,
+        outcome,
         loaded,
-        outcome.model,
         out,
         protect,
-        stage="quantize",
+        verb="quantize",
         config=config,
-        steps=outcome.steps,
-        report=outcome.report,
         tags=["quantized", config.method],
-        label=config.method,
-        writer=outcome.writer,
-        extra={"format": outcome.format},
     )
     summary = {
         "output_dir": str(saved),
@@ -633,6 +651,190 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         for row in worst:
             sqnr = row.get("sqnr_db")
             print(f"  {row['name']:<48} rel error {row['rel_error']:.4f}  SQNR {sqnr:.1f} dB")
+    print(f"saved to {saved}")
+    return 0
+
+
+def _prune_method_names() -> list[str]:
+    """Methods named by the recipe configs (no torch import, so --help stays fast); the pruning
+    registry is keyed on the same configs (a test checks they agree)."""
+    import typing
+
+    from .config import PruneConfig
+
+    union = typing.get_args(PruneConfig)[0]
+    names: list[str] = []
+    for cls in typing.get_args(union):
+        names.extend(typing.get_args(cls.model_fields["method"].annotation))
+    return names
+
+
+# (flag attribute, config key) pairs copied into the pruning config when given.
+_PRUNE_FLAGS = (
+    ("sparsity", "sparsity"),
+    ("pattern", "pattern"),
+    ("allocation", "allocation"),
+    ("owl_lambda", "owl_lambda"),
+    ("owl_threshold", "owl_threshold"),
+    ("scope", "scope"),
+    ("save_format", "save_format"),
+    ("damp", "damp"),
+    ("block_size", "block_size"),
+    ("targets", "targets"),
+    ("ignore", "ignore"),
+    ("mlp_ratio", "mlp_ratio"),
+    ("head_ratio", "head_ratio"),
+    ("hidden_ratio", "hidden_ratio"),
+    ("importance", "importance"),
+    ("round_to", "round_to"),
+)
+# (flag attribute, schedule key, option) for the gradual schedule.
+_SCHEDULE_FLAGS = (
+    ("gradual_steps", "steps", "--gradual-steps"),
+    ("schedule_kind", "kind", "--schedule"),
+    ("finetune_steps", "finetune_steps", "--finetune-steps"),
+    ("learning_rate", "learning_rate", "--learning-rate"),
+    ("train_batch_size", "batch_size", "--train-batch-size"),
+    ("train_seq_len", "seq_len", "--train-seq-len"),
+    ("teacher", "teacher", "--teacher"),
+    ("temperature", "temperature", "--temperature"),
+)
+
+
+def _prune_config(args: argparse.Namespace) -> Any:
+    from .config import PruneConfig
+
+    data = _stage_data(args, "prune")
+    for flag, key in _PRUNE_FLAGS:
+        if getattr(args, flag) is not None:
+            data[key] = getattr(args, flag)
+    if args.true_sequential:
+        data["true_sequential"] = True
+    schedule = dict(data.get("schedule") or {})
+    given = [option for flag, _, option in _SCHEDULE_FLAGS if getattr(args, flag) is not None]
+    if given and not schedule and args.gradual_steps is None:
+        raise UserInputError(
+            f"{', '.join(given)} configure(s) gradual pruning: add --gradual-steps N"
+        )
+    for flag, key, _ in _SCHEDULE_FLAGS:
+        if getattr(args, flag) is not None:
+            schedule[key] = getattr(args, flag)
+    if args.seed is not None and schedule:
+        schedule["seed"] = args.seed
+    if schedule:
+        data["schedule"] = schedule
+    _add_calibration_flags(args, data)
+    return _validate_stage(PruneConfig, data, args)
+
+
+def _check_prunable_dir(path: str) -> None:
+    """Refuse an unknown architecture or a quantized checkpoint from its config.json alone,
+    before any weights are read (hub ids and GGUF files are checked once loaded)."""
+    import types
+
+    from .arch import get_arch
+    from .compression.pruning.sparse_format import is_sparse_bitmask_checkpoint
+
+    config_file = Path(path).expanduser() / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return  # load_model reports unreadable configs with its own message
+    get_arch(types.SimpleNamespace(model_type=config.get("model_type")))
+    if config.get("quantization_config") and not is_sparse_bitmask_checkpoint(config_file.parent):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise UserInputError(
+            f"{path} is quantized ({method}); prune the float checkpoint, then quantize"
+        )
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .compression.pruning import prune
+    from .compression.pruning.api import calibration_reason
+    from .compression.quantization.api import calibration_samples
+    from .data import load_token_stream
+    from .models import check_output_dir
+
+    config = _prune_config(args)
+    reason = calibration_reason(config)
+    schedule = getattr(config, "schedule", None)
+    protect = [args.model] if Path(args.model).expanduser().exists() else []
+    out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
+    calib_cfg = None
+    if args.calibration_data:
+        calib_cfg = _text_source(args, args.calibration_data, "--calibration-data")
+    elif reason is not None:
+        raise UserInputError(f"{reason} needs --calibration-data")
+    train_source = args.train_data or args.calibration_data
+    if schedule is not None and train_source is None:
+        raise UserInputError(
+            "a gradual schedule fine-tunes between steps and needs --train-data "
+            "(or --calibration-data)"
+        )
+    train_cfg = _text_source(args, train_source, "--train-data") if schedule else None
+    _check_prunable_dir(args.model)
+    loaded = _load(args, args.model)
+    max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    calibration = None
+    if calib_cfg is not None and reason is not None:
+        calibration = calibration_samples(
+            calib_cfg, loaded.tokenizer, config.calibration, max_positions=max_positions
+        )
+    train_tokens = load_token_stream(train_cfg, loaded.tokenizer) if train_cfg else None
+    outcome = prune(
+        loaded.model,
+        config,
+        calibration=calibration,
+        device=loaded.device,
+        progress=_progress(args),
+        tokenizer=loaded.tokenizer,
+        train_tokens=train_tokens,
+    )
+    report = outcome.report
+    saved, disk = _save_outcome(
+        args,
+        outcome,
+        loaded,
+        out,
+        protect,
+        verb="prune",
+        config=config,
+        tags=["pruned", config.method],
+    )
+    worst = report.get("sensitivity", [])[: args.show_layers]
+    summary = {
+        "output_dir": str(saved),
+        "method": config.method,
+        "format": outcome.format,
+        "seconds": report.get("seconds"),
+        "disk_bytes": disk,
+        "overall_sparsity": report.get("overall_sparsity"),
+        "nonzero_params": report.get("nonzero_params"),
+        "total_params": report.get("total_params"),
+        "steps": outcome.steps,
+        "worst_layers": worst,
+    }
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(f"{config.method}: {outcome.steps[0]}")
+    if "overall_sparsity" in report:
+        print(
+            f"sparsity {report['overall_sparsity']:.2%} of the pruned layers; "
+            f"{report['nonzero_params']:,} of {report['total_params']:,} parameters non-zero"
+        )
+    print(f"format {outcome.format}, {disk / 1e6:.2f} MB on disk, {summary['seconds']} s")
+    if worst:
+        print(f"worst layers ({report.get('sensitivity_kind', 'error')}):")
+        for row in worst:
+            print(
+                f"  {row['name']:<48} sparsity {row['sparsity']:.2%}  "
+                f"rel error {row['rel_error']:.4f}"
+            )
+    for note in outcome.steps[1:]:
+        print(f"note: {note}")
     print(f"saved to {saved}")
     return 0
 
@@ -859,12 +1061,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ALPHA",
         help="static: SmoothQuant strength 0-1, or 'none' (default 0.5)",
     )
-    g = p.add_argument_group("targets")
-    g.add_argument("--targets", type=_comma_strings, help="patterns to quantize (default Linear)")
-    g.add_argument("--ignore", type=_comma_strings, help="patterns to skip (default lm_head)")
-    _add_calibration_options(p, "calibration (gptq, awq, static)", default_samples=128)
-    _add_model_options(p)
-    _add_output_options(p)
+    _add_compression_options(p, "quantize", "gptq, awq, static")
 
     p = add(
         "reduce-layers",
@@ -902,6 +1099,86 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_options(p, "calibration (selection importance)", default_samples=32)
     _add_model_options(p)
     _add_output_options(p)
+
+    p = add(
+        "prune",
+        cmd_prune,
+        "Prune a model: magnitude, Wanda or SparseGPT (unstructured or N:M), or structured.",
+        """
+        swiss-knife prune ./model --method magnitude --sparsity 0.5 --output-dir ./m-mag50
+        swiss-knife prune ./model --method wanda --sparsity 0.5 \\
+            --calibration-data wiki.train.txt --num-samples 128 --seq-len 512 --output-dir ./m-wanda
+        swiss-knife prune ./model --method sparsegpt --pattern 2:4 \\
+            --calibration-data text.txt --save-format sparse-bitmask --output-dir ./m-sgpt24
+        swiss-knife prune ./model --method wanda --sparsity 0.6 --allocation owl \\
+            --calibration-data text.txt --output-dir ./m-owl
+        swiss-knife prune ./model --method magnitude --sparsity 0.7 --gradual-steps 4 \\
+            --finetune-steps 100 --train-data train.txt --teacher original --output-dir ./m-grad
+        swiss-knife prune ./model --method structured --mlp-ratio 0.25 --head-ratio 0.25 \\
+            --calibration-data text.txt --output-dir ./m-struct
+
+        Unstructured and N:M sparsity store zeros in dense tensors: the model is not faster or
+        smaller in memory in transformers (only --save-format sparse-bitmask is smaller on disk,
+        and it loads with swiss_knife.load_model, not a plain from_pretrained of transformers
+        5.x). Structured pruning removes whole heads and channels: smaller and faster.
+        """,
+    )
+    p.add_argument("model", help="hub id, local directory or .gguf file")
+    p.add_argument("--method", choices=_prune_method_names(), help="pruning method")
+    p.add_argument("--output-dir", required=True, help="where the pruned checkpoint goes")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+    p.add_argument("--config", metavar="FILE", help="a pruning config (.yaml/.json)")
+    p.add_argument(
+        "--show-layers", type=int, default=5, metavar="N", help="worst layers to print (default 5)"
+    )
+    g = p.add_argument_group("unstructured and N:M (magnitude, wanda, sparsegpt)")
+    g.add_argument(
+        "--sparsity", type=float, help="fraction of weights zeroed, in [0, 1) (default 0.5)"
+    )
+    g.add_argument("--pattern", metavar="N:M", help="keep N of every M inputs, e.g. 2:4 or 4:8")
+    g.add_argument(
+        "--allocation", choices=["uniform", "owl"], help="per-layer sparsity (default uniform)"
+    )
+    g.add_argument("--owl-lambda", type=float, help="owl: max deviation from the mean (0.08)")
+    g.add_argument("--owl-threshold", type=float, help="owl: outlier if > T x mean score (5)")
+    g.add_argument("--scope", choices=["layer", "global"], help="magnitude: ranking scope")
+    g.add_argument("--damp", type=float, help="sparsegpt: Hessian dampening (default 0.01)")
+    g.add_argument("--block-size", type=int, help="sparsegpt: columns per update (default 128)")
+    g.add_argument(
+        "--true-sequential",
+        action="store_true",
+        help="wanda/sparsegpt: observe each sub-layer group after pruning the ones before it",
+    )
+    g.add_argument(
+        "--save-format",
+        choices=["dense", "sparse-bitmask"],
+        help="dense zeros (loads anywhere; default) or compressed-tensors sparse bitmask",
+    )
+    g = p.add_argument_group("gradual pruning (fine-tunes between steps)")
+    g.add_argument("--gradual-steps", type=int, metavar="N", help="pruning steps to the target")
+    g.add_argument(
+        "--schedule", dest="schedule_kind", choices=["cubic", "linear"], help="sparsity curve"
+    )
+    g.add_argument("--finetune-steps", type=int, metavar="K", help="AdamW steps after each step")
+    g.add_argument("--learning-rate", type=float, help="fine-tuning learning rate (5e-5)")
+    g.add_argument("--train-batch-size", type=int, help="windows per fine-tuning step (4)")
+    g.add_argument("--train-seq-len", type=int, help="tokens per fine-tuning window (256)")
+    g.add_argument("--train-data", metavar="SOURCE", help="fine-tuning text (default: calibration)")
+    g.add_argument(
+        "--teacher",
+        choices=["none", "original"],
+        help="original: distil from the unpruned model (KL on logits); none: LM loss",
+    )
+    g.add_argument("--temperature", type=float, help="distillation temperature (default 2)")
+    g = p.add_argument_group("structured (removes heads and channels)")
+    g.add_argument("--mlp-ratio", type=float, help="fraction of MLP channels removed (0.25)")
+    g.add_argument("--head-ratio", type=float, help="fraction of attention heads removed (0)")
+    g.add_argument("--hidden-ratio", type=float, help="fraction of hidden channels removed (0)")
+    g.add_argument(
+        "--importance", choices=["activation", "magnitude"], help="channel ranking (activation)"
+    )
+    g.add_argument("--round-to", type=int, help="keep widths a multiple of this (default 1)")
+    _add_compression_options(p, "prune", "wanda, sparsegpt, owl, structured")
 
     p = add(
         "run",

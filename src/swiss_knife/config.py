@@ -366,6 +366,12 @@ class _UnstructuredPruneConfig(PruneBase):
     schedule: GradualSchedule | None = Field(
         default=None, description="Gradual pruning with fine-tuning (needs training text)."
     )
+    # On the base class because OWL's outlier pre-pass needs activations for every method,
+    # magnitude included; wanda and sparsegpt also calibrate on these windows.
+    calibration: CalibrationSettings = Field(
+        default_factory=CalibrationSettings,
+        description="Calibration windows (wanda, sparsegpt, and the OWL allocation of any method).",
+    )
 
     @field_validator("pattern")
     @classmethod
@@ -379,6 +385,15 @@ class _UnstructuredPruneConfig(PruneBase):
         if not 0 < n < m:
             raise ValueError(f"pattern {value!r} needs 0 < N < M (N weights kept of every M)")
         return f"{n}:{m}"
+
+    @model_validator(mode="after")
+    def _owl_needs_free_sparsity(self) -> _UnstructuredPruneConfig:
+        if self.allocation == "owl" and self.pattern is not None:
+            raise ValueError(
+                f"allocation 'owl' varies the sparsity per layer, but pattern {self.pattern!r} "
+                "fixes it at 1 - N/M in every layer; use one or the other"
+            )
+        return self
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -403,21 +418,39 @@ class MagnitudePruneConfig(_UnstructuredPruneConfig):
         default="layer", description="Rank weights within each layer or across all targets."
     )
 
+    @model_validator(mode="after")
+    def _global_is_unstructured(self) -> MagnitudePruneConfig:
+        if self.scope == "global" and (self.pattern is not None or self.allocation != "uniform"):
+            chosen = f"pattern {self.pattern}" if self.pattern else f"allocation {self.allocation}"
+            raise ValueError(
+                f"scope 'global' lets one ranking across all layers decide each layer's sparsity, "
+                f"which {chosen} would override; use scope 'layer' with it"
+            )
+        return self
 
-class WandaPruneConfig(_UnstructuredPruneConfig):
+
+class _CalibratedPruneConfig(_UnstructuredPruneConfig):
+    """Methods that prune each block from its calibration activations, block after block."""
+
+    true_sequential: bool = Field(
+        default=False,
+        description="Observe q/k/v, o, MLP-in and MLP-out in turn, each group seeing the pruned "
+        "groups before it (4 passes per block instead of 1).",
+    )
+
+
+class WandaPruneConfig(_CalibratedPruneConfig):
     """Wanda (Sun et al. 2023): zero the smallest |W_ij| * ||X_j|| per output row."""
 
     method: Literal["wanda"] = "wanda"
-    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
 
 
-class SparseGPTPruneConfig(_UnstructuredPruneConfig):
+class SparseGPTPruneConfig(_CalibratedPruneConfig):
     """SparseGPT (Frantar & Alistarh 2023): second-order pruning that updates kept weights."""
 
     method: Literal["sparsegpt"] = "sparsegpt"
     damp: float = Field(default=0.01, gt=0.0, lt=1.0, description="Hessian dampening.")
     block_size: int = Field(default=128, ge=1, description="Columns pruned together.")
-    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
 
 
 class StructuredPruneConfig(PruneBase):

@@ -56,11 +56,12 @@ from swiss_knife.errors import SwissKnifeError, UserInputError
 logger = logging.getLogger(__name__)
 
 
-def inverse_cholesky_upper(H: Tensor, damp: float) -> tuple[Tensor, float]:
+def inverse_cholesky_upper(H: Tensor, damp: float, *, label: str = "GPTQ") -> tuple[Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1``, in float32.
 
     Tries float32 first; if a factorisation fails (``H`` numerically singular) retries in float64,
-    then in float64 with 10x and 100x the damping. Returns ``(U, damp actually used)``.
+    then in float64 with 10x and 100x the damping. Returns ``(U, damp actually used)``. SparseGPT
+    shares it; `label` names the method in the warning and the error.
     """
     mean_diag = float(torch.diagonal(H).double().mean())
     base = damp if damp > 0 else 1e-6
@@ -81,14 +82,15 @@ def inverse_cholesky_upper(H: Tensor, damp: float) -> tuple[Tensor, float]:
             continue
         if used != damp or dtype != torch.float32:
             logger.warning(
-                "GPTQ: Hessian not positive definite in float32 with damp=%g; used %s with damp=%g",
+                "%s: Hessian not positive definite in float32 with damp=%g; used %s with damp=%g",
+                label,
                 damp,
                 dtype,
                 used,
             )
         return U.float(), used
     raise SwissKnifeError(
-        "GPTQ: the Hessian is not positive definite even with 100x damping; the calibration "
+        f"{label}: the Hessian is not positive definite even with 100x damping; the calibration "
         "inputs of this layer are degenerate (too few tokens, or NaN/inf activations)"
     )
 
