@@ -190,7 +190,7 @@ def test_validate_bad_recipe_lists_every_problem(tmp_path: Path) -> None:
     recipe.write_text(
         "model: some/model\n"
         "evaluation:\n  perplexity: {window: 1}\n"
-        "stages:\n  - type: cast\n    dtyp: bf16\n  - type: prune\n",
+        "stages:\n  - type: cast\n    dtyp: bf16\n  - type: prune_all\n",
         encoding="utf-8",
     )
     result = sk("validate", recipe)
@@ -203,7 +203,7 @@ def test_validate_bad_recipe_lists_every_problem(tmp_path: Path) -> None:
     detail = "\n".join(lines[1:])
     assert "evaluation.perplexity.window" in detail
     assert "stages[0].dtyp" in detail and "'dtype'" in detail
-    assert "stages[1]" in detail and "prune" in detail
+    assert "stages[1]" in detail and "prune_all" in detail
     assert result.stdout == ""
 
 
