@@ -17,7 +17,16 @@ import pytest
 import torch
 import yaml
 
-SUBCOMMANDS = ["evaluate", "compare", "run", "create-configs", "validate", "device-info", "demo"]
+SUBCOMMANDS = [
+    "evaluate",
+    "compare",
+    "distill",
+    "run",
+    "create-configs",
+    "validate",
+    "device-info",
+    "demo",
+]
 
 # Small evaluation settings for the tiny random model (max_position_embeddings 128).
 SMALL_EVAL = [

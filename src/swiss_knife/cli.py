@@ -64,6 +64,11 @@ def _add_data_options(parser: argparse.ArgumentParser, required: bool) -> None:
         metavar="SOURCE",
         help="a .txt/.jsonl/.json/.parquet/.csv file, a folder, or a HF dataset name:config:split",
     )
+    _add_text_format_options(group)
+
+
+def _add_text_format_options(group: Any) -> None:
+    """How text files are read: --field, --split-documents, --no-bos."""
     group.add_argument("--field", default="text", help="text field of structured files")
     group.add_argument(
         "--split-documents",
@@ -155,16 +160,23 @@ def _data_config(args: argparse.Namespace) -> Any:
     return _text_source(args, args.eval_data, "--eval-data", add_bos=not args.no_bos)
 
 
+def _config_file(args: argparse.Namespace) -> dict[str, Any]:
+    """The mapping in `--config FILE`, or an empty one; the flags given then override it."""
+    from .config import read_config_file
+
+    if not args.config:
+        return {}
+    loaded = read_config_file(args.config)
+    if not isinstance(loaded, dict):
+        raise UserInputError(f"{args.config}: expected a mapping")
+    return loaded
+
+
 def _eval_config(args: argparse.Namespace) -> Any:
     """The evaluation config: a file (if given), then every flag given on the command line."""
-    from .config import EvaluationConfig, read_config_file, validate_dict
+    from .config import EvaluationConfig, validate_dict
 
-    data: dict[str, Any] = {}
-    if args.config:
-        loaded = read_config_file(args.config)
-        if not isinstance(loaded, dict):
-            raise UserInputError(f"{args.config}: expected a mapping")
-        data = loaded
+    data = _config_file(args)
     ppl = dict(data.get("perplexity") or {})
     speed = dict(data.get("speed") or {})
     for flag, key in (("window", "window"), ("stride", "stride"), ("batch_size", "batch_size")):
@@ -408,14 +420,7 @@ _QUANT_SWITCHES = (
 
 def _stage_data(args: argparse.Namespace, stage_type: str) -> dict[str, Any]:
     """The --config file's mapping (if any), with the stage type and --method applied."""
-    from .config import read_config_file
-
-    data: dict[str, Any] = {}
-    if args.config:
-        loaded = read_config_file(args.config)
-        if not isinstance(loaded, dict):
-            raise UserInputError(f"{args.config}: expected a mapping")
-        data = loaded
+    data = _config_file(args)
     data["type"] = stage_type
     if args.method:
         data["method"] = args.method
@@ -839,6 +844,181 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+# (flag attribute, config key) pairs copied into the distillation config when given.
+_DISTILL_FLAGS = (
+    ("max_steps", "max_steps"),
+    ("epochs", "epochs"),
+    ("learning_rate", "learning_rate"),
+    ("weight_decay", "weight_decay"),
+    ("lr_schedule", "lr_schedule"),
+    ("warmup_steps", "warmup_steps"),
+    ("batch_size", "batch_size"),
+    ("seq_len", "seq_len"),
+    ("grad_accum", "grad_accum"),
+    ("mixed_precision", "mixed_precision"),
+    ("seed", "seed"),
+    ("eval_fraction", "eval_fraction"),
+    ("eval_every", "eval_every"),
+    ("eval_windows", "eval_windows"),
+    ("early_stopping", "early_stopping_patience"),
+    ("save_every", "save_every"),
+    ("keep_checkpoints", "keep_checkpoints"),
+    ("log_every", "log_every"),
+    ("teacher_topk", "teacher_topk"),
+    ("teacher_cache", "teacher_cache"),
+)
+_DISTILL_LOSS_FLAGS = (
+    ("loss", "kd"),
+    ("temperature", "temperature"),
+    ("alpha", "alpha"),
+    ("hidden_weight", "hidden_weight"),
+    ("hidden_loss", "hidden_loss"),
+)
+
+
+def _student_spec(text: str) -> dict[str, Any]:
+    """'remove:N[:middle|end|even]' or 'drop:I,J,...' as a StudentFromTeacher mapping."""
+    kind, _, rest = text.partition(":")
+    try:
+        if kind == "drop" and rest:
+            return {"drop_layers": [int(part) for part in rest.split(",") if part.strip()]}
+        if kind == "remove" and rest:
+            count, _, position = rest.partition(":")
+            return {"remove": int(count), **({"position": position} if position else {})}
+    except ValueError:
+        pass
+    raise UserInputError(
+        f"--student-from-teacher {text!r}: expected remove:N[:middle|end|even] or drop:I,J,..."
+    )
+
+
+def _layer_map(text: str) -> list[list[int]]:
+    try:
+        return [[int(s), int(t)] for s, t in (pair.split(":") for pair in _comma_strings(text))]
+    except ValueError:
+        raise UserInputError(
+            f"--layer-map {text!r}: expected STUDENT:TEACHER pairs, e.g. 1:2,2:4"
+        ) from None
+
+
+def _distill_config(args: argparse.Namespace) -> Any:
+    from .config import DistillConfig, validate_dict
+
+    data = _config_file(args)
+    data["type"] = "distill"
+    for flag, key in _DISTILL_FLAGS:
+        if getattr(args, flag) is not None:
+            data[key] = getattr(args, flag)
+    if args.max_grad_norm is not None:
+        data["max_grad_norm"] = args.max_grad_norm or None
+    if args.gradient_checkpointing:
+        data["gradient_checkpointing"] = True
+    loss = dict(data.get("loss") or {})
+    for flag, key in _DISTILL_LOSS_FLAGS:
+        if getattr(args, flag) is not None:
+            loss[key] = getattr(args, flag)
+    if args.layer_map:
+        loss["layer_map"] = _layer_map(args.layer_map)
+    data["loss"] = loss
+    if args.student_from_teacher:
+        data["student_from_teacher"] = _student_spec(args.student_from_teacher)
+    for flag, key in (("train_data", "train_data"), ("eval_data", "eval_data")):
+        source = getattr(args, flag)
+        if source:
+            data[key] = {
+                "source": source,
+                "field": args.field,
+                "split_documents": args.split_documents,
+                "add_bos": not args.no_bos,
+            }
+    return validate_dict(DistillConfig, data, args.config or "distill options")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    import os
+
+    from .compression.distillation.api import distill
+    from .data import read_documents, tokenize_documents
+
+    if os.environ.get("RANK", "0") != "0":
+        # Under `accelerate launch` every process runs this; one of them reports.
+        logging.getLogger("swiss_knife").setLevel(logging.WARNING)
+    if not args.student and not args.student_from_teacher:
+        raise UserInputError("give --student MODEL or --student-from-teacher SPEC")
+    config = _distill_config(args)
+    if config.train_data is None:
+        raise UserInputError("give --train-data (or train_data: in --config)")
+    # Read the text before loading any model: a bad path fails in a second, not a minute.
+    train_docs = read_documents(config.train_data)
+    eval_docs = read_documents(config.eval_data) if config.eval_data else None
+    # Load on the CPU: accelerate moves the models to this process's device.
+    on_cpu = argparse.Namespace(**{**vars(args), "device": "cpu"})
+    teacher = _load(on_cpu, args.teacher)
+    if teacher.tokenizer is None:
+        raise UserInputError(f"{args.teacher} has no tokenizer to tokenise the training text")
+    student = None
+    if args.student:
+        # --gguf-file names the teacher's file, not the student's.
+        student = _load(argparse.Namespace(**{**vars(on_cpu), "gguf_file": None}), args.student)
+
+    def tokens(docs: list[str], add_bos: bool) -> Any:
+        return tokenize_documents(docs, teacher.tokenizer, add_bos=add_bos)
+
+    result = distill(
+        teacher,
+        student,
+        config,
+        train_data=tokens(train_docs, config.train_data.add_bos),
+        eval_data=tokens(eval_docs, config.eval_data.add_bos)
+        if eval_docs and config.eval_data
+        else None,
+        output_dir=args.output_dir,
+        resume=args.resume or False,
+        overwrite=args.overwrite,
+        cpu=args.device == "cpu",
+        progress=_progress(args),
+    )
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    evals = result.evaluations
+    summary = {
+        "output_dir": str(result.output_dir),
+        "best_dir": str(result.best_dir) if result.best_dir else None,
+        "final_dir": str(result.final_dir),
+        "steps": result.steps,
+        "total_steps": result.total_steps,
+        "tokens": result.tokens,
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "train_seconds": round(result.train_seconds, 2),
+        "stopped_early": result.stopped_early,
+        "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+        "kept_blocks": result.kept_blocks,
+        "eval_perplexity_start": evals[0].perplexity if evals else None,
+        "eval_perplexity_best": result.best_perplexity,
+        "best_step": result.best_step,
+    }
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(
+        f"distilled {result.steps} steps, {result.tokens:,} tokens, "
+        f"{result.tokens_per_s:,.0f} tokens/s"
+        + (" (stopped early)" if result.stopped_early else "")
+    )
+    if result.kept_blocks is not None:
+        print(f"student: the teacher's blocks {result.kept_blocks}")
+    if evals and result.best_perplexity is not None:
+        print(
+            f"held-out perplexity {evals[0].perplexity:.4g} at step {evals[0].step} -> "
+            f"{result.best_perplexity:.4g} at step {result.best_step} (best)"
+        )
+    if result.best_dir:
+        print(f"best: {result.best_dir}")
+    print(f"final: {result.final_dir}")
+    print(f"metrics: {result.output_dir / 'metrics.jsonl'}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .config import load_recipe
     from .evaluation.compare import comparison_rows
@@ -1062,6 +1242,81 @@ def build_parser() -> argparse.ArgumentParser:
         help="static: SmoothQuant strength 0-1, or 'none' (default 0.5)",
     )
     _add_compression_options(p, "quantize", "gptq, awq, static")
+
+    p = add(
+        "distill",
+        cmd_distill,
+        "Distil a teacher into a smaller student (knowledge distillation on accelerate).",
+        """
+        swiss-knife distill --teacher ./model --student-from-teacher remove:8 \\
+            --train-data train.txt --max-steps 2000 --seq-len 512 --output-dir ./model-distilled
+        swiss-knife distill --teacher ./model --student ./small-model --train-data data.jsonl \\
+            --field text --epochs 1 --learning-rate 2e-4 --batch-size 8 --grad-accum 4 \\
+            --warmup-steps 100 --eval-every 200 --early-stopping 3 --output-dir ./out
+        swiss-knife distill --teacher ./model --student-from-teacher drop:3,5,7 \\
+            --train-data train.txt --teacher-topk 64 --mixed-precision bf16 --output-dir ./out
+        swiss-knife distill ... --output-dir ./out --resume     # continue a killed run
+        accelerate launch --multi_gpu --num_processes 4 -m swiss_knife.cli distill ...
+        """,
+    )
+    p.add_argument("--teacher", required=True, help="the model to learn from")
+    p.add_argument("--student", help="a student sharing the teacher's tokenizer")
+    p.add_argument(
+        "--student-from-teacher",
+        metavar="SPEC",
+        help="make the student by removing teacher blocks: remove:N (N contiguous blocks in the "
+        "middle), remove:N:end (the N before the last), remove:N:even (spread out), or "
+        "drop:I,J,... (these indices)",
+    )
+    p.add_argument("--train-data", metavar="SOURCE", help="training text (file, folder, dataset)")
+    p.add_argument("--eval-data", metavar="SOURCE", help="held-out text (default: a tail split)")
+    _add_text_format_options(p)
+    p.add_argument("--output-dir", required=True, help="checkpoints, metrics, best/ and final/")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="CHECKPOINT",
+        help="continue the run in --output-dir from its latest checkpoint (or this one)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="start again in a used output dir")
+    p.add_argument("--config", metavar="FILE", help="a distill config (.yaml/.json)")
+    g = p.add_argument_group("training")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=float, help="passes over the text (default 1)")
+    g.add_argument("--learning-rate", type=float, help="peak learning rate (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    g.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], help="after warm-up")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
+    g.add_argument("--batch-size", type=int, help="sequences per micro-batch per process (8)")
+    g.add_argument("--seq-len", type=int, help="tokens per packed sequence (default 256)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1; 0 = off)")
+    g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast dtype")
+    g.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations (less memory)"
+    )
+    g.add_argument("--seed", type=int, help="random seed (default 0)")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", choices=["forward_kl", "reverse_kl"], help="logit KL (forward_kl)")
+    g.add_argument("--temperature", type=float, help="softmax temperature (default 1)")
+    g.add_argument("--alpha", type=float, help="weight of label cross-entropy; KL gets 1 - alpha")
+    g.add_argument("--hidden-weight", type=float, help="weight of hidden-state matching (0)")
+    g.add_argument("--hidden-loss", choices=["mse", "cosine"], help="hidden-state distance")
+    g.add_argument("--layer-map", metavar="S:T,S:T", help="student:teacher hidden states to match")
+    g.add_argument("--teacher-topk", type=int, help="cache the teacher's top-k logits on disk")
+    g.add_argument("--teacher-cache", metavar="DIR", help="folder of that cache")
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-fraction", type=float, help="tail of the text held out (0.05)")
+    g.add_argument("--eval-every", type=int, help="held-out perplexity every N steps (100)")
+    g.add_argument("--eval-windows", type=int, help="held-out sequences per evaluation (64)")
+    g.add_argument("--early-stopping", type=int, metavar="N", help="stop after N worse evals")
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps (500; 0 = end)")
+    g.add_argument("--keep-checkpoints", type=int, help="most recent checkpoints kept (2)")
+    g.add_argument("--log-every", type=int, help="steps per metrics.jsonl line (10)")
+    _add_model_options(p)
+    _add_output_options(p)
 
     p = add(
         "reduce-layers",

@@ -33,6 +33,7 @@ import yaml
 from .config import (
     CastConfig,
     CompressionConfig,
+    DistillConfig,
     EvaluateStageConfig,
     EvaluationConfig,
     LayerReductionConfig,
@@ -225,6 +226,75 @@ def _run_reduce_layers(state: PipelineState, stage: LayerReductionConfig) -> Sta
     state.model = outcome.model
     logger.info("block importance:\n%s", outcome.report["importance_table"])
     return StageOutcome(True, outcome.steps, info=outcome.report)
+
+
+@register_stage("distill")
+def _run_distill(state: PipelineState, stage: DistillConfig) -> StageOutcome:
+    """Train a student on the teacher's outputs; the student then continues down the recipe.
+
+    Teacher: the recipe's original model (`teacher: original`, the default, reloaded from disk),
+    the model entering this stage (`current`), or a path. Student: the model entering this stage
+    (`student: current`, e.g. the output of a pruning or layer-reduction stage), a path, or the
+    teacher minus some blocks (`student_from_teacher`). Training files (checkpoints, metrics)
+    go to OUTPUT/distill/NAME; a re-run resumes there when nothing upstream changed.
+    """
+    from .compression.distillation.api import distill
+
+    recipe = state.recipe
+    index = next(i for i, s in enumerate(recipe.stages) if s is stage)
+    name = stage_name(stage, index)
+    if stage.train_data is None:
+        raise ConfigError(f"stage {name!r} needs train_data: the text to distil on")
+    if stage.teacher == "current" and stage.student == "current" and not stage.student_from_teacher:
+        raise ConfigError(
+            f"stage {name!r}: the teacher and the student are both the model entering the "
+            "stage; set teacher: original (or a path), or student_from_teacher"
+        )
+    device = recipe.model.device
+    if stage.teacher == "original":
+        teacher = load_model(recipe.model, with_tokenizer=False, device="cpu").model
+    elif stage.teacher == "current":
+        teacher = state.model
+    else:
+        teacher = load_model(stage.teacher, with_tokenizer=False, device="cpu").model
+    student: Any = None
+    if stage.student_from_teacher is None:
+        if stage.student == "current":
+            student = state.model
+        else:
+            student = load_model(stage.student, with_tokenizer=False, device="cpu").model
+    result = distill(
+        teacher,
+        student,
+        stage,
+        tokenizer=state.tokenizer,
+        output_dir=state.output_dir / "distill" / name,
+        resume="auto",
+        cpu=device == "cpu",
+        progress=state.progress,
+    )
+    state.model = result.student
+    steps = [
+        f"distilled from the {stage.teacher} model for {result.steps} steps "
+        f"({result.tokens:,} tokens, {stage.loss.kd}, alpha {stage.loss.alpha})"
+    ]
+    if result.kept_blocks is not None:
+        steps.insert(0, f"student: the teacher's blocks {result.kept_blocks}")
+    if result.best_step is not None and result.best_perplexity is not None:
+        steps.append(
+            f"kept step {result.best_step} (held-out perplexity {result.best_perplexity:.4g})"
+        )
+    info: dict[str, Any] = {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "tokens_per_s": result.tokens_per_s,
+        "best_step": result.best_step,
+        "best_eval_perplexity": result.best_perplexity,
+        "evaluations": [vars(e) for e in result.evaluations],
+        "stopped_early": result.stopped_early,
+        "kept_blocks": result.kept_blocks,
+    }
+    return StageOutcome(True, steps, info=info)
 
 
 @register_stage("evaluate")
