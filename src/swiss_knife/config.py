@@ -524,6 +524,7 @@ class LayerReductionConfig(StageBase):
             raise ValueError("layers is empty; list the block indices to remove")
         return self
 
+
 # --------------------------------------------------------------------------- distillation
 
 
