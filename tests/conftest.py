@@ -70,8 +70,9 @@ def make_tiny_llama(seed: int = 0, **overrides: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def single_thread() -> Iterator[None]:
-    """One intra-op thread for the module: tiny matmuls are dominated by thread hand-off on a
-    busy 2-core machine. Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    """One torch thread for a module of tiny-tensor tests: on a shared 2-core machine intra-op
+    threads only add hand-off cost (a 64x64 linear takes ~10 ms with 2 threads, microseconds
+    with 1). Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -18,6 +18,7 @@ _EXPORTS = {
     "CastConfig": "config",
     "CompressionConfig": "config",
     "DataConfig": "config",
+    "DistillConfig": "config",
     "EvaluationConfig": "config",
     "EvaluateStageConfig": "config",
     "LayerReductionConfig": "config",
@@ -37,6 +38,7 @@ _EXPORTS = {
     "EvaluationReport": "evaluation",
     "write_reports": "evaluation",
     "run_recipe": "pipeline",
+    "distill": "compression.distillation.api",
     "register_stage": "pipeline",
     "resolve_device": "device",
     "device_info": "device",
@@ -50,6 +52,7 @@ __all__ = [
     "CastConfig",
     "CompressionConfig",
     "DataConfig",
+    "DistillConfig",
     "EvaluateStageConfig",
     "EvaluationConfig",
     "EvaluationReport",
@@ -61,6 +64,7 @@ __all__ = [
     "__version__",
     "cast_model",
     "device_info",
+    "distill",
     "evaluate",
     "get_arch",
     "load_config",
@@ -95,11 +99,13 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .arch import get_arch
+    from .compression.distillation.api import distill
     from .compression.layers import reduce_layers
     from .config import (
         CastConfig,
         CompressionConfig,
         DataConfig,
+        DistillConfig,
         EvaluateStageConfig,
         EvaluationConfig,
         LayerReductionConfig,

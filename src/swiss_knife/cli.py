@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import SwissKnifeError, UserInputError
+from .errors import ConfigError, SwissKnifeError, UserInputError
 
 logger = logging.getLogger("swiss_knife")
 
@@ -64,6 +64,11 @@ def _add_data_options(parser: argparse.ArgumentParser, required: bool) -> None:
         metavar="SOURCE",
         help="a .txt/.jsonl/.json/.parquet/.csv file, a folder, or a HF dataset name:config:split",
     )
+    _add_text_format_options(group)
+
+
+def _add_text_format_options(group: Any) -> None:
+    """How text files are read: --field, --split-documents, --no-bos."""
     group.add_argument("--field", default="text", help="text field of structured files")
     group.add_argument(
         "--split-documents",
@@ -124,6 +129,16 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
+def _add_compression_options(parser: argparse.ArgumentParser, verb: str, users: str) -> None:
+    """Targets, calibration text and model loading: shared by quantize and prune."""
+    g = parser.add_argument_group("targets")
+    g.add_argument("--targets", type=_comma_strings, help=f"patterns to {verb} (default Linear)")
+    g.add_argument("--ignore", type=_comma_strings, help="patterns to skip (default lm_head)")
+    _add_calibration_options(parser, f"calibration ({users})", default_samples=128)
+    _add_model_options(parser)
+    _add_output_options(parser)
+
+
 def _epilog(text: str) -> str:
     return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip(), "  ")
 
@@ -145,16 +160,23 @@ def _data_config(args: argparse.Namespace) -> Any:
     return _text_source(args, args.eval_data, "--eval-data", add_bos=not args.no_bos)
 
 
+def _config_file(args: argparse.Namespace) -> dict[str, Any]:
+    """The mapping in `--config FILE`, or an empty one; the flags given then override it."""
+    from .config import read_config_file
+
+    if not args.config:
+        return {}
+    loaded = read_config_file(args.config)
+    if not isinstance(loaded, dict):
+        raise UserInputError(f"{args.config}: expected a mapping")
+    return loaded
+
+
 def _eval_config(args: argparse.Namespace) -> Any:
     """The evaluation config: a file (if given), then every flag given on the command line."""
-    from .config import EvaluationConfig, read_config_file, validate_dict
+    from .config import EvaluationConfig, validate_dict
 
-    data: dict[str, Any] = {}
-    if args.config:
-        loaded = read_config_file(args.config)
-        if not isinstance(loaded, dict):
-            raise UserInputError(f"{args.config}: expected a mapping")
-        data = loaded
+    data = _config_file(args)
     ppl = dict(data.get("perplexity") or {})
     speed = dict(data.get("speed") or {})
     for flag, key in (("window", "window"), ("stride", "stride"), ("batch_size", "batch_size")):
@@ -396,23 +418,86 @@ _QUANT_SWITCHES = (
 )
 
 
-def _quant_config(args: argparse.Namespace) -> Any:
-    from pydantic import TypeAdapter, ValidationError
-
-    from .config import QuantizeConfig, format_validation_error, read_config_file
-    from .errors import ConfigError
-
-    data: dict[str, Any] = {}
-    if args.config:
-        loaded = read_config_file(args.config)
-        if not isinstance(loaded, dict):
-            raise UserInputError(f"{args.config}: expected a mapping")
-        data = loaded
-    data["type"] = "quantize"
+def _stage_data(args: argparse.Namespace, stage_type: str) -> dict[str, Any]:
+    """The --config file's mapping (if any), with the stage type and --method applied."""
+    data = _config_file(args)
+    data["type"] = stage_type
     if args.method:
         data["method"] = args.method
     if "method" not in data:
         raise UserInputError("give --method (or method: in --config)")
+    return data
+
+
+def _add_calibration_flags(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    calibration = _calibration_settings(args, data.get("calibration"))
+    if calibration:
+        data["calibration"] = calibration
+
+
+def _validate_stage(union: Any, data: dict[str, Any], args: argparse.Namespace) -> Any:
+    from pydantic import TypeAdapter, ValidationError
+
+    from .config import CompressionConfig, format_validation_error
+
+    try:
+        return TypeAdapter(union).validate_python(data)
+    except ValidationError as exc:
+        # Report paths as the user wrote them (flags map to these keys).
+        message = format_validation_error(exc, CompressionConfig, args.config or "options")
+        raise ConfigError(message) from None
+
+
+def _save_outcome(
+    args: argparse.Namespace,
+    outcome: Any,
+    loaded: Any,
+    out: Path,
+    protect: list[str],
+    *,
+    verb: str,
+    config: Any,
+    tags: list[str],
+    label: str | None = None,
+) -> tuple[Path, int]:
+    """Save a compression outcome with its manifest and model card; (folder, weight bytes)."""
+    from .config import config_to_dict
+    from .evaluation.size import weight_files
+    from .models import build_manifest, render_model_card, save_model
+
+    manifest = build_manifest(
+        source=args.model,
+        recipe={verb: config_to_dict(config)},
+        timings={verb: outcome.report.get("seconds", 0.0)},
+        extra={
+            "steps": outcome.steps,
+            "format": getattr(outcome, "format", "dense"),
+            "stage_report": outcome.report,
+        },
+    )
+    card = render_model_card(
+        title=f"{Path(args.model).name} ({label or ' '.join(tags[1:])}, Swiss Knife)",
+        source=args.model,
+        tags=tags,
+        steps=outcome.steps,
+    )
+    saved = save_model(
+        outcome.model,
+        out,
+        tokenizer=loaded.tokenizer,
+        overwrite=args.overwrite,
+        protect=protect,
+        manifest=manifest,
+        model_card=card,
+        writer=outcome.writer,
+    )
+    return saved, sum(p.stat().st_size for p in weight_files(saved))
+
+
+def _quant_config(args: argparse.Namespace) -> Any:
+    from .config import QuantizeConfig
+
+    data = _stage_data(args, "quantize")
     for flag, key in _QUANT_FLAGS:
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
@@ -428,63 +513,8 @@ def _quant_config(args: argparse.Namespace) -> Any:
             raise UserInputError(f"--smoothquant-alpha: {exc}") from None
     if args.bits_override:
         data["bits_overrides"] = {**data.get("bits_overrides", {}), **dict(args.bits_override)}
-    calibration = _calibration_settings(args, data.get("calibration"))
-    if calibration:
-        data["calibration"] = calibration
-    try:
-        return TypeAdapter(QuantizeConfig).validate_python(data)
-    except ValidationError as exc:
-        from .config import CompressionConfig
-
-        # Report paths as the user wrote them (flags map to these keys).
-        message = format_validation_error(exc, CompressionConfig, args.config or "options")
-        raise ConfigError(message) from None
-
-
-def _save_compressed(
-    args: argparse.Namespace,
-    loaded: Any,
-    model: Any,
-    out: Path,
-    protect: list[str],
-    *,
-    stage: str,
-    config: Any,
-    steps: list[str],
-    report: dict[str, Any],
-    tags: list[str],
-    label: str,
-    writer: Callable[[Path], None] | None,
-    extra: dict[str, Any] | None = None,
-) -> tuple[Path, int]:
-    """Save a compressed model with its manifest and model card; returns (folder, weight bytes)."""
-    from .config import config_to_dict
-    from .evaluation.size import weight_files
-    from .models import build_manifest, render_model_card, save_model
-
-    manifest = build_manifest(
-        source=args.model,
-        recipe={stage: config_to_dict(config)},
-        timings={stage: report.get("seconds", 0.0)},
-        extra={"steps": steps, **(extra or {}), "stage_report": report},
-    )
-    card = render_model_card(
-        title=f"{Path(args.model).name} ({label}, Swiss Knife)",
-        source=args.model,
-        tags=tags,
-        steps=steps,
-    )
-    saved = save_model(
-        model,
-        out,
-        tokenizer=loaded.tokenizer,
-        overwrite=args.overwrite,
-        protect=protect,
-        manifest=manifest,
-        model_card=card,
-        writer=writer,
-    )
-    return saved, sum(p.stat().st_size for p in weight_files(saved))
+    _add_calibration_flags(args, data)
+    return _validate_stage(QuantizeConfig, data, args)
 
 
 def _layer_reduction_config(args: argparse.Namespace) -> Any:
@@ -545,20 +575,16 @@ def cmd_reduce_layers(args: argparse.Namespace) -> int:
         progress=_progress(args),
     )
     report = outcome.report
-    saved, disk = _save_compressed(
+    saved, disk = _save_outcome(
         args,
+        outcome,
         loaded,
-        outcome.model,
         out,
         protect,
-        stage="reduce_layers",
+        verb="reduce_layers",
         config=config,
-        steps=outcome.steps,
-        report=report,
         tags=["layer-reduction"],
         label=f"{report['num_layers_after']} of {report['num_layers_before']} layers",
-        writer=outcome.writer,
-        extra={"format": "dense"},
     )
     if args.json:
         _print_json({"output_dir": str(saved), "disk_bytes": disk, **report})
@@ -580,8 +606,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     info = get_method(config.method)
     protect = [args.model] if Path(args.model).expanduser().exists() else []
     out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
-    data_cfg = _calibration_source(args)
-    if data_cfg is None and info.needs_calibration:
+    data_cfg = None
+    if args.calibration_data:
+        data_cfg = _text_source(args, args.calibration_data, "--calibration-data")
+    elif info.needs_calibration:
         raise UserInputError(f"method {config.method!r} needs --calibration-data")
     loaded = _load(args, args.model)
     calibration = None
@@ -598,20 +626,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         tokenizer=loaded.tokenizer,
         source_dir=loaded.directory,
     )
-    saved, disk = _save_compressed(
+    saved, disk = _save_outcome(
         args,
+        outcome,
         loaded,
-        outcome.model,
         out,
         protect,
-        stage="quantize",
+        verb="quantize",
         config=config,
-        steps=outcome.steps,
-        report=outcome.report,
         tags=["quantized", config.method],
-        label=config.method,
-        writer=outcome.writer,
-        extra={"format": outcome.format},
     )
     summary = {
         "output_dir": str(saved),
@@ -634,6 +657,365 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             sqnr = row.get("sqnr_db")
             print(f"  {row['name']:<48} rel error {row['rel_error']:.4f}  SQNR {sqnr:.1f} dB")
     print(f"saved to {saved}")
+    return 0
+
+
+def _prune_method_names() -> list[str]:
+    """Methods named by the recipe configs (no torch import, so --help stays fast); the pruning
+    registry is keyed on the same configs (a test checks they agree)."""
+    import typing
+
+    from .config import PruneConfig
+
+    union = typing.get_args(PruneConfig)[0]
+    names: list[str] = []
+    for cls in typing.get_args(union):
+        names.extend(typing.get_args(cls.model_fields["method"].annotation))
+    return names
+
+
+# (flag attribute, config key) pairs copied into the pruning config when given.
+_PRUNE_FLAGS = (
+    ("sparsity", "sparsity"),
+    ("pattern", "pattern"),
+    ("allocation", "allocation"),
+    ("owl_lambda", "owl_lambda"),
+    ("owl_threshold", "owl_threshold"),
+    ("scope", "scope"),
+    ("save_format", "save_format"),
+    ("damp", "damp"),
+    ("block_size", "block_size"),
+    ("targets", "targets"),
+    ("ignore", "ignore"),
+    ("mlp_ratio", "mlp_ratio"),
+    ("head_ratio", "head_ratio"),
+    ("hidden_ratio", "hidden_ratio"),
+    ("importance", "importance"),
+    ("round_to", "round_to"),
+)
+# (flag attribute, schedule key, option) for the gradual schedule.
+_SCHEDULE_FLAGS = (
+    ("gradual_steps", "steps", "--gradual-steps"),
+    ("schedule_kind", "kind", "--schedule"),
+    ("finetune_steps", "finetune_steps", "--finetune-steps"),
+    ("learning_rate", "learning_rate", "--learning-rate"),
+    ("train_batch_size", "batch_size", "--train-batch-size"),
+    ("train_seq_len", "seq_len", "--train-seq-len"),
+    ("teacher", "teacher", "--teacher"),
+    ("temperature", "temperature", "--temperature"),
+)
+
+
+def _prune_config(args: argparse.Namespace) -> Any:
+    from .config import PruneConfig
+
+    data = _stage_data(args, "prune")
+    for flag, key in _PRUNE_FLAGS:
+        if getattr(args, flag) is not None:
+            data[key] = getattr(args, flag)
+    if args.true_sequential:
+        data["true_sequential"] = True
+    schedule = dict(data.get("schedule") or {})
+    given = [option for flag, _, option in _SCHEDULE_FLAGS if getattr(args, flag) is not None]
+    if given and not schedule and args.gradual_steps is None:
+        raise UserInputError(
+            f"{', '.join(given)} configure(s) gradual pruning: add --gradual-steps N"
+        )
+    for flag, key, _ in _SCHEDULE_FLAGS:
+        if getattr(args, flag) is not None:
+            schedule[key] = getattr(args, flag)
+    if args.seed is not None and schedule:
+        schedule["seed"] = args.seed
+    if schedule:
+        data["schedule"] = schedule
+    _add_calibration_flags(args, data)
+    return _validate_stage(PruneConfig, data, args)
+
+
+def _check_prunable_dir(path: str) -> None:
+    """Refuse an unknown architecture or a quantized checkpoint from its config.json alone,
+    before any weights are read (hub ids and GGUF files are checked once loaded)."""
+    import types
+
+    from .arch import get_arch
+    from .compression.pruning.sparse_format import is_sparse_bitmask_checkpoint
+
+    config_file = Path(path).expanduser() / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return  # load_model reports unreadable configs with its own message
+    get_arch(types.SimpleNamespace(model_type=config.get("model_type")))
+    if config.get("quantization_config") and not is_sparse_bitmask_checkpoint(config_file.parent):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise UserInputError(
+            f"{path} is quantized ({method}); prune the float checkpoint, then quantize"
+        )
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .compression.pruning import prune
+    from .compression.pruning.api import calibration_reason
+    from .compression.quantization.api import calibration_samples
+    from .data import load_token_stream
+    from .models import check_output_dir
+
+    config = _prune_config(args)
+    reason = calibration_reason(config)
+    schedule = getattr(config, "schedule", None)
+    protect = [args.model] if Path(args.model).expanduser().exists() else []
+    out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
+    calib_cfg = None
+    if args.calibration_data:
+        calib_cfg = _text_source(args, args.calibration_data, "--calibration-data")
+    elif reason is not None:
+        raise UserInputError(f"{reason} needs --calibration-data")
+    train_source = args.train_data or args.calibration_data
+    if schedule is not None and train_source is None:
+        raise UserInputError(
+            "a gradual schedule fine-tunes between steps and needs --train-data "
+            "(or --calibration-data)"
+        )
+    train_cfg = _text_source(args, train_source, "--train-data") if schedule else None
+    _check_prunable_dir(args.model)
+    loaded = _load(args, args.model)
+    max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    calibration = None
+    if calib_cfg is not None and reason is not None:
+        calibration = calibration_samples(
+            calib_cfg, loaded.tokenizer, config.calibration, max_positions=max_positions
+        )
+    train_tokens = load_token_stream(train_cfg, loaded.tokenizer) if train_cfg else None
+    outcome = prune(
+        loaded.model,
+        config,
+        calibration=calibration,
+        device=loaded.device,
+        progress=_progress(args),
+        tokenizer=loaded.tokenizer,
+        train_tokens=train_tokens,
+    )
+    report = outcome.report
+    saved, disk = _save_outcome(
+        args,
+        outcome,
+        loaded,
+        out,
+        protect,
+        verb="prune",
+        config=config,
+        tags=["pruned", config.method],
+    )
+    worst = report.get("sensitivity", [])[: args.show_layers]
+    summary = {
+        "output_dir": str(saved),
+        "method": config.method,
+        "format": outcome.format,
+        "seconds": report.get("seconds"),
+        "disk_bytes": disk,
+        "overall_sparsity": report.get("overall_sparsity"),
+        "nonzero_params": report.get("nonzero_params"),
+        "total_params": report.get("total_params"),
+        "steps": outcome.steps,
+        "worst_layers": worst,
+    }
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(f"{config.method}: {outcome.steps[0]}")
+    if "overall_sparsity" in report:
+        print(
+            f"sparsity {report['overall_sparsity']:.2%} of the pruned layers; "
+            f"{report['nonzero_params']:,} of {report['total_params']:,} parameters non-zero"
+        )
+    print(f"format {outcome.format}, {disk / 1e6:.2f} MB on disk, {summary['seconds']} s")
+    if worst:
+        print(f"worst layers ({report.get('sensitivity_kind', 'error')}):")
+        for row in worst:
+            print(
+                f"  {row['name']:<48} sparsity {row['sparsity']:.2%}  "
+                f"rel error {row['rel_error']:.4f}"
+            )
+    for note in outcome.steps[1:]:
+        print(f"note: {note}")
+    print(f"saved to {saved}")
+    return 0
+
+
+# (flag attribute, config key) pairs copied into the distillation config when given.
+_DISTILL_FLAGS = (
+    ("max_steps", "max_steps"),
+    ("epochs", "epochs"),
+    ("learning_rate", "learning_rate"),
+    ("weight_decay", "weight_decay"),
+    ("lr_schedule", "lr_schedule"),
+    ("warmup_steps", "warmup_steps"),
+    ("batch_size", "batch_size"),
+    ("seq_len", "seq_len"),
+    ("grad_accum", "grad_accum"),
+    ("mixed_precision", "mixed_precision"),
+    ("seed", "seed"),
+    ("eval_fraction", "eval_fraction"),
+    ("eval_every", "eval_every"),
+    ("eval_windows", "eval_windows"),
+    ("early_stopping", "early_stopping_patience"),
+    ("save_every", "save_every"),
+    ("keep_checkpoints", "keep_checkpoints"),
+    ("log_every", "log_every"),
+    ("teacher_topk", "teacher_topk"),
+    ("teacher_cache", "teacher_cache"),
+)
+_DISTILL_LOSS_FLAGS = (
+    ("loss", "kd"),
+    ("temperature", "temperature"),
+    ("alpha", "alpha"),
+    ("hidden_weight", "hidden_weight"),
+    ("hidden_loss", "hidden_loss"),
+)
+
+
+def _student_spec(text: str) -> dict[str, Any]:
+    """'remove:N[:middle|end|even]' or 'drop:I,J,...' as a StudentFromTeacher mapping."""
+    kind, _, rest = text.partition(":")
+    try:
+        if kind == "drop" and rest:
+            return {"drop_layers": [int(part) for part in rest.split(",") if part.strip()]}
+        if kind == "remove" and rest:
+            count, _, position = rest.partition(":")
+            return {"remove": int(count), **({"position": position} if position else {})}
+    except ValueError:
+        pass
+    raise UserInputError(
+        f"--student-from-teacher {text!r}: expected remove:N[:middle|end|even] or drop:I,J,..."
+    )
+
+
+def _layer_map(text: str) -> list[list[int]]:
+    try:
+        return [[int(s), int(t)] for s, t in (pair.split(":") for pair in _comma_strings(text))]
+    except ValueError:
+        raise UserInputError(
+            f"--layer-map {text!r}: expected STUDENT:TEACHER pairs, e.g. 1:2,2:4"
+        ) from None
+
+
+def _distill_config(args: argparse.Namespace) -> Any:
+    from .config import DistillConfig, validate_dict
+
+    data = _config_file(args)
+    data["type"] = "distill"
+    for flag, key in _DISTILL_FLAGS:
+        if getattr(args, flag) is not None:
+            data[key] = getattr(args, flag)
+    if args.max_grad_norm is not None:
+        data["max_grad_norm"] = args.max_grad_norm or None
+    if args.gradient_checkpointing:
+        data["gradient_checkpointing"] = True
+    loss = dict(data.get("loss") or {})
+    for flag, key in _DISTILL_LOSS_FLAGS:
+        if getattr(args, flag) is not None:
+            loss[key] = getattr(args, flag)
+    if args.layer_map:
+        loss["layer_map"] = _layer_map(args.layer_map)
+    data["loss"] = loss
+    if args.student_from_teacher:
+        data["student_from_teacher"] = _student_spec(args.student_from_teacher)
+    for flag, key in (("train_data", "train_data"), ("eval_data", "eval_data")):
+        source = getattr(args, flag)
+        if source:
+            data[key] = {
+                "source": source,
+                "field": args.field,
+                "split_documents": args.split_documents,
+                "add_bos": not args.no_bos,
+            }
+    return validate_dict(DistillConfig, data, args.config or "distill options")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    import os
+
+    from .compression.distillation.api import distill
+    from .data import read_documents, tokenize_documents
+
+    if os.environ.get("RANK", "0") != "0":
+        # Under `accelerate launch` every process runs this; one of them reports.
+        logging.getLogger("swiss_knife").setLevel(logging.WARNING)
+    if not args.student and not args.student_from_teacher:
+        raise UserInputError("give --student MODEL or --student-from-teacher SPEC")
+    config = _distill_config(args)
+    if config.train_data is None:
+        raise UserInputError("give --train-data (or train_data: in --config)")
+    # Read the text before loading any model: a bad path fails in a second, not a minute.
+    train_docs = read_documents(config.train_data)
+    eval_docs = read_documents(config.eval_data) if config.eval_data else None
+    # Load on the CPU: accelerate moves the models to this process's device.
+    on_cpu = argparse.Namespace(**{**vars(args), "device": "cpu"})
+    teacher = _load(on_cpu, args.teacher)
+    if teacher.tokenizer is None:
+        raise UserInputError(f"{args.teacher} has no tokenizer to tokenise the training text")
+    student = None
+    if args.student:
+        # --gguf-file names the teacher's file, not the student's.
+        student = _load(argparse.Namespace(**{**vars(on_cpu), "gguf_file": None}), args.student)
+
+    def tokens(docs: list[str], add_bos: bool) -> Any:
+        return tokenize_documents(docs, teacher.tokenizer, add_bos=add_bos)
+
+    result = distill(
+        teacher,
+        student,
+        config,
+        train_data=tokens(train_docs, config.train_data.add_bos),
+        eval_data=tokens(eval_docs, config.eval_data.add_bos)
+        if eval_docs and config.eval_data
+        else None,
+        output_dir=args.output_dir,
+        resume=args.resume or False,
+        overwrite=args.overwrite,
+        cpu=args.device == "cpu",
+        progress=_progress(args),
+    )
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    evals = result.evaluations
+    summary = {
+        "output_dir": str(result.output_dir),
+        "best_dir": str(result.best_dir) if result.best_dir else None,
+        "final_dir": str(result.final_dir),
+        "steps": result.steps,
+        "total_steps": result.total_steps,
+        "tokens": result.tokens,
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "train_seconds": round(result.train_seconds, 2),
+        "stopped_early": result.stopped_early,
+        "resumed_from": str(result.resumed_from) if result.resumed_from else None,
+        "kept_blocks": result.kept_blocks,
+        "eval_perplexity_start": evals[0].perplexity if evals else None,
+        "eval_perplexity_best": result.best_perplexity,
+        "best_step": result.best_step,
+    }
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(
+        f"distilled {result.steps} steps, {result.tokens:,} tokens, "
+        f"{result.tokens_per_s:,.0f} tokens/s"
+        + (" (stopped early)" if result.stopped_early else "")
+    )
+    if result.kept_blocks is not None:
+        print(f"student: the teacher's blocks {result.kept_blocks}")
+    if evals and result.best_perplexity is not None:
+        print(
+            f"held-out perplexity {evals[0].perplexity:.4g} at step {evals[0].step} -> "
+            f"{result.best_perplexity:.4g} at step {result.best_step} (best)"
+        )
+    if result.best_dir:
+        print(f"best: {result.best_dir}")
+    print(f"final: {result.final_dir}")
+    print(f"metrics: {result.output_dir / 'metrics.jsonl'}")
     return 0
 
 
@@ -859,10 +1241,80 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ALPHA",
         help="static: SmoothQuant strength 0-1, or 'none' (default 0.5)",
     )
-    g = p.add_argument_group("targets")
-    g.add_argument("--targets", type=_comma_strings, help="patterns to quantize (default Linear)")
-    g.add_argument("--ignore", type=_comma_strings, help="patterns to skip (default lm_head)")
-    _add_calibration_options(p, "calibration (gptq, awq, static)", default_samples=128)
+    _add_compression_options(p, "quantize", "gptq, awq, static")
+
+    p = add(
+        "distill",
+        cmd_distill,
+        "Distil a teacher into a smaller student (knowledge distillation on accelerate).",
+        """
+        swiss-knife distill --teacher ./model --student-from-teacher remove:8 \\
+            --train-data train.txt --max-steps 2000 --seq-len 512 --output-dir ./model-distilled
+        swiss-knife distill --teacher ./model --student ./small-model --train-data data.jsonl \\
+            --field text --epochs 1 --learning-rate 2e-4 --batch-size 8 --grad-accum 4 \\
+            --warmup-steps 100 --eval-every 200 --early-stopping 3 --output-dir ./out
+        swiss-knife distill --teacher ./model --student-from-teacher drop:3,5,7 \\
+            --train-data train.txt --teacher-topk 64 --mixed-precision bf16 --output-dir ./out
+        swiss-knife distill ... --output-dir ./out --resume     # continue a killed run
+        accelerate launch --multi_gpu --num_processes 4 -m swiss_knife.cli distill ...
+        """,
+    )
+    p.add_argument("--teacher", required=True, help="the model to learn from")
+    p.add_argument("--student", help="a student sharing the teacher's tokenizer")
+    p.add_argument(
+        "--student-from-teacher",
+        metavar="SPEC",
+        help="make the student by removing teacher blocks: remove:N (N contiguous blocks in the "
+        "middle), remove:N:end (the N before the last), remove:N:even (spread out), or "
+        "drop:I,J,... (these indices)",
+    )
+    p.add_argument("--train-data", metavar="SOURCE", help="training text (file, folder, dataset)")
+    p.add_argument("--eval-data", metavar="SOURCE", help="held-out text (default: a tail split)")
+    _add_text_format_options(p)
+    p.add_argument("--output-dir", required=True, help="checkpoints, metrics, best/ and final/")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="CHECKPOINT",
+        help="continue the run in --output-dir from its latest checkpoint (or this one)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="start again in a used output dir")
+    p.add_argument("--config", metavar="FILE", help="a distill config (.yaml/.json)")
+    g = p.add_argument_group("training")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=float, help="passes over the text (default 1)")
+    g.add_argument("--learning-rate", type=float, help="peak learning rate (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    g.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], help="after warm-up")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
+    g.add_argument("--batch-size", type=int, help="sequences per micro-batch per process (8)")
+    g.add_argument("--seq-len", type=int, help="tokens per packed sequence (default 256)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1; 0 = off)")
+    g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast dtype")
+    g.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations (less memory)"
+    )
+    g.add_argument("--seed", type=int, help="random seed (default 0)")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", choices=["forward_kl", "reverse_kl"], help="logit KL (forward_kl)")
+    g.add_argument("--temperature", type=float, help="softmax temperature (default 1)")
+    g.add_argument("--alpha", type=float, help="weight of label cross-entropy; KL gets 1 - alpha")
+    g.add_argument("--hidden-weight", type=float, help="weight of hidden-state matching (0)")
+    g.add_argument("--hidden-loss", choices=["mse", "cosine"], help="hidden-state distance")
+    g.add_argument("--layer-map", metavar="S:T,S:T", help="student:teacher hidden states to match")
+    g.add_argument("--teacher-topk", type=int, help="cache the teacher's top-k logits on disk")
+    g.add_argument("--teacher-cache", metavar="DIR", help="folder of that cache")
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-fraction", type=float, help="tail of the text held out (0.05)")
+    g.add_argument("--eval-every", type=int, help="held-out perplexity every N steps (100)")
+    g.add_argument("--eval-windows", type=int, help="held-out sequences per evaluation (64)")
+    g.add_argument("--early-stopping", type=int, metavar="N", help="stop after N worse evals")
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps (500; 0 = end)")
+    g.add_argument("--keep-checkpoints", type=int, help="most recent checkpoints kept (2)")
+    g.add_argument("--log-every", type=int, help="steps per metrics.jsonl line (10)")
     _add_model_options(p)
     _add_output_options(p)
 
@@ -902,6 +1354,86 @@ def build_parser() -> argparse.ArgumentParser:
     _add_calibration_options(p, "calibration (selection importance)", default_samples=32)
     _add_model_options(p)
     _add_output_options(p)
+
+    p = add(
+        "prune",
+        cmd_prune,
+        "Prune a model: magnitude, Wanda or SparseGPT (unstructured or N:M), or structured.",
+        """
+        swiss-knife prune ./model --method magnitude --sparsity 0.5 --output-dir ./m-mag50
+        swiss-knife prune ./model --method wanda --sparsity 0.5 \\
+            --calibration-data wiki.train.txt --num-samples 128 --seq-len 512 --output-dir ./m-wanda
+        swiss-knife prune ./model --method sparsegpt --pattern 2:4 \\
+            --calibration-data text.txt --save-format sparse-bitmask --output-dir ./m-sgpt24
+        swiss-knife prune ./model --method wanda --sparsity 0.6 --allocation owl \\
+            --calibration-data text.txt --output-dir ./m-owl
+        swiss-knife prune ./model --method magnitude --sparsity 0.7 --gradual-steps 4 \\
+            --finetune-steps 100 --train-data train.txt --teacher original --output-dir ./m-grad
+        swiss-knife prune ./model --method structured --mlp-ratio 0.25 --head-ratio 0.25 \\
+            --calibration-data text.txt --output-dir ./m-struct
+
+        Unstructured and N:M sparsity store zeros in dense tensors: the model is not faster or
+        smaller in memory in transformers (only --save-format sparse-bitmask is smaller on disk,
+        and it loads with swiss_knife.load_model, not a plain from_pretrained of transformers
+        5.x). Structured pruning removes whole heads and channels: smaller and faster.
+        """,
+    )
+    p.add_argument("model", help="hub id, local directory or .gguf file")
+    p.add_argument("--method", choices=_prune_method_names(), help="pruning method")
+    p.add_argument("--output-dir", required=True, help="where the pruned checkpoint goes")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+    p.add_argument("--config", metavar="FILE", help="a pruning config (.yaml/.json)")
+    p.add_argument(
+        "--show-layers", type=int, default=5, metavar="N", help="worst layers to print (default 5)"
+    )
+    g = p.add_argument_group("unstructured and N:M (magnitude, wanda, sparsegpt)")
+    g.add_argument(
+        "--sparsity", type=float, help="fraction of weights zeroed, in [0, 1) (default 0.5)"
+    )
+    g.add_argument("--pattern", metavar="N:M", help="keep N of every M inputs, e.g. 2:4 or 4:8")
+    g.add_argument(
+        "--allocation", choices=["uniform", "owl"], help="per-layer sparsity (default uniform)"
+    )
+    g.add_argument("--owl-lambda", type=float, help="owl: max deviation from the mean (0.08)")
+    g.add_argument("--owl-threshold", type=float, help="owl: outlier if > T x mean score (5)")
+    g.add_argument("--scope", choices=["layer", "global"], help="magnitude: ranking scope")
+    g.add_argument("--damp", type=float, help="sparsegpt: Hessian dampening (default 0.01)")
+    g.add_argument("--block-size", type=int, help="sparsegpt: columns per update (default 128)")
+    g.add_argument(
+        "--true-sequential",
+        action="store_true",
+        help="wanda/sparsegpt: observe each sub-layer group after pruning the ones before it",
+    )
+    g.add_argument(
+        "--save-format",
+        choices=["dense", "sparse-bitmask"],
+        help="dense zeros (loads anywhere; default) or compressed-tensors sparse bitmask",
+    )
+    g = p.add_argument_group("gradual pruning (fine-tunes between steps)")
+    g.add_argument("--gradual-steps", type=int, metavar="N", help="pruning steps to the target")
+    g.add_argument(
+        "--schedule", dest="schedule_kind", choices=["cubic", "linear"], help="sparsity curve"
+    )
+    g.add_argument("--finetune-steps", type=int, metavar="K", help="AdamW steps after each step")
+    g.add_argument("--learning-rate", type=float, help="fine-tuning learning rate (5e-5)")
+    g.add_argument("--train-batch-size", type=int, help="windows per fine-tuning step (4)")
+    g.add_argument("--train-seq-len", type=int, help="tokens per fine-tuning window (256)")
+    g.add_argument("--train-data", metavar="SOURCE", help="fine-tuning text (default: calibration)")
+    g.add_argument(
+        "--teacher",
+        choices=["none", "original"],
+        help="original: distil from the unpruned model (KL on logits); none: LM loss",
+    )
+    g.add_argument("--temperature", type=float, help="distillation temperature (default 2)")
+    g = p.add_argument_group("structured (removes heads and channels)")
+    g.add_argument("--mlp-ratio", type=float, help="fraction of MLP channels removed (0.25)")
+    g.add_argument("--head-ratio", type=float, help="fraction of attention heads removed (0)")
+    g.add_argument("--hidden-ratio", type=float, help="fraction of hidden channels removed (0)")
+    g.add_argument(
+        "--importance", choices=["activation", "magnitude"], help="channel ranking (activation)"
+    )
+    g.add_argument("--round-to", type=int, help="keep widths a multiple of this (default 1)")
+    _add_compression_options(p, "prune", "wanda, sparsegpt, owl, structured")
 
     p = add(
         "run",

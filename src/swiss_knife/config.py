@@ -366,6 +366,12 @@ class _UnstructuredPruneConfig(PruneBase):
     schedule: GradualSchedule | None = Field(
         default=None, description="Gradual pruning with fine-tuning (needs training text)."
     )
+    # On the base class because OWL's outlier pre-pass needs activations for every method,
+    # magnitude included; wanda and sparsegpt also calibrate on these windows.
+    calibration: CalibrationSettings = Field(
+        default_factory=CalibrationSettings,
+        description="Calibration windows (wanda, sparsegpt, and the OWL allocation of any method).",
+    )
 
     @field_validator("pattern")
     @classmethod
@@ -379,6 +385,15 @@ class _UnstructuredPruneConfig(PruneBase):
         if not 0 < n < m:
             raise ValueError(f"pattern {value!r} needs 0 < N < M (N weights kept of every M)")
         return f"{n}:{m}"
+
+    @model_validator(mode="after")
+    def _owl_needs_free_sparsity(self) -> _UnstructuredPruneConfig:
+        if self.allocation == "owl" and self.pattern is not None:
+            raise ValueError(
+                f"allocation 'owl' varies the sparsity per layer, but pattern {self.pattern!r} "
+                "fixes it at 1 - N/M in every layer; use one or the other"
+            )
+        return self
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -403,21 +418,39 @@ class MagnitudePruneConfig(_UnstructuredPruneConfig):
         default="layer", description="Rank weights within each layer or across all targets."
     )
 
+    @model_validator(mode="after")
+    def _global_is_unstructured(self) -> MagnitudePruneConfig:
+        if self.scope == "global" and (self.pattern is not None or self.allocation != "uniform"):
+            chosen = f"pattern {self.pattern}" if self.pattern else f"allocation {self.allocation}"
+            raise ValueError(
+                f"scope 'global' lets one ranking across all layers decide each layer's sparsity, "
+                f"which {chosen} would override; use scope 'layer' with it"
+            )
+        return self
 
-class WandaPruneConfig(_UnstructuredPruneConfig):
+
+class _CalibratedPruneConfig(_UnstructuredPruneConfig):
+    """Methods that prune each block from its calibration activations, block after block."""
+
+    true_sequential: bool = Field(
+        default=False,
+        description="Observe q/k/v, o, MLP-in and MLP-out in turn, each group seeing the pruned "
+        "groups before it (4 passes per block instead of 1).",
+    )
+
+
+class WandaPruneConfig(_CalibratedPruneConfig):
     """Wanda (Sun et al. 2023): zero the smallest |W_ij| * ||X_j|| per output row."""
 
     method: Literal["wanda"] = "wanda"
-    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
 
 
-class SparseGPTPruneConfig(_UnstructuredPruneConfig):
+class SparseGPTPruneConfig(_CalibratedPruneConfig):
     """SparseGPT (Frantar & Alistarh 2023): second-order pruning that updates kept weights."""
 
     method: Literal["sparsegpt"] = "sparsegpt"
     damp: float = Field(default=0.01, gt=0.0, lt=1.0, description="Hessian dampening.")
     block_size: int = Field(default=128, ge=1, description="Columns pruned together.")
-    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
 
 
 class StructuredPruneConfig(PruneBase):
@@ -492,11 +525,191 @@ class LayerReductionConfig(StageBase):
         return self
 
 
+# --------------------------------------------------------------------------- distillation
+
+
+class StudentFromTeacher(StrictModel):
+    """Make the student from the teacher by removing whole transformer blocks (depth pruning).
+
+    Give either the block indices to drop, or how many to remove and where from: `middle` removes
+    a contiguous run centred in the model, `end` the run just before the last block (which is
+    kept), `even` blocks spread evenly over the interior (the first and last stay). Which works
+    best depends on the model: removing 10 of SmolLM2-135M's 30 blocks leaves a perplexity of
+    about 1.5e3 (middle), 3e4 (even) or 2e10 (end) before any training, while Gromov et al. 2024
+    find the late blocks of larger Llamas the most redundant. The layer-reduction stage chooses
+    blocks by measured importance instead.
+    """
+
+    drop_layers: list[int] | None = Field(
+        default=None, min_length=1, description="Block indices to drop (negative: from the end)."
+    )
+    remove: int | None = Field(default=None, ge=1, description="How many blocks to remove.")
+    position: Literal["middle", "end", "even"] = Field(
+        default="middle", description="Where `remove` takes the blocks from (see above)."
+    )
+
+    @model_validator(mode="after")
+    def _one_way(self) -> StudentFromTeacher:
+        if (self.drop_layers is None) == (self.remove is None):
+            raise ValueError("give exactly one of drop_layers and remove")
+        return self
+
+
+class DistillLossConfig(StrictModel):
+    """What the student learns from: the teacher's logits, the labels, the teacher's hidden states.
+
+    loss = alpha * CE(labels) + (1 - alpha) * T^2 * KL(logits at temperature T)
+           + hidden_weight * hidden-state distance
+    """
+
+    kd: Literal["forward_kl", "reverse_kl"] = Field(
+        default="forward_kl",
+        description="forward_kl = KL(teacher || student) (Hinton et al. 2015, Minitron); "
+        "reverse_kl = KL(student || teacher), mode-seeking.",
+    )
+    temperature: float = Field(default=1.0, gt=0.0, description="Softens both distributions.")
+    alpha: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Weight of cross-entropy on the labels; the logit KL gets 1 - alpha. "
+        "1 is plain language-model fine-tuning (no teacher needed).",
+    )
+    hidden_weight: float = Field(
+        default=0.0, ge=0.0, description="Weight of hidden-state matching; 0 switches it off."
+    )
+    hidden_loss: Literal["mse", "cosine"] = Field(
+        default="cosine", description="Distance between (projected) student and teacher states."
+    )
+    layer_map: list[tuple[int, int]] | None = Field(
+        default=None,
+        description="(student, teacher) hidden-state indices to match: 0 is the embedding "
+        "output, i the output of block i. Default: each student block to the teacher block it "
+        "came from (student_from_teacher) or to the proportional one.",
+    )
+
+
+class DistillConfig(StageBase):
+    """Knowledge distillation: train a student to match a teacher, in one loop on accelerate.
+
+    In a recipe the teacher is the recipe's original model (`teacher: original`, default) or the
+    model entering the stage (`current`) or a path; the student is the model entering the stage
+    (`student: current`, e.g. the output of a layer-reduction or pruning stage), a path, or the
+    teacher with blocks removed (`student_from_teacher`). `distill()` in the Python API and the
+    `distill` command take the models directly and ignore `teacher` and `student`.
+    """
+
+    type: Literal["distill"] = "distill"
+    teacher: str = Field(
+        default="original",
+        description="Recipes: 'original' (the recipe's model), 'current' (the model entering "
+        "this stage) or a model path.",
+    )
+    student: str = Field(
+        default="current",
+        description="Recipes: 'current' (the model entering this stage) or a model path.",
+    )
+    student_from_teacher: StudentFromTeacher | None = Field(
+        default=None, description="Make the student by removing blocks from the teacher."
+    )
+    train_data: DataConfig | None = Field(default=None, description="Training text.")
+    eval_data: DataConfig | None = Field(
+        default=None, description="Held-out text; default: the last eval_fraction of train_data."
+    )
+    eval_fraction: float = Field(
+        default=0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Tail of the training text held out (no eval_data).",
+    )
+    loss: DistillLossConfig = Field(default_factory=DistillLossConfig)
+
+    max_steps: int | None = Field(default=None, ge=1, description="Optimizer steps.")
+    epochs: float | None = Field(
+        default=None, gt=0.0, description="Passes over the training text (default 1)."
+    )
+    learning_rate: float = Field(default=1e-4, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="Decay after warm-up (to min_lr_ratio * learning_rate)."
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up from zero.")
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+    batch_size: int = Field(default=8, ge=1, description="Sequences per micro-batch per process.")
+    seq_len: int = Field(default=256, ge=2, description="Tokens per packed training sequence.")
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0, description="null: no clipping.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in backward: less memory, more time."
+    )
+    seed: int = 0
+
+    eval_every: int = Field(
+        default=100, ge=0, description="Held-out perplexity every N steps (0: start and end only)."
+    )
+    eval_windows: int | None = Field(
+        default=64, ge=1, description="Held-out sequences scored per evaluation (null: all)."
+    )
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, description="Stop after N evaluations without improvement."
+    )
+    save_every: int = Field(
+        default=500, ge=0, description="Checkpoint every N steps (0: only at the end)."
+    )
+    keep_checkpoints: int = Field(default=2, ge=1, description="Most recent checkpoints kept.")
+    log_every: int = Field(default=10, ge=1, description="Steps per metrics.jsonl line.")
+    teacher_topk: int | None = Field(
+        default=None,
+        ge=1,
+        description="Cache the teacher's top-k logits per token on disk once and train from "
+        "them: repeated runs need no teacher forward passes (forward_kl, no hidden states).",
+    )
+    teacher_cache: str | None = Field(
+        default=None, description="Folder of the top-k cache (default: OUTPUT/teacher-cache)."
+    )
+
+    @field_validator("train_data", "eval_data", mode="before")
+    @classmethod
+    def _source_shorthand(cls, value: Any) -> Any:
+        return {"source": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DistillConfig:
+        problems = []
+        if self.max_steps is not None and self.epochs is not None:
+            problems.append("give max_steps or epochs, not both")
+        if self.student_from_teacher is not None and self.student != "current":
+            problems.append("student_from_teacher makes the student; do not also give student")
+        if self.teacher_topk is not None:
+            if self.loss.kd != "forward_kl":
+                problems.append(
+                    "teacher_topk needs loss.kd: forward_kl (reverse KL needs every logit)"
+                )
+            if self.loss.hidden_weight > 0:
+                problems.append("teacher_topk caches logits only; set loss.hidden_weight: 0")
+        if self.early_stopping_patience is not None and self.eval_every == 0:
+            problems.append("early_stopping_patience needs eval_every > 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def needs_teacher(self) -> bool:
+        """False for plain fine-tuning (alpha 1, no hidden-state term): no teacher passes."""
+        return self.loss.alpha < 1.0 or self.loss.hidden_weight > 0.0
+
+
 # Stage configs are a discriminated union on `type` (quantize nests another on `method`); each
 # later stage issue adds its config here.
 StageConfig = Annotated[
     Union[  # noqa: UP007
-        CastConfig, EvaluateStageConfig, QuantizeConfig, PruneConfig, LayerReductionConfig
+        CastConfig,
+        EvaluateStageConfig,
+        QuantizeConfig,
+        PruneConfig,
+        LayerReductionConfig,
+        DistillConfig,
     ],
     Field(discriminator="type"),
 ]
@@ -716,6 +929,8 @@ def recipe_schema() -> dict[str, Any]:
     }
     for field in schema["$defs"]["DataSources"]["properties"].values():
         field["anyOf"].insert(1, {"type": "string"})
+    for key in ("train_data", "eval_data"):
+        schema["$defs"]["DistillConfig"]["properties"][key]["anyOf"].insert(1, {"type": "string"})
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "Swiss Knife recipe"
     return schema

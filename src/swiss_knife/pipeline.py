@@ -33,6 +33,7 @@ import yaml
 from .config import (
     CastConfig,
     CompressionConfig,
+    DistillConfig,
     EvaluateStageConfig,
     EvaluationConfig,
     LayerReductionConfig,
@@ -118,23 +119,44 @@ def _run_cast(state: PipelineState, stage: CastConfig) -> StageOutcome:
     return StageOutcome(True, [f"cast weights from {before} to {stage.dtype}"])
 
 
+def _stage_calibration(state: PipelineState, stage: Any, reason: str | None) -> Any:
+    """The stage's calibration windows from data.calibration (or data.eval), or None when
+    `reason` (why the stage needs them) is None."""
+    from .compression.quantization.api import calibration_samples
+
+    if reason is None:
+        return None
+    source = state.recipe.data.calibration or state.recipe.data.eval
+    if source is None:
+        raise ConfigError(
+            f"stage {stage.method!r}: {reason} needs calibration text: set data.calibration "
+            "(or data.eval) in the recipe"
+        )
+    return calibration_samples(
+        source,
+        state.tokenizer,
+        stage.calibration,
+        max_positions=getattr(state.model.config, "max_position_embeddings", None),
+    )
+
+
+def _stage_outcome(state: PipelineState, outcome: Any) -> StageOutcome:
+    state.model = outcome.model
+    return StageOutcome(
+        True,
+        outcome.steps,
+        info={"format": outcome.format, **outcome.report},
+        writer=outcome.writer,
+    )
+
+
 @register_stage("quantize")
 def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
-    from .compression.quantization.api import model_calibration_samples, quantize
+    from .compression.quantization.api import quantize
     from .compression.quantization.base import get_method
 
-    recipe = state.recipe
-    calibration = None
-    if get_method(stage.method).needs_calibration:
-        source = recipe.data.calibration or recipe.data.eval
-        if source is None:
-            raise ConfigError(
-                f"stage {stage.method!r} needs calibration text: set data.calibration "
-                "(or data.eval) in the recipe"
-            )
-        calibration = model_calibration_samples(
-            state.model, source, state.tokenizer, stage.calibration
-        )
+    needs = get_method(stage.method).needs_calibration
+    calibration = _stage_calibration(state, stage, f"method {stage.method!r}" if needs else None)
     outcome = quantize(
         state.model,
         stage,
@@ -143,13 +165,35 @@ def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
         progress=state.progress,
         tokenizer=state.tokenizer,
     )
-    state.model = outcome.model
-    return StageOutcome(
-        True,
-        outcome.steps,
-        info={"format": outcome.format, **outcome.report},
-        writer=outcome.writer,
+    return _stage_outcome(state, outcome)
+
+
+@register_stage("prune")
+def _run_prune(state: PipelineState, stage: Any) -> StageOutcome:
+    from .compression.pruning import prune
+    from .compression.pruning.api import calibration_reason
+
+    recipe = state.recipe
+    calibration = _stage_calibration(state, stage, calibration_reason(stage))
+    train_tokens = None
+    if getattr(stage, "schedule", None) is not None:
+        # Fine-tuning reads the calibration text, never the evaluation text it is scored on.
+        if recipe.data.calibration is None:
+            raise ConfigError(
+                f"stage {stage.method!r} prunes gradually and fine-tunes between steps: set "
+                "data.calibration in the recipe to the text to train on"
+            )
+        train_tokens = load_token_stream(recipe.data.calibration, state.tokenizer)
+    outcome = prune(
+        state.model,
+        stage,
+        calibration=calibration,
+        device=state.loaded.device,
+        progress=state.progress,
+        tokenizer=state.tokenizer,
+        train_tokens=train_tokens,
     )
+    return _stage_outcome(state, outcome)
 
 
 @register_stage("reduce_layers")
@@ -182,6 +226,75 @@ def _run_reduce_layers(state: PipelineState, stage: LayerReductionConfig) -> Sta
     state.model = outcome.model
     logger.info("block importance:\n%s", outcome.report["importance_table"])
     return StageOutcome(True, outcome.steps, info=outcome.report)
+
+
+@register_stage("distill")
+def _run_distill(state: PipelineState, stage: DistillConfig) -> StageOutcome:
+    """Train a student on the teacher's outputs; the student then continues down the recipe.
+
+    Teacher: the recipe's original model (`teacher: original`, the default, reloaded from disk),
+    the model entering this stage (`current`), or a path. Student: the model entering this stage
+    (`student: current`, e.g. the output of a pruning or layer-reduction stage), a path, or the
+    teacher minus some blocks (`student_from_teacher`). Training files (checkpoints, metrics)
+    go to OUTPUT/distill/NAME; a re-run resumes there when nothing upstream changed.
+    """
+    from .compression.distillation.api import distill
+
+    recipe = state.recipe
+    index = next(i for i, s in enumerate(recipe.stages) if s is stage)
+    name = stage_name(stage, index)
+    if stage.train_data is None:
+        raise ConfigError(f"stage {name!r} needs train_data: the text to distil on")
+    if stage.teacher == "current" and stage.student == "current" and not stage.student_from_teacher:
+        raise ConfigError(
+            f"stage {name!r}: the teacher and the student are both the model entering the "
+            "stage; set teacher: original (or a path), or student_from_teacher"
+        )
+    device = recipe.model.device
+    if stage.teacher == "original":
+        teacher = load_model(recipe.model, with_tokenizer=False, device="cpu").model
+    elif stage.teacher == "current":
+        teacher = state.model
+    else:
+        teacher = load_model(stage.teacher, with_tokenizer=False, device="cpu").model
+    student: Any = None
+    if stage.student_from_teacher is None:
+        if stage.student == "current":
+            student = state.model
+        else:
+            student = load_model(stage.student, with_tokenizer=False, device="cpu").model
+    result = distill(
+        teacher,
+        student,
+        stage,
+        tokenizer=state.tokenizer,
+        output_dir=state.output_dir / "distill" / name,
+        resume="auto",
+        cpu=device == "cpu",
+        progress=state.progress,
+    )
+    state.model = result.student
+    steps = [
+        f"distilled from the {stage.teacher} model for {result.steps} steps "
+        f"({result.tokens:,} tokens, {stage.loss.kd}, alpha {stage.loss.alpha})"
+    ]
+    if result.kept_blocks is not None:
+        steps.insert(0, f"student: the teacher's blocks {result.kept_blocks}")
+    if result.best_step is not None and result.best_perplexity is not None:
+        steps.append(
+            f"kept step {result.best_step} (held-out perplexity {result.best_perplexity:.4g})"
+        )
+    info: dict[str, Any] = {
+        "steps": result.steps,
+        "tokens": result.tokens,
+        "tokens_per_s": result.tokens_per_s,
+        "best_step": result.best_step,
+        "best_eval_perplexity": result.best_perplexity,
+        "evaluations": [vars(e) for e in result.evaluations],
+        "stopped_early": result.stopped_early,
+        "kept_blocks": result.kept_blocks,
+    }
+    return StageOutcome(True, steps, info=info)
 
 
 @register_stage("evaluate")

@@ -18,6 +18,18 @@ from ..quantization.api import is_quantized
 from .base import PruneContext, PruneOutcome, get_method
 
 
+def calibration_reason(config: Any) -> str | None:
+    """Why a pruning config needs calibration text, in words, or None when it is data-free."""
+    method = getattr(config, "method", None)
+    if get_method(str(method)).needs_calibration:
+        return f"method {method!r}"
+    if getattr(config, "allocation", None) == "owl":
+        return "allocation 'owl' (it ranks layers by activation outliers)"
+    if getattr(config, "importance", None) == "activation":
+        return "importance 'activation'"
+    return None
+
+
 def prune(
     model: nn.Module,
     config: Any,
@@ -45,11 +57,11 @@ def prune(
         raise UserInputError(
             f"the model is quantized ({already}); prune the float checkpoint, then quantize"
         )
-    needs = info.needs_calibration or getattr(config, "importance", None) == "activation"
-    if needs:
+    reason = calibration_reason(config)
+    if reason is not None:
         if calibration is None:
             raise UserInputError(
-                f"method {method!r} needs calibration data: pass --calibration-data "
+                f"{reason} needs calibration data: pass --calibration-data "
                 "(or data.calibration in a recipe)"
             )
         if calibration.dtype != torch.long or calibration.dim() != 2 or calibration.numel() == 0:

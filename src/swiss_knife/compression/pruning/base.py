@@ -76,15 +76,7 @@ def register_method(
 
 def _load_builtin_methods() -> None:
     # Importing the modules runs their @register_method decorators.
-    import importlib
-
-    for module in ("unstructured", "structured"):
-        try:
-            importlib.import_module(f"{__package__}.{module}")
-        except ModuleNotFoundError as exc:
-            # Only a method module that does not exist yet is skipped, never a broken import.
-            if exc.name != f"{__package__}.{module}":
-                raise
+    from . import structured, unstructured  # noqa: F401
 
 
 def get_method(name: str) -> MethodInfo:

@@ -1,0 +1,348 @@
+"""`distill(teacher, student, config, train_data=...)`: check everything, then run the loop.
+
+Every check that can fail does so before the first training step, with a one-line error: a
+student whose vocabulary differs from the teacher's, a layer map out of range, training text
+shorter than one batch, held-out text shorter than one sequence per process, an output folder
+holding another run, a `resume` checkpoint made by a different run (its fingerprint, the hashes
+of the weights, data and settings, differs). Only then is the loop started (`loop.train`).
+
+Output folder::
+
+    run.json                  the resolved config and the run's fingerprint
+    metrics.jsonl             one line per `log_every` steps and per evaluation
+    checkpoints/step-N/       accelerate state + loop counters, to resume (the last few kept)
+    best/                     the student with the lowest held-out perplexity (a normal checkpoint)
+    final/                    the student after the last step
+    teacher-cache/            the teacher's top-k logits (with `teacher_topk`, unless moved)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from swiss_knife.arch import hidden_size, num_layers
+from swiss_knife.config import DataConfig, DistillConfig, config_to_dict
+from swiss_knife.data import load_token_stream
+from swiss_knife.errors import DataError, OutputExistsError, UserInputError
+from swiss_knife.models import LoadedModel, load_model
+
+from .cache import cache_path, compute_topk, load_or_compute_topk, model_digest, tensor_digest
+from .data import BatchOrder, PackedData, prepare_data
+from .loop import (
+    CHECKPOINTS,
+    METRICS,
+    DistillResult,
+    TrainingJob,
+    check_resume,
+    checkpoint_dirs,
+    create_accelerator,
+    fingerprint_mismatch,
+    read_checkpoint_state,
+    total_steps,
+    train,
+)
+from .losses import DistillationLoss, ForwardKL, HiddenStateLoss, ReverseKL
+from .student import (
+    check_layer_map,
+    check_pair,
+    default_layer_map,
+    logit_width,
+    student_from_teacher,
+)
+
+logger = logging.getLogger(__name__)
+
+ModelLike = nn.Module | LoadedModel | str
+DataLike = DataConfig | str | Tensor
+Resume = bool | Literal["auto"] | str | Path
+
+RUN_FILE = "run.json"
+# Settings that change where and how often things are written, not what is computed.
+_BOOKKEEPING = (
+    "name",
+    "evaluate",
+    "teacher",
+    "student",
+    "save_every",
+    "keep_checkpoints",
+    "log_every",
+    "teacher_cache",
+    "train_data",
+    "eval_data",
+)
+
+
+def _model_and_tokenizer(model: ModelLike, role: str) -> tuple[nn.Module, Any | None, str | None]:
+    if isinstance(model, str):
+        loaded = load_model(model, device="cpu")
+        return loaded.model, loaded.tokenizer, model
+    if isinstance(model, LoadedModel):
+        return model.model, model.tokenizer, model.source
+    if not isinstance(model, nn.Module):
+        raise UserInputError(f"the {role} must be a model, a LoadedModel or a path")
+    return model, None, getattr(getattr(model, "config", None), "_name_or_path", None) or None
+
+
+def _token_stream(data: DataLike, tokenizer: Any | None, what: str) -> Tensor:
+    if isinstance(data, Tensor):
+        if data.dim() != 1 or data.dtype.is_floating_point:
+            raise DataError(f"{what}: expected a 1-D tensor of token ids")
+        return data.long()
+    if tokenizer is None:
+        raise DataError(f"{what} is text, but no tokenizer was given or found with the teacher")
+    return load_token_stream(data, tokenizer)
+
+
+def _build_loss(
+    config: DistillConfig, teacher: nn.Module, student: nn.Module, kept: list[int] | None
+) -> DistillationLoss:
+    spec = config.loss
+    kd: ForwardKL | ReverseKL | None = None
+    if spec.alpha < 1.0:
+        kd = ForwardKL(spec.temperature) if spec.kd == "forward_kl" else ReverseKL(spec.temperature)
+    hidden = None
+    if spec.hidden_weight > 0:
+        layer_map = spec.layer_map or default_layer_map(
+            num_layers(teacher), num_layers(student), kept
+        )
+        check_layer_map(layer_map, teacher, student)
+        hidden = HiddenStateLoss(
+            layer_map, hidden_size(student), hidden_size(teacher), spec.hidden_loss
+        )
+    return DistillationLoss(
+        kd=kd, alpha=spec.alpha, hidden=hidden, hidden_weight=spec.hidden_weight
+    )
+
+
+_RUN_ENTRIES = (RUN_FILE, METRICS, CHECKPOINTS, "best", "final")
+
+
+def _looks_like_run(directory: Path) -> bool:
+    return any((directory / name).exists() for name in _RUN_ENTRIES)
+
+
+def _clear_run(directory: Path) -> None:
+    """Delete an earlier run's files; the teacher cache stays (its name is its content hash)."""
+    for name in _RUN_ENTRIES:
+        path = directory / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _check_output(out: Path, resume: Resume, overwrite: bool) -> tuple[Path | None, bool]:
+    """Refuse to mix runs in one folder.
+
+    Returns an explicitly named checkpoint (if any) and whether an earlier run must be cleared;
+    the caller clears it only once every other check has passed.
+    """
+    if resume not in (False, True, "auto"):
+        path = Path(str(resume)).expanduser()
+        read_checkpoint_state(path)  # raises unless it is a checkpoint
+        return path, False
+    if resume is True and not checkpoint_dirs(out):
+        raise UserInputError(f"nothing to resume: {out} holds no checkpoint")
+    if resume is False and out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(
+                f"output directory {out} is not empty; pass --resume to continue its run or "
+                "--overwrite to start again"
+            )
+        if not _looks_like_run(out):
+            raise OutputExistsError(
+                f"{out} is not empty and holds no distillation run; refusing to delete it"
+            )
+        return None, True
+    return None, False
+
+
+def _fingerprint(
+    config: DistillConfig,
+    teacher: nn.Module,
+    student: nn.Module,
+    data: PackedData,
+    processes: int,
+    steps: int,
+) -> dict[str, Any]:
+    """What determines the run's result: a checkpoint resumes only a run with the same values."""
+    settings = {k: v for k, v in config_to_dict(config).items() if k not in _BOOKKEEPING}
+    return {
+        "settings": settings,
+        "teacher": model_digest(teacher),
+        "student": model_digest(student),
+        "train_data": tensor_digest(data.train),
+        "eval_data": tensor_digest(data.eval),
+        "processes": processes,
+        "total_steps": steps,
+    }
+
+
+def distill(
+    teacher: ModelLike,
+    student: ModelLike | None,
+    config: DistillConfig | None = None,
+    *,
+    train_data: DataLike | None = None,
+    eval_data: DataLike | None = None,
+    tokenizer: Any | None = None,
+    output_dir: str | Path,
+    resume: Resume = False,
+    overwrite: bool = False,
+    cpu: bool = False,
+    progress: bool = True,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+) -> DistillResult:
+    """Distil `teacher` into `student` (or into the teacher minus some blocks) and save it.
+
+    `student=None` makes the student from the teacher with `config.student_from_teacher`.
+    `train_data` / `eval_data` are a text source (tokenised with `tokenizer`, or the teacher's)
+    or a 1-D token tensor; they default to the config's. `resume`: False starts a new run (the
+    output folder must be empty, or `overwrite`), True continues from the latest checkpoint in
+    `output_dir`, a path continues from that checkpoint, "auto" continues when a checkpoint of
+    this very run exists and otherwise discards the folder's earlier run (for recipes, whose
+    output folders Swiss Knife owns). `cpu` forces the CPU even when a GPU is present.
+    """
+    config = config or DistillConfig()
+    out = Path(output_dir).expanduser().resolve()
+    named_checkpoint, clear = _check_output(out, resume, overwrite)
+
+    teacher_model, teacher_tok, source = _model_and_tokenizer(teacher, "teacher")
+    tokenizer = tokenizer if tokenizer is not None else teacher_tok
+    kept: list[int] | None = None
+    if student is None:
+        if config.student_from_teacher is None:
+            raise UserInputError("give a student model, or student_from_teacher in the config")
+        student_model, kept = student_from_teacher(teacher_model, config.student_from_teacher)
+        student_tok = None
+    else:
+        if config.student_from_teacher is not None:
+            raise UserInputError("give a student model or student_from_teacher, not both")
+        student_model, student_tok, _ = _model_and_tokenizer(student, "student")
+        if student_model is teacher_model:
+            raise UserInputError("the teacher and the student are the same model object")
+    check_pair(teacher_model, student_model, tokenizer, student_tok)
+    if not any(p.requires_grad for p in student_model.parameters()):
+        raise UserInputError("the student has no trainable parameters (all requires_grad=False)")
+
+    train_source = train_data if train_data is not None else config.train_data
+    if train_source is None:
+        raise UserInputError("no training text: pass train_data (--train-data)")
+    eval_source = eval_data if eval_data is not None else config.eval_data
+    train_stream = _token_stream(train_source, tokenizer, "training text")
+    eval_stream = (
+        _token_stream(eval_source, tokenizer, "held-out text") if eval_source is not None else None
+    )
+    vocab = logit_width(teacher_model)
+    for stream, what in ((train_stream, "training"), (eval_stream, "held-out")):
+        if stream is not None and stream.numel() and int(stream.max()) >= vocab:
+            raise DataError(
+                f"{what} token ids reach {int(stream.max())}, beyond the vocabulary of {vocab}"
+            )
+
+    accelerator = create_accelerator(config, cpu=cpu)
+    processes = accelerator.num_processes
+    wants_eval = eval_stream is not None or config.eval_fraction > 0
+    if config.early_stopping_patience is not None and not wants_eval:
+        raise UserInputError("early stopping needs held-out text: eval_data or eval_fraction > 0")
+    data = prepare_data(
+        train_stream,
+        config.seq_len,
+        min_train_sequences=config.batch_size * processes,
+        eval_stream=eval_stream,
+        eval_fraction=config.eval_fraction,
+        eval_windows=config.eval_windows,
+        min_eval_sequences=processes,
+    )
+    steps = total_steps(
+        config, BatchOrder(data.train.shape[0], config.batch_size, processes, config.seed)
+    )
+
+    # Seed before anything random is created (the hidden-state projections).
+    from accelerate.utils import set_seed
+
+    set_seed(config.seed)
+    loss = _build_loss(config, teacher_model, student_model, kept)
+    fingerprint = _fingerprint(config, teacher_model, student_model, data, processes, steps)
+
+    resume_from = named_checkpoint
+    if resume is True or resume == "auto":
+        latest = checkpoint_dirs(out)
+        if latest:
+            saved = read_checkpoint_state(latest[-1]).get("fingerprint", {})
+            if resume == "auto" and fingerprint_mismatch(saved, fingerprint):
+                logger.info("%s holds a different run; starting again", out)
+                clear = True
+            else:
+                resume_from = latest[-1]
+    if resume_from is not None:
+        check_resume(resume_from, fingerprint)
+    if clear:
+        if accelerator.is_main_process:
+            _clear_run(out)
+        accelerator.wait_for_everyone()
+
+    topk = None
+    if config.teacher_topk is not None:
+        cache_dir = (
+            Path(config.teacher_cache).expanduser()
+            if config.teacher_cache
+            else out / "teacher-cache"
+        )
+        path = cache_path(cache_dir, fingerprint["teacher"], data.train, config.teacher_topk)
+        k = config.teacher_topk
+        topk = load_or_compute_topk(
+            path,
+            lambda: compute_topk(
+                teacher_model.to(accelerator.device),
+                data.train,
+                k,
+                batch_size=config.batch_size,
+                device=accelerator.device,
+                autocast=accelerator.autocast,
+                progress=progress,
+            ),
+            is_main_process=accelerator.is_main_process,
+            wait_for_everyone=accelerator.wait_for_everyone,
+        )
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        run = {"config": config_to_dict(config), "fingerprint": fingerprint, "source": source}
+        (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+    accelerator.wait_for_everyone()
+
+    job = TrainingJob(
+        config=config,
+        student=student_model,
+        teacher=teacher_model if config.needs_teacher and topk is None else None,
+        loss=loss,
+        data=data,
+        total_steps=steps,
+        output_dir=out,
+        fingerprint=fingerprint,
+        teacher_topk=topk,
+        tokenizer=tokenizer,
+        resume_from=resume_from,
+        source=source,
+        progress=progress,
+        callback=callback,
+    )
+    logger.info(
+        "distilling for %d steps: %d training sequences of %d tokens, %d held out, %d process(es)",
+        steps,
+        data.train.shape[0],
+        config.seq_len,
+        data.eval.shape[0],
+        processes,
+    )
+    result = train(accelerator, job)
+    result.kept_blocks = kept
+    return result
