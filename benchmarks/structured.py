@@ -269,6 +269,11 @@ def run_case(case: Any, args: argparse.Namespace, root: Path) -> tuple[list[Row]
     return rows, prepared, params
 
 
+def number(value: float) -> str:
+    """Three decimals, or three significant digits once a perplexity has exploded."""
+    return f"{value:.3f}" if value < 1e4 else f"{value:.3g}"
+
+
 def table(rows: list[Row]) -> str:
     base = rows[0].measured
     head = (
@@ -289,7 +294,7 @@ def table(rows: list[Row]) -> str:
         cpu_x = m["original_cpu_s"] / m["cpu_s"]
         lines.append(
             f"| {r.variant.label} | {r.shape} | {r.params / 1e6:.3f} M "
-            f"| {m['disk_bytes'] / 1e6:.2f} | {m['ppl']:.3f} ({m['ppl'] / base['ppl']:.2f}×) "
+            f"| {m['disk_bytes'] / 1e6:.2f} | {number(m['ppl'])} ({number(m['ppl'] / base['ppl'])}×) "
             f"| {m['prefill_tps']:.0f} ({prefill_x:.2f}×) "
             f"| {m['decode_ms']:.2f} ({decode_x:.2f}×) "
             f"| {m['cpu_s']:.2f} ({cpu_x:.2f}×) "
@@ -410,9 +415,14 @@ def main(argv: list[str] | None = None) -> int:
         f"- Command: `{command}`",
         f"- Date: {started:%Y-%m-%d %H:%M %Z}, {minutes:.0f} minutes",
         f"- Speed: batch 1, {args.prompt_len}-token prompt, {args.new_tokens} decode steps, "
-        f"median of {args.speed_repeats} runs after one warm-up, fp32, "
-        f"{args.threads} torch threads, each row timed alternately with the original "
-        "(speedup > 1 is faster).",
+        f"median of {args.speed_repeats} runs after one warm-up, fp32, torch threads: "
+        f"{args.threads}; each row is timed alternately with the original (speedup > 1 is "
+        "faster). stories260K is so small that per-step overhead dominates its timings: its "
+        "speed columns are noise around 1×, its parameters and disk size are what it shows.",
+        "- Perplexity is before any healing: structured cuts and dropped blocks are meant to be "
+        "followed by fine-tuning or distillation. Data-free magnitude importance looks only at "
+        "weight norms and can remove the channels that carry the largest activations; "
+        "activation importance measures them.",
         f"- Versions: torch {qbench.pkg('torch')}, transformers {qbench.pkg('transformers')}",
         f"- CPU: {qbench.cpu_model()}; load average (1/5/15 min) at start {load_start}, "
         f"at end {qbench.load_avg()} (other jobs share this machine).",
