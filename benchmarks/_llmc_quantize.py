@@ -88,22 +88,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from datasets import Dataset
-    from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
-    from transformers import AutoModelForCausalLM
 
-    imported = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    model.eval()
-    loaded = time.perf_counter()
-    after_load = max_rss()
-
-    ids = torch.load(args.calibration)  # (num_samples, seq_len)
-    dataset = Dataset.from_dict(
-        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
-    )
     weights = QuantizationArgs(
         num_bits=args.bits,
         type="int",
@@ -117,13 +104,36 @@ def main() -> None:
         recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])
     else:
         recipe = QuantizationModifier(config_groups=groups, ignore=["lm_head"])
+    run_oneshot(args, recipe, with_data=args.method == "gptq", save_compressed=True)
 
+
+def run_oneshot(
+    args: argparse.Namespace, recipe: object, *, with_data: bool, save_compressed: bool
+) -> None:
+    """Load ``args.model_dir`` in fp32, run ``oneshot(recipe)`` on the saved calibration ids
+    (when `with_data`), save to ``args.output_dir`` and write the timings and memory to
+    ``args.result``. Shared by the quantization and pruning workers."""
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM
+
+    imported = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    model.eval()
+    loaded = time.perf_counter()
+    after_load = max_rss()
+
+    ids = torch.load(args.calibration)  # (num_samples, seq_len)
+    dataset = Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
+    )
     with PeakRSS() as peak:
         load, times = os.getloadavg()[0], os.times()
         start = time.perf_counter()
         oneshot(
             model=model,
-            dataset=dataset if args.method == "gptq" else None,
+            dataset=dataset if with_data else None,
             recipe=recipe,
             num_calibration_samples=int(ids.shape[0]),
             max_seq_length=int(ids.shape[1]),
@@ -134,10 +144,10 @@ def main() -> None:
         after = os.times()
         cpu_seconds = after.user + after.system - times.user - times.system
         load_after = os.getloadavg()[0]
-    after_quantize = max_rss()
+    after_compress = max_rss()
 
     save_start = time.perf_counter()
-    model.save_pretrained(args.output_dir, save_compressed=True)
+    model.save_pretrained(args.output_dir, save_compressed=save_compressed)
     save_seconds = time.perf_counter() - save_start
 
     result = {
@@ -151,10 +161,11 @@ def main() -> None:
         "rss_before_bytes": peak.baseline,
         "rss_peak_bytes": peak.peak,
         "max_rss_after_load_bytes": after_load,
-        "max_rss_after_quantize_bytes": after_quantize,
+        "max_rss_after_quantize_bytes": after_compress,
         "process_max_rss_bytes": max_rss(),
         "threads": torch.get_num_threads(),
         "calibration_shape": list(ids.shape),
+        "recipe": repr(recipe),
         "versions": {
             name: version(name)
             for name in ("llmcompressor", "compressed-tensors", "transformers", "torch")

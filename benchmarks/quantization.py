@@ -69,7 +69,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -187,10 +187,19 @@ def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
             GPTQConfig(bits=4, group_size=g, calibration=calib),
             "gptq_plain",
         ),
+        # llm-compressor's defaults: activation order with static groups, and every linear of
+        # a block calibrated on the block's inputs in one pass (no true-sequential groups).
         ours(
-            f"GPTQ W4 {grid} act-order + static groups",
+            f"GPTQ W4 {grid} act-order + static groups (llm-compressor's settings)",
             "4-bit",
-            GPTQConfig(bits=4, group_size=g, act_order=True, static_groups=True, calibration=calib),
+            GPTQConfig(
+                bits=4,
+                group_size=g,
+                act_order=True,
+                static_groups=True,
+                true_sequential=False,
+                calibration=calib,
+            ),
             "gptq_matched",
         ),
         ours(
@@ -864,16 +873,28 @@ def notes(rows: list[Row]) -> list[str]:
     return out
 
 
-def write_section(section: str) -> None:
-    """Replace (or append) this script's section of RESULTS.md, leaving the others alone."""
+def write_section(section: str, mark_start: str = MARK_START, mark_end: str = MARK_END) -> None:
+    """Replace (or append) a script's section of RESULTS.md, leaving the others alone."""
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else RESULTS_HEADER
-    block = f"{MARK_START}\n{section.rstrip()}\n{MARK_END}"
-    start, end = text.find(MARK_START), text.find(MARK_END)
+    block = f"{mark_start}\n{section.rstrip()}\n{mark_end}"
+    start, end = text.find(mark_start), text.find(mark_end)
     if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(MARK_END) :]
+        text = text[:start] + block + text[end + len(mark_end) :]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     RESULTS.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+
+
+def llmc_versions_text(workers: Iterable[dict[str, Any]]) -> str:
+    """The llm-compressor versions its workers reported, or why there are none."""
+    versions = next((w["versions"] for w in workers if "versions" in w), None)
+    if versions is None:
+        return "not run (--skip-llmc)"
+    return (
+        f"llm-compressor {versions['llmcompressor']} (own venv: transformers "
+        f"{versions['transformers']}, compressed-tensors {versions['compressed-tensors']}, "
+        f"torch {versions['torch']})"
+    )
 
 
 T0 = time.perf_counter()
@@ -986,21 +1007,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         root_ctx.cleanup()
 
-    llmc_versions = next(
-        (
-            r.worker["versions"]
-            for _, rows, _, _ in results
-            for r in rows
-            if r.variant.kind == "llmc" and "versions" in r.worker
-        ),
-        None,
-    )
-    llmc_text = (
-        "not run (--skip-llmc)"
-        if llmc_versions is None
-        else f"llm-compressor {llmc_versions['llmcompressor']} (own venv: transformers "
-        f"{llmc_versions['transformers']}, compressed-tensors {llmc_versions['compressed-tensors']}, "
-        f"torch {llmc_versions['torch']})"
+    llmc_text = llmc_versions_text(
+        r.worker for _, rows, _, _ in results for r in rows if r.variant.kind == "llmc"
     )
     details = [
         f"Command: `{command}`",

@@ -7,6 +7,7 @@ that need it use `stories_dir` (or the `requires_assets` marker) and are skipped
 from __future__ import annotations
 
 import string
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,17 @@ def make_tiny_llama(seed: int = 0, **overrides: Any) -> Any:
     settings.update(overrides)
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny-tensor tests: on a shared 2-core machine intra-op
+    threads only add hand-off cost (a 64x64 linear takes ~10 ms with 2 threads, microseconds
+    with 1). Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

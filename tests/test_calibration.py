@@ -413,3 +413,49 @@ def test_accumulators_match_direct_formulas() -> None:
         _ = HessianObserver().hessian
     with pytest.raises(RuntimeError, match="no inputs"):
         _ = ChannelNormObserver().abs_mean
+
+
+class _StoppingRecorder(Recorder):
+    stop_after_group = True
+
+    def __init__(self, zero: str | None = None) -> None:
+        super().__init__(zero)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def observe(self, name: str, module: nn.Module, inp: Tensor, out: Tensor) -> None:
+        self.calls[name] += 1
+        super().observe(name, module, inp, out)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_stopping_after_the_group_changes_no_statistic(model_type: str) -> None:
+    """Ending each pass once the group has run observes the same inputs and solves the same."""
+    model = build(model_type)
+    spec = get_arch(model)
+    target = f"{spec.blocks}.0.{spec.o_proj}"
+    ids = samples()
+    full, stopping = Recorder(zero=target), _StoppingRecorder(zero=target)
+    full_model = copy.deepcopy(model)
+    full_report = run_calibration(full_model, ids, full, batch_size=2)
+    report = run_calibration(model, ids, stopping, batch_size=2)
+    assert set(stopping.hessians) == set(full.hessians)
+    for name, observer in full.hessians.items():
+        torch.testing.assert_close(stopping.hessians[name].hessian, observer.hessian, msg=name)
+        assert stopping.calls[name] == 3  # once per mini-batch of 2, 2, 1 samples
+    for index in full.outputs:
+        torch.testing.assert_close(stopping.output(index), full.output(index))
+    assert report.linear(target).rel_error == pytest.approx(1.0)
+    assert report.blocks[0].rel_error == pytest.approx(full_report.blocks[0].rel_error)
+
+
+def test_errors_are_measured_on_the_leading_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    import swiss_knife.calibration as calibration
+
+    model = build("llama")
+    spec = get_arch(model)
+    target = f"{spec.blocks}.0.{spec.o_proj}"
+    monkeypatch.setattr(calibration, "ERROR_MAX_TOKENS", SEQ)  # the first mini-batch only
+    report = run_calibration(model, samples(), Recorder(zero=target), batch_size=2)
+    # Still the exact error of a zeroed linear, now from the first mini-batch alone.
+    assert report.linear(target).rel_error == pytest.approx(1.0)
+    assert report.blocks[0].rel_error is not None and report.blocks[0].rel_error > 0

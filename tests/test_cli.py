@@ -199,7 +199,7 @@ def test_validate_bad_recipe_lists_every_problem(tmp_path: Path) -> None:
     recipe.write_text(
         "model: some/model\n"
         "evaluation:\n  perplexity: {window: 1}\n"
-        "stages:\n  - type: cast\n    dtyp: bf16\n  - type: prune\n",
+        "stages:\n  - type: cast\n    dtyp: bf16\n  - type: prune_all\n",
         encoding="utf-8",
     )
     result = sk("validate", recipe)
@@ -212,7 +212,7 @@ def test_validate_bad_recipe_lists_every_problem(tmp_path: Path) -> None:
     detail = "\n".join(lines[1:])
     assert "evaluation.perplexity.window" in detail
     assert "stages[0].dtyp" in detail and "'dtype'" in detail
-    assert "stages[1]" in detail and "prune" in detail
+    assert "stages[1]" in detail and "prune_all" in detail
     assert result.stdout == ""
 
 
@@ -407,3 +407,26 @@ def test_error_without_a_message(
     monkeypatch.setattr(cli, "cmd_validate", fail)
     assert cli.main(["validate", "-q"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["error: DataError"]
+
+
+def test_demo_recipes_are_valid_and_chain_reduce_distill_quantize(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every demo variant is a valid recipe; distillation trains on calibration text only."""
+    from swiss_knife import demo
+
+    monkeypatch.setattr(demo, "dense_demo_model", lambda out: tmp_path / "model-fp32")
+    monkeypatch.setattr(demo, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(demo, "python_docstring_text", lambda max_chars=0: "a. b. c.\n\n" * 50)
+    for quick in (True, False):
+        recipes, _notes = demo.demo_recipes(tmp_path, quick=quick)
+        names = [name for name, _ in recipes]
+        assert names[:2] == ["bf16", "gptq-w4-g64"]
+        assert "sparsegpt-2of4" in names and names[-1] == "reduce-distill-gptq"
+        assert len(set(names)) == len(names)
+        chain = dict(recipes)["reduce-distill-gptq"]
+        assert [stage.type for stage in chain.stages] == ["reduce_layers", "distill", "quantize"]
+        distill_stage: Any = chain.stages[1]
+        calibration = chain.data.calibration
+        assert distill_stage.train_data == calibration and calibration != chain.data.eval
+        assert [recipe.evaluate_original for _, recipe in recipes].count(True) == 1

@@ -263,9 +263,15 @@ def test_wrong_type_or_range_is_reported_with_its_path(data: Any, path: str) -> 
 
 
 def test_unknown_stage_type_names_the_valid_types() -> None:
-    line = problem_lines(config_error({"model": "m", "stages": [{"type": "prune"}]}))[0]
+    line = problem_lines(config_error({"model": "m", "stages": [{"type": "zap"}]}))[0]
     assert line.startswith("stages[0]:")
     assert "'prune'" in line and "'cast'" in line and "'evaluate'" in line
+
+
+def test_stage_without_method_lists_the_methods() -> None:
+    line = problem_lines(config_error({"model": "m", "stages": [{"type": "prune"}]}))[0]
+    assert line.startswith("stages[0]: missing key 'method'")
+    assert "wanda" in line and "structured" in line and "bf16" not in line
 
 
 def test_stage_without_type_is_an_error() -> None:

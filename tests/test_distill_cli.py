@@ -128,10 +128,18 @@ def test_recipe_reduces_distils_quantizes_and_resumes(
 ) -> None:
     # The shipped sample's stages, shrunk to the tiny model.
     sample = yaml.safe_load(sample_text("distill.yaml"))
-    assert [s["type"] for s in sample["stages"]] == ["distill", "quantize", "evaluate"]
-    distill_stage = {
+    types = [s["type"] for s in sample["stages"]]
+    assert types == ["reduce_layers", "distill", "quantize", "evaluate"]
+    # The tiny model has two blocks: drop the first by position (no block is protected).
+    reduce_stage = {
         **sample["stages"][0],
-        "student_from_teacher": {"remove": 1},
+        "num_layers_to_remove": 1,
+        "selection": "first",
+        "keep_first": 0,
+        "calibration": {"num_samples": 4, "seq_len": 32},
+    }
+    distill_stage = {
+        **sample["stages"][1],
         "train_data": str(train_text),
         "max_steps": 6,
         "warmup_steps": 1,
@@ -143,8 +151,9 @@ def test_recipe_reduces_distils_quantizes_and_resumes(
         "eval_windows": 4,
         "save_every": 3,
     }
+    assert distill_stage["student"] == "current"
     quantize_stage = {
-        **sample["stages"][1],
+        **sample["stages"][2],
         "group_size": 16,
         "calibration": {"num_samples": 4, "seq_len": 32},
     }
@@ -154,7 +163,7 @@ def test_recipe_reduces_distils_quantizes_and_resumes(
             "model": {"path": str(tiny_llama_dir), "device": "cpu"},
             "data": {"eval": str(train_text), "calibration": str(train_text)},
             "evaluation": SMALL_EVALUATION,
-            "stages": [distill_stage, quantize_stage, {"type": "evaluate"}],
+            "stages": [reduce_stage, distill_stage, quantize_stage, {"type": "evaluate"}],
         },
         "test recipe",
     )
@@ -162,21 +171,21 @@ def test_recipe_reduces_distils_quantizes_and_resumes(
     result = run_recipe(recipe, out, progress=False)
     assert [r.name for r in result.reports] == [
         "original",
-        "reduce-distill",
+        "reduce",
+        "distill",
         "gptq-w4",
-        "02-evaluate",
+        "03-evaluate",
     ]
-    stage_dir = out / "stages" / "reduce-distill"
+    stage_dir = out / "stages" / "distill"
     manifest = json.loads((stage_dir / "swiss_knife.json").read_text(encoding="utf-8"))
     assert manifest["stage_report"]["steps"] == 6
-    assert manifest["stage_report"]["kept_blocks"] == [1]
     assert any("distilled from the original model" in step for step in manifest["steps"])
     assert json.loads((stage_dir / "config.json").read_text())["num_hidden_layers"] == 1
-    assert (out / "distill" / "reduce-distill" / "metrics.jsonl").is_file()
-    assert result.reports[1].metrics["perplexity"]["perplexity"] > 1
+    assert (out / "distill" / "distill" / "metrics.jsonl").is_file()
+    assert result.reports[2].metrics["perplexity"]["perplexity"] > 1
 
     again = run_recipe(recipe, out, progress=False)
-    assert {"reduce-distill", "gptq-w4"} <= set(again.resumed_stages)
+    assert {"reduce", "distill", "gptq-w4"} <= set(again.resumed_stages)
 
     both_current = {**distill_stage, "teacher": "current", "student_from_teacher": None}
     stages = validate_dict(CompressionConfig, {"model": "m", "stages": [both_current]}, "x").stages

@@ -331,3 +331,37 @@ def test_cli_quantize_errors(tiny_llama_dir: Path, tmp_path: Path) -> None:
     )
     assert done.returncode == 2 and "act_order" in done.stderr
     assert not (tmp_path / "q").exists()
+
+
+def test_gptq_shares_one_hessian_between_linears_reading_the_same_input(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """q/k/v (and gate/up) share a Hessian; the result equals accumulating one per linear."""
+    from swiss_knife.compression.quantization import weight_only
+    from swiss_knife.config import CalibrationSettings, GPTQConfig
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 64, (4, 16))
+    config = GPTQConfig(bits=4, group_size=None, calibration=CalibrationSettings(batch_size=2))
+    shared_model = make_tiny_llama()
+    separate_model = make_tiny_llama()
+    separate_model.load_state_dict(shared_model.state_dict())
+    updates: list[int] = []
+    original_update = weight_only.HessianObserver.update
+
+    def counting(self: Any, inp: torch.Tensor) -> None:
+        updates.append(inp.shape[0])
+        original_update(self, inp)
+
+    monkeypatch.setattr(weight_only.HessianObserver, "update", counting)
+    quantize(shared_model, config, calibration=ids)
+    shared_updates = len(updates)
+    updates.clear()
+    monkeypatch.setattr(weight_only, "_same_tensor", lambda a, b: False)
+    quantize(separate_model, config, calibration=ids)
+    # Per block and batch: 4 Hessians (qkv, o, gate/up, down) instead of 7.
+    assert shared_updates * 7 == len(updates) * 4
+    for (name, a), (_, b) in zip(
+        shared_model.state_dict().items(), separate_model.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, msg=name)

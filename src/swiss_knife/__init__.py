@@ -21,6 +21,7 @@ _EXPORTS = {
     "DistillConfig": "config",
     "EvaluationConfig": "config",
     "EvaluateStageConfig": "config",
+    "LayerReductionConfig": "config",
     "ModelSpec": "config",
     "load_config": "config",
     "load_recipe": "config",
@@ -42,6 +43,7 @@ _EXPORTS = {
     "resolve_device": "device",
     "device_info": "device",
     "get_arch": "arch",
+    "reduce_layers": "compression.layers",
     "SwissKnifeError": "errors",
     "UserInputError": "errors",
 }
@@ -54,6 +56,7 @@ __all__ = [
     "EvaluateStageConfig",
     "EvaluationConfig",
     "EvaluationReport",
+    "LayerReductionConfig",
     "LoadedModel",
     "ModelSpec",
     "SwissKnifeError",
@@ -69,6 +72,7 @@ __all__ = [
     "load_recipe",
     "load_token_stream",
     "read_documents",
+    "reduce_layers",
     "register_stage",
     "resolve_device",
     "run_recipe",
@@ -96,6 +100,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from .arch import get_arch
     from .compression.distillation.api import distill
+    from .compression.layers import reduce_layers
     from .config import (
         CastConfig,
         CompressionConfig,
@@ -103,6 +108,7 @@ if TYPE_CHECKING:
         DistillConfig,
         EvaluateStageConfig,
         EvaluationConfig,
+        LayerReductionConfig,
         ModelSpec,
         load_config,
         load_recipe,

@@ -35,7 +35,10 @@ twice while a block is replayed (its inputs and outputs) and once more when `mea
 keeps the original block outputs to report the block's error. ``offload_activations=True`` keeps
 the activations on the CPU and moves one mini-batch at a time; the captured block arguments
 (masks, rotary tables) stay on the compute device. Compute per block: one forward pass over the
-calibration set per group plus one for the replay. There is no KV cache (``use_cache=False``),
+calibration set per group (a calibrator with ``stop_after_group`` ends each pass as soon as the
+group's linears have run, so the [q, k, v] pass costs little more than the attention
+projections) plus one for the replay. Relative errors are measured on the leading mini-batches
+only (`ERROR_MAX_TOKENS` tokens). There is no KV cache (``use_cache=False``),
 the model is in eval mode under `torch.no_grad` (a calibrator needing gradients enables them
 itself), and its training flag is restored afterwards. Nothing is random: the same inputs give
 the same statistics.
@@ -262,6 +265,12 @@ class BlockCalibrator:
     linear of the block in true-sequential order.
     """
 
+    # Whether a group's pass over a mini-batch may stop as soon as every linear of the group
+    # has run. Saves most of a block's forward for early groups ([q, k, v] runs first), but a
+    # calibrator that hooks modules after the group (AWQ records the attention module's call)
+    # needs the whole forward and keeps this False.
+    stop_after_group: bool = False
+
     def start_block(self, ctx: BlockContext) -> None:
         """Called once the block is on the compute device, before any pass over it."""
 
@@ -300,7 +309,8 @@ class LinearRecord:
     tokens: int
     # Time spent in `solve`.
     seconds: float
-    # ||y_new - y_old|| / ||y_old|| over the replay, where y_old uses the weights from before
+    # ||y_new - y_old|| / ||y_old|| over the replay of the leading mini-batches (up to
+    # ERROR_MAX_TOKENS tokens), where y_old uses the weights from before
     # `solve` on the same inputs: the error this linear's own rewrite adds. None when not
     # measured. (For methods that also rescale the linear's input, e.g. AWQ folding scales into
     # a norm, read the block's error instead.)
@@ -387,6 +397,10 @@ class BlockInputs:
     def distinct_calls(self) -> int:
         """Number of argument sets actually stored (after sharing equal ones)."""
         return len({id(call) for per_block in self.calls for call in per_block})
+
+
+# Tokens (leading mini-batches) on which `run_calibration` measures relative output errors.
+ERROR_MAX_TOKENS = 8192
 
 
 class _StopForward(Exception):
@@ -725,6 +739,42 @@ def _observe_hook(calibrator: BlockCalibrator, name: str, tokens: dict[str, int]
     return hook
 
 
+class _StopBlock(Exception):
+    """Raised once every linear of the group being observed has run on the mini-batch."""
+
+
+class _GroupStop:
+    """Ends a mini-batch's pass once every linear of the group has run (when armed)."""
+
+    def __init__(self) -> None:
+        self.pending: set[str] = set()
+
+    def arm(self, group: Sequence[str]) -> None:
+        self.pending = set(group)
+
+    def disarm(self) -> None:
+        self.pending = set()
+
+    def hook(self, name: str) -> Any:
+        def fire(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+            if self.pending:
+                self.pending.discard(name)
+                if not self.pending:
+                    raise _StopBlock
+
+        return fire
+
+
+def _error_batches(inputs: BlockInputs, max_tokens: int) -> int:
+    """How many leading mini-batches the error measurements use: enough for `max_tokens`."""
+    tokens = 0
+    for count, hidden in enumerate(inputs.hidden, start=1):
+        tokens += hidden.shape[0] * hidden.shape[1]
+        if tokens >= max_tokens:
+            return count
+    return inputs.num_batches
+
+
 def _error_hook(weight: Tensor, bias: Tensor | None, meter: _ErrorMeter) -> Any:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         meter.add(output, _apply_linear(module, weight, bias, args[0]))
@@ -761,17 +811,33 @@ def _process_block(
     solved: dict[str, tuple[float, Mapping[str, float] | None]] = {}
     snapshots: dict[str, tuple[Tensor, Tensor | None]] = {}
     reference: list[Tensor] | None = [] if measure_error and groups else None
+    # Errors are measured on the leading mini-batches only (ERROR_MAX_TOKENS tokens): a relative
+    # error needs far fewer tokens than the statistics, and measuring it on every token would
+    # cost one more pass of every solved linear over the whole calibration set.
+    measured = _error_batches(inputs, ERROR_MAX_TOKENS) if reference is not None else 0
+    stop = _GroupStop()
 
     for group_index, group in enumerate(groups):
         handles = [
             ctx.linears[name].register_forward_hook(_observe_hook(calibrator, name, tokens))
             for name in group
         ]
+        if calibrator.stop_after_group:
+            handles += [ctx.linears[name].register_forward_hook(stop.hook(name)) for name in group]
         try:
             for batch, call in enumerate(inputs.calls[index]):
                 hidden = inputs.hidden[batch].to(inputs.device)  # (batch, seq, hidden)
-                out = _run_block(block, hidden, call)
-                if group_index == 0 and reference is not None:
+                keep = group_index == 0 and batch < measured
+                # The pass that records the original block output runs to the end.
+                if calibrator.stop_after_group and not keep:
+                    stop.arm(group)
+                else:
+                    stop.disarm()
+                try:
+                    out = _run_block(block, hidden, call)
+                except _StopBlock:
+                    continue
+                if keep and reference is not None:
                     # Before any solve: the original block's output, for the block's error.
                     reference.append(out.to(inputs.storage))
         finally:
@@ -792,21 +858,29 @@ def _process_block(
 
     # Replay: the (compressed) block's outputs become the next block's inputs.
     meters = {name: _ErrorMeter() for name in snapshots}
-    handles = [
-        ctx.linears[name].register_forward_hook(_error_hook(*snapshots[name], meters[name]))
-        for name in snapshots
-    ]
+    error_handles: list[Any] = []
     block_meter = _ErrorMeter()
     try:
         for batch, call in enumerate(inputs.calls[index]):
+            if batch == 0 and measured:
+                error_handles = [
+                    ctx.linears[name].register_forward_hook(
+                        _error_hook(*snapshots[name], meters[name])
+                    )
+                    for name in snapshots
+                ]
+            if batch == measured:
+                for handle in error_handles:
+                    handle.remove()
+                error_handles = []
             hidden = inputs.hidden[batch].to(inputs.device)  # (batch, seq, hidden)
             out = _run_block(block, hidden, call)  # (batch, seq, hidden)
             calibrator.observe_block(ctx, hidden, out)
-            if reference is not None:
+            if reference is not None and batch < measured:
                 block_meter.add(out, reference[batch].to(inputs.device))
             inputs.hidden[batch] = out.to(inputs.storage)
     finally:
-        for handle in handles:
+        for handle in error_handles:
             handle.remove()
     calibrator.end_block(ctx)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import SwissKnifeError, UserInputError
+from .errors import ConfigError, SwissKnifeError, UserInputError
 
 logger = logging.getLogger("swiss_knife")
 
@@ -105,8 +105,38 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="random seed (default 0)")
 
 
+def _add_calibration_options(
+    parser: argparse.ArgumentParser, title: str, *, default_samples: int
+) -> None:
+    g = parser.add_argument_group(title)
+    g.add_argument("--calibration-data", metavar="SOURCE", help="text to calibrate on")
+    g.add_argument("--field", default="text", help="text field of structured files")
+    g.add_argument(
+        "--split-documents",
+        choices=["none", "paragraph", "line"],
+        default="none",
+        help="cut plain text into documents",
+    )
+    g.add_argument(
+        "--num-samples", type=int, help=f"calibration windows (default {default_samples})"
+    )
+    g.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
+    g.add_argument("--seed", type=int, help="sampling seed (default 0)")
+    g.add_argument("--calibration-batch-size", type=int, help="windows per forward (default 8)")
+
+
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _add_compression_options(parser: argparse.ArgumentParser, verb: str, users: str) -> None:
+    """Targets, calibration text and model loading: shared by quantize and prune."""
+    g = parser.add_argument_group("targets")
+    g.add_argument("--targets", type=_comma_strings, help=f"patterns to {verb} (default Linear)")
+    g.add_argument("--ignore", type=_comma_strings, help="patterns to skip (default lm_head)")
+    _add_calibration_options(parser, f"calibration ({users})", default_samples=128)
+    _add_model_options(parser)
+    _add_output_options(parser)
 
 
 def _epilog(text: str) -> str:
@@ -116,21 +146,18 @@ def _epilog(text: str) -> str:
 # --------------------------------------------------------------------------- helpers
 
 
-def _data_config(args: argparse.Namespace) -> Any:
+def _text_source(args: argparse.Namespace, source: str | None, flag: str, **extra: Any) -> Any:
+    """A validated DataConfig for the text named by `flag` (None when it was not given)."""
     from .config import DataConfig, validate_dict
 
-    if not args.eval_data:
+    if not source:
         return None
-    return validate_dict(
-        DataConfig,
-        {
-            "source": args.eval_data,
-            "field": args.field,
-            "split_documents": args.split_documents,
-            "add_bos": not args.no_bos,
-        },
-        "--eval-data",
-    )
+    fields = {"source": source, "field": args.field, "split_documents": args.split_documents}
+    return validate_dict(DataConfig, {**fields, **extra}, flag)
+
+
+def _data_config(args: argparse.Namespace) -> Any:
+    return _text_source(args, args.eval_data, "--eval-data", add_bos=not args.no_bos)
 
 
 def _config_file(args: argparse.Namespace) -> dict[str, Any]:
@@ -201,6 +228,25 @@ def _load(args: argparse.Namespace, path: str, with_tokenizer: bool = True) -> A
     logger.info("loading %s", path)
     _library_progress(args)
     return load_model(spec, with_tokenizer=with_tokenizer)
+
+
+def _calibration_settings(args: argparse.Namespace, base: Any = None) -> dict[str, Any]:
+    """CalibrationSettings keys from the calibration flags given, over `base` (a config's)."""
+    settings = dict(base or {})
+    for flag, key in (
+        ("num_samples", "num_samples"),
+        ("seq_len", "seq_len"),
+        ("seed", "seed"),
+        ("calibration_batch_size", "batch_size"),
+    ):
+        if getattr(args, flag) is not None:
+            settings[key] = getattr(args, flag)
+    return settings
+
+
+def _calibration_source(args: argparse.Namespace) -> Any:
+    """The DataConfig of --calibration-data (validated before any model is loaded), or None."""
+    return _text_source(args, args.calibration_data, "--calibration-data")
 
 
 def _print_json(data: Any) -> None:
@@ -372,18 +418,86 @@ _QUANT_SWITCHES = (
 )
 
 
-def _quant_config(args: argparse.Namespace) -> Any:
-    from pydantic import TypeAdapter, ValidationError
-
-    from .config import QuantizeConfig, format_validation_error
-    from .errors import ConfigError
-
+def _stage_data(args: argparse.Namespace, stage_type: str) -> dict[str, Any]:
+    """The --config file's mapping (if any), with the stage type and --method applied."""
     data = _config_file(args)
-    data["type"] = "quantize"
+    data["type"] = stage_type
     if args.method:
         data["method"] = args.method
     if "method" not in data:
         raise UserInputError("give --method (or method: in --config)")
+    return data
+
+
+def _add_calibration_flags(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    calibration = _calibration_settings(args, data.get("calibration"))
+    if calibration:
+        data["calibration"] = calibration
+
+
+def _validate_stage(union: Any, data: dict[str, Any], args: argparse.Namespace) -> Any:
+    from pydantic import TypeAdapter, ValidationError
+
+    from .config import CompressionConfig, format_validation_error
+
+    try:
+        return TypeAdapter(union).validate_python(data)
+    except ValidationError as exc:
+        # Report paths as the user wrote them (flags map to these keys).
+        message = format_validation_error(exc, CompressionConfig, args.config or "options")
+        raise ConfigError(message) from None
+
+
+def _save_outcome(
+    args: argparse.Namespace,
+    outcome: Any,
+    loaded: Any,
+    out: Path,
+    protect: list[str],
+    *,
+    verb: str,
+    config: Any,
+    tags: list[str],
+    label: str | None = None,
+) -> tuple[Path, int]:
+    """Save a compression outcome with its manifest and model card; (folder, weight bytes)."""
+    from .config import config_to_dict
+    from .evaluation.size import weight_files
+    from .models import build_manifest, render_model_card, save_model
+
+    manifest = build_manifest(
+        source=args.model,
+        recipe={verb: config_to_dict(config)},
+        timings={verb: outcome.report.get("seconds", 0.0)},
+        extra={
+            "steps": outcome.steps,
+            "format": getattr(outcome, "format", "dense"),
+            "stage_report": outcome.report,
+        },
+    )
+    card = render_model_card(
+        title=f"{Path(args.model).name} ({label or ' '.join(tags[1:])}, Swiss Knife)",
+        source=args.model,
+        tags=tags,
+        steps=outcome.steps,
+    )
+    saved = save_model(
+        outcome.model,
+        out,
+        tokenizer=loaded.tokenizer,
+        overwrite=args.overwrite,
+        protect=protect,
+        manifest=manifest,
+        model_card=card,
+        writer=outcome.writer,
+    )
+    return saved, sum(p.stat().st_size for p in weight_files(saved))
+
+
+def _quant_config(args: argparse.Namespace) -> Any:
+    from .config import QuantizeConfig
+
+    data = _stage_data(args, "quantize")
     for flag, key in _QUANT_FLAGS:
         if getattr(args, flag) is not None:
             data[key] = getattr(args, flag)
@@ -399,32 +513,94 @@ def _quant_config(args: argparse.Namespace) -> Any:
             raise UserInputError(f"--smoothquant-alpha: {exc}") from None
     if args.bits_override:
         data["bits_overrides"] = {**data.get("bits_overrides", {}), **dict(args.bits_override)}
-    calibration = dict(data.get("calibration") or {})
-    for flag, key in (
-        ("num_samples", "num_samples"),
-        ("seq_len", "seq_len"),
-        ("seed", "seed"),
-        ("calibration_batch_size", "batch_size"),
-    ):
+    _add_calibration_flags(args, data)
+    return _validate_stage(QuantizeConfig, data, args)
+
+
+def _layer_reduction_config(args: argparse.Namespace) -> Any:
+    from .config import LayerReductionConfig, validate_dict
+
+    data: dict[str, Any] = {"selection": args.selection}
+    for flag in ("num_layers_to_remove", "num_layers_to_keep", "layers", "keep_first", "keep_last"):
         if getattr(args, flag) is not None:
-            calibration[key] = getattr(args, flag)
+            data[flag] = getattr(args, flag)
+    calibration = _calibration_settings(args)
     if calibration:
         data["calibration"] = calibration
-    try:
-        return TypeAdapter(QuantizeConfig).validate_python(data)
-    except ValidationError as exc:
-        from .config import CompressionConfig
+    return validate_dict(LayerReductionConfig, data, "options")
 
-        # Report paths as the user wrote them (flags map to these keys).
-        message = format_validation_error(exc, CompressionConfig, args.config or "options")
-        raise ConfigError(message) from None
+
+def _local_num_layers(model: str) -> int | None:
+    """The block count from a local model folder's config.json, or None when there is none."""
+    from .arch import num_layers
+
+    config_file = Path(model).expanduser() / "config.json"
+    if not config_file.is_file():
+        return None
+    from transformers import AutoConfig
+
+    return num_layers(AutoConfig.from_pretrained(config_file.parent))
+
+
+def cmd_reduce_layers(args: argparse.Namespace) -> int:
+    from .compression.layers import reduce_layers, removal_count
+    from .compression.quantization.api import model_calibration_samples
+    from .models import check_output_dir
+
+    config = _layer_reduction_config(args)
+    by_importance = config.layers is None and config.selection == "importance"
+    data_cfg = _calibration_source(args)
+    if data_cfg is None and by_importance:
+        raise UserInputError(
+            "--selection importance needs --calibration-data; or use --selection "
+            "last/first/evenly, or --layers"
+        )
+    protect = [args.model] if Path(args.model).expanduser().exists() else []
+    out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
+    total = _local_num_layers(args.model)
+    if total is not None:
+        # Bad indices or counts fail here, before the weights are loaded.
+        removal_count(total, config)
+    loaded = _load(args, args.model)
+    calibration = None
+    if data_cfg is not None:
+        calibration = model_calibration_samples(
+            loaded.model, data_cfg, loaded.tokenizer, config.calibration
+        )
+    outcome = reduce_layers(
+        loaded.model,
+        config,
+        calibration=calibration,
+        device=loaded.device,
+        progress=_progress(args),
+    )
+    report = outcome.report
+    saved, disk = _save_outcome(
+        args,
+        outcome,
+        loaded,
+        out,
+        protect,
+        verb="reduce_layers",
+        config=config,
+        tags=["layer-reduction"],
+        label=f"{report['num_layers_after']} of {report['num_layers_before']} layers",
+    )
+    if args.json:
+        _print_json({"output_dir": str(saved), "disk_bytes": disk, **report})
+        return 0
+    print(report["importance_table"])
+    print()
+    print("; ".join(outcome.steps))
+    print(f"{disk / 1e6:.2f} MB on disk, {report['seconds']} s")
+    print(f"saved to {saved}")
+    return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .compression.quantization.api import calibration_samples, quantize
+    from .compression.quantization.api import model_calibration_samples, quantize
     from .compression.quantization.base import get_method
-    from .config import DataConfig, config_to_dict, validate_dict
-    from .models import build_manifest, check_output_dir, render_model_card, save_model
+    from .models import check_output_dir
 
     config = _quant_config(args)
     info = get_method(config.method)
@@ -432,25 +608,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
     data_cfg = None
     if args.calibration_data:
-        data_cfg = validate_dict(
-            DataConfig,
-            {
-                "source": args.calibration_data,
-                "field": args.field,
-                "split_documents": args.split_documents,
-            },
-            "--calibration-data",
-        )
+        data_cfg = _text_source(args, args.calibration_data, "--calibration-data")
     elif info.needs_calibration:
         raise UserInputError(f"method {config.method!r} needs --calibration-data")
     loaded = _load(args, args.model)
     calibration = None
     if data_cfg is not None and info.needs_calibration:
-        calibration = calibration_samples(
-            data_cfg,
-            loaded.tokenizer,
-            config.calibration,
-            max_positions=getattr(loaded.model.config, "max_position_embeddings", None),
+        calibration = model_calibration_samples(
+            loaded.model, data_cfg, loaded.tokenizer, config.calibration
         )
     outcome = quantize(
         loaded.model,
@@ -461,31 +626,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         tokenizer=loaded.tokenizer,
         source_dir=loaded.directory,
     )
-    manifest = build_manifest(
-        source=args.model,
-        recipe={"quantize": config_to_dict(config)},
-        timings={"quantize": outcome.report.get("seconds", 0.0)},
-        extra={"steps": outcome.steps, "format": outcome.format, "stage_report": outcome.report},
-    )
-    card = render_model_card(
-        title=f"{Path(args.model).name} ({config.method}, Swiss Knife)",
-        source=args.model,
-        tags=["quantized", config.method],
-        steps=outcome.steps,
-    )
-    saved = save_model(
-        outcome.model,
+    saved, disk = _save_outcome(
+        args,
+        outcome,
+        loaded,
         out,
-        tokenizer=loaded.tokenizer,
-        overwrite=args.overwrite,
-        protect=protect,
-        manifest=manifest,
-        model_card=card,
-        writer=outcome.writer,
+        protect,
+        verb="quantize",
+        config=config,
+        tags=["quantized", config.method],
     )
-    from .evaluation.size import weight_files
-
-    disk = sum(p.stat().st_size for p in weight_files(saved))
     summary = {
         "output_dir": str(saved),
         "method": config.method,
@@ -506,6 +656,190 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         for row in worst:
             sqnr = row.get("sqnr_db")
             print(f"  {row['name']:<48} rel error {row['rel_error']:.4f}  SQNR {sqnr:.1f} dB")
+    print(f"saved to {saved}")
+    return 0
+
+
+def _prune_method_names() -> list[str]:
+    """Methods named by the recipe configs (no torch import, so --help stays fast); the pruning
+    registry is keyed on the same configs (a test checks they agree)."""
+    import typing
+
+    from .config import PruneConfig
+
+    union = typing.get_args(PruneConfig)[0]
+    names: list[str] = []
+    for cls in typing.get_args(union):
+        names.extend(typing.get_args(cls.model_fields["method"].annotation))
+    return names
+
+
+# (flag attribute, config key) pairs copied into the pruning config when given.
+_PRUNE_FLAGS = (
+    ("sparsity", "sparsity"),
+    ("pattern", "pattern"),
+    ("allocation", "allocation"),
+    ("owl_lambda", "owl_lambda"),
+    ("owl_threshold", "owl_threshold"),
+    ("scope", "scope"),
+    ("save_format", "save_format"),
+    ("damp", "damp"),
+    ("block_size", "block_size"),
+    ("targets", "targets"),
+    ("ignore", "ignore"),
+    ("mlp_ratio", "mlp_ratio"),
+    ("head_ratio", "head_ratio"),
+    ("hidden_ratio", "hidden_ratio"),
+    ("importance", "importance"),
+    ("round_to", "round_to"),
+)
+# (flag attribute, schedule key, option) for the gradual schedule.
+_SCHEDULE_FLAGS = (
+    ("gradual_steps", "steps", "--gradual-steps"),
+    ("schedule_kind", "kind", "--schedule"),
+    ("finetune_steps", "finetune_steps", "--finetune-steps"),
+    ("learning_rate", "learning_rate", "--learning-rate"),
+    ("train_batch_size", "batch_size", "--train-batch-size"),
+    ("train_seq_len", "seq_len", "--train-seq-len"),
+    ("teacher", "teacher", "--teacher"),
+    ("temperature", "temperature", "--temperature"),
+)
+
+
+def _prune_config(args: argparse.Namespace) -> Any:
+    from .config import PruneConfig
+
+    data = _stage_data(args, "prune")
+    for flag, key in _PRUNE_FLAGS:
+        if getattr(args, flag) is not None:
+            data[key] = getattr(args, flag)
+    if args.true_sequential:
+        data["true_sequential"] = True
+    schedule = dict(data.get("schedule") or {})
+    given = [option for flag, _, option in _SCHEDULE_FLAGS if getattr(args, flag) is not None]
+    if given and not schedule and args.gradual_steps is None:
+        raise UserInputError(
+            f"{', '.join(given)} configure(s) gradual pruning: add --gradual-steps N"
+        )
+    for flag, key, _ in _SCHEDULE_FLAGS:
+        if getattr(args, flag) is not None:
+            schedule[key] = getattr(args, flag)
+    if args.seed is not None and schedule:
+        schedule["seed"] = args.seed
+    if schedule:
+        data["schedule"] = schedule
+    _add_calibration_flags(args, data)
+    return _validate_stage(PruneConfig, data, args)
+
+
+def _check_prunable_dir(path: str) -> None:
+    """Refuse an unknown architecture or a quantized checkpoint from its config.json alone,
+    before any weights are read (hub ids and GGUF files are checked once loaded)."""
+    import types
+
+    from .arch import get_arch
+    from .compression.pruning.sparse_format import is_sparse_bitmask_checkpoint
+
+    config_file = Path(path).expanduser() / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return  # load_model reports unreadable configs with its own message
+    get_arch(types.SimpleNamespace(model_type=config.get("model_type")))
+    if config.get("quantization_config") and not is_sparse_bitmask_checkpoint(config_file.parent):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise UserInputError(
+            f"{path} is quantized ({method}); prune the float checkpoint, then quantize"
+        )
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .compression.pruning import prune
+    from .compression.pruning.api import calibration_reason
+    from .compression.quantization.api import calibration_samples
+    from .data import load_token_stream
+    from .models import check_output_dir
+
+    config = _prune_config(args)
+    reason = calibration_reason(config)
+    schedule = getattr(config, "schedule", None)
+    protect = [args.model] if Path(args.model).expanduser().exists() else []
+    out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
+    calib_cfg = None
+    if args.calibration_data:
+        calib_cfg = _text_source(args, args.calibration_data, "--calibration-data")
+    elif reason is not None:
+        raise UserInputError(f"{reason} needs --calibration-data")
+    train_source = args.train_data or args.calibration_data
+    if schedule is not None and train_source is None:
+        raise UserInputError(
+            "a gradual schedule fine-tunes between steps and needs --train-data "
+            "(or --calibration-data)"
+        )
+    train_cfg = _text_source(args, train_source, "--train-data") if schedule else None
+    _check_prunable_dir(args.model)
+    loaded = _load(args, args.model)
+    max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
+    calibration = None
+    if calib_cfg is not None and reason is not None:
+        calibration = calibration_samples(
+            calib_cfg, loaded.tokenizer, config.calibration, max_positions=max_positions
+        )
+    train_tokens = load_token_stream(train_cfg, loaded.tokenizer) if train_cfg else None
+    outcome = prune(
+        loaded.model,
+        config,
+        calibration=calibration,
+        device=loaded.device,
+        progress=_progress(args),
+        tokenizer=loaded.tokenizer,
+        train_tokens=train_tokens,
+    )
+    report = outcome.report
+    saved, disk = _save_outcome(
+        args,
+        outcome,
+        loaded,
+        out,
+        protect,
+        verb="prune",
+        config=config,
+        tags=["pruned", config.method],
+    )
+    worst = report.get("sensitivity", [])[: args.show_layers]
+    summary = {
+        "output_dir": str(saved),
+        "method": config.method,
+        "format": outcome.format,
+        "seconds": report.get("seconds"),
+        "disk_bytes": disk,
+        "overall_sparsity": report.get("overall_sparsity"),
+        "nonzero_params": report.get("nonzero_params"),
+        "total_params": report.get("total_params"),
+        "steps": outcome.steps,
+        "worst_layers": worst,
+    }
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(f"{config.method}: {outcome.steps[0]}")
+    if "overall_sparsity" in report:
+        print(
+            f"sparsity {report['overall_sparsity']:.2%} of the pruned layers; "
+            f"{report['nonzero_params']:,} of {report['total_params']:,} parameters non-zero"
+        )
+    print(f"format {outcome.format}, {disk / 1e6:.2f} MB on disk, {summary['seconds']} s")
+    if worst:
+        print(f"worst layers ({report.get('sensitivity_kind', 'error')}):")
+        for row in worst:
+            print(
+                f"  {row['name']:<48} sparsity {row['sparsity']:.2%}  "
+                f"rel error {row['rel_error']:.4f}"
+            )
+    for note in outcome.steps[1:]:
+        print(f"note: {note}")
     print(f"saved to {saved}")
     return 0
 
@@ -907,24 +1241,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ALPHA",
         help="static: SmoothQuant strength 0-1, or 'none' (default 0.5)",
     )
-    g = p.add_argument_group("targets")
-    g.add_argument("--targets", type=_comma_strings, help="patterns to quantize (default Linear)")
-    g.add_argument("--ignore", type=_comma_strings, help="patterns to skip (default lm_head)")
-    g = p.add_argument_group("calibration (gptq, awq, static)")
-    g.add_argument("--calibration-data", metavar="SOURCE", help="text to calibrate on")
-    g.add_argument("--field", default="text", help="text field of structured files")
-    g.add_argument(
-        "--split-documents",
-        choices=["none", "paragraph", "line"],
-        default="none",
-        help="cut plain text into documents",
-    )
-    g.add_argument("--num-samples", type=int, help="calibration windows (default 128)")
-    g.add_argument("--seq-len", type=int, help="tokens per window (default 512)")
-    g.add_argument("--seed", type=int, help="sampling seed (default 0)")
-    g.add_argument("--calibration-batch-size", type=int, help="windows per forward (default 8)")
-    _add_model_options(p)
-    _add_output_options(p)
+    _add_compression_options(p, "quantize", "gptq, awq, static")
 
     p = add(
         "distill",
@@ -1000,6 +1317,123 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, help="steps per metrics.jsonl line (10)")
     _add_model_options(p)
     _add_output_options(p)
+
+    p = add(
+        "reduce-layers",
+        cmd_reduce_layers,
+        "Remove whole transformer blocks (by ShortGPT block influence, index or position).",
+        """
+        swiss-knife reduce-layers ./model --num-layers-to-remove 8 \\
+            --calibration-data wiki.train.txt --num-samples 32 --output-dir ./model-22l
+        swiss-knife reduce-layers ./model --num-layers-to-keep 24 --selection last \\
+            --output-dir ./model-24l
+        swiss-knife reduce-layers ./model --layers 3,5,-2 --keep-last 0 --output-dir ./model-cut
+        """,
+    )
+    p.add_argument("model", help="hub id, local directory or .gguf file")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--num-layers-to-remove", type=int, metavar="K", help="remove K blocks")
+    target.add_argument("--num-layers-to-keep", type=int, metavar="N", help="keep N blocks")
+    target.add_argument(
+        "--layers",
+        type=_comma_ints,
+        metavar="I,J",
+        help="remove exactly these block indices (negative counts from the end)",
+    )
+    p.add_argument(
+        "--selection",
+        choices=["importance", "last", "first", "evenly"],
+        default="importance",
+        help="which blocks K/N remove: lowest block influence on the calibration text "
+        "(default), or by position",
+    )
+    p.add_argument("--keep-first", type=int, help="never remove the first N blocks (default 1)")
+    p.add_argument("--keep-last", type=int, help="never remove the last N blocks (default 1)")
+    p.add_argument("--output-dir", required=True, help="where the reduced checkpoint goes")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+    _add_calibration_options(p, "calibration (selection importance)", default_samples=32)
+    _add_model_options(p)
+    _add_output_options(p)
+
+    p = add(
+        "prune",
+        cmd_prune,
+        "Prune a model: magnitude, Wanda or SparseGPT (unstructured or N:M), or structured.",
+        """
+        swiss-knife prune ./model --method magnitude --sparsity 0.5 --output-dir ./m-mag50
+        swiss-knife prune ./model --method wanda --sparsity 0.5 \\
+            --calibration-data wiki.train.txt --num-samples 128 --seq-len 512 --output-dir ./m-wanda
+        swiss-knife prune ./model --method sparsegpt --pattern 2:4 \\
+            --calibration-data text.txt --save-format sparse-bitmask --output-dir ./m-sgpt24
+        swiss-knife prune ./model --method wanda --sparsity 0.6 --allocation owl \\
+            --calibration-data text.txt --output-dir ./m-owl
+        swiss-knife prune ./model --method magnitude --sparsity 0.7 --gradual-steps 4 \\
+            --finetune-steps 100 --train-data train.txt --teacher original --output-dir ./m-grad
+        swiss-knife prune ./model --method structured --mlp-ratio 0.25 --head-ratio 0.25 \\
+            --calibration-data text.txt --output-dir ./m-struct
+
+        Unstructured and N:M sparsity store zeros in dense tensors: the model is not faster or
+        smaller in memory in transformers (only --save-format sparse-bitmask is smaller on disk,
+        and it loads with swiss_knife.load_model, not a plain from_pretrained of transformers
+        5.x). Structured pruning removes whole heads and channels: smaller and faster.
+        """,
+    )
+    p.add_argument("model", help="hub id, local directory or .gguf file")
+    p.add_argument("--method", choices=_prune_method_names(), help="pruning method")
+    p.add_argument("--output-dir", required=True, help="where the pruned checkpoint goes")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
+    p.add_argument("--config", metavar="FILE", help="a pruning config (.yaml/.json)")
+    p.add_argument(
+        "--show-layers", type=int, default=5, metavar="N", help="worst layers to print (default 5)"
+    )
+    g = p.add_argument_group("unstructured and N:M (magnitude, wanda, sparsegpt)")
+    g.add_argument(
+        "--sparsity", type=float, help="fraction of weights zeroed, in [0, 1) (default 0.5)"
+    )
+    g.add_argument("--pattern", metavar="N:M", help="keep N of every M inputs, e.g. 2:4 or 4:8")
+    g.add_argument(
+        "--allocation", choices=["uniform", "owl"], help="per-layer sparsity (default uniform)"
+    )
+    g.add_argument("--owl-lambda", type=float, help="owl: max deviation from the mean (0.08)")
+    g.add_argument("--owl-threshold", type=float, help="owl: outlier if > T x mean score (5)")
+    g.add_argument("--scope", choices=["layer", "global"], help="magnitude: ranking scope")
+    g.add_argument("--damp", type=float, help="sparsegpt: Hessian dampening (default 0.01)")
+    g.add_argument("--block-size", type=int, help="sparsegpt: columns per update (default 128)")
+    g.add_argument(
+        "--true-sequential",
+        action="store_true",
+        help="wanda/sparsegpt: observe each sub-layer group after pruning the ones before it",
+    )
+    g.add_argument(
+        "--save-format",
+        choices=["dense", "sparse-bitmask"],
+        help="dense zeros (loads anywhere; default) or compressed-tensors sparse bitmask",
+    )
+    g = p.add_argument_group("gradual pruning (fine-tunes between steps)")
+    g.add_argument("--gradual-steps", type=int, metavar="N", help="pruning steps to the target")
+    g.add_argument(
+        "--schedule", dest="schedule_kind", choices=["cubic", "linear"], help="sparsity curve"
+    )
+    g.add_argument("--finetune-steps", type=int, metavar="K", help="AdamW steps after each step")
+    g.add_argument("--learning-rate", type=float, help="fine-tuning learning rate (5e-5)")
+    g.add_argument("--train-batch-size", type=int, help="windows per fine-tuning step (4)")
+    g.add_argument("--train-seq-len", type=int, help="tokens per fine-tuning window (256)")
+    g.add_argument("--train-data", metavar="SOURCE", help="fine-tuning text (default: calibration)")
+    g.add_argument(
+        "--teacher",
+        choices=["none", "original"],
+        help="original: distil from the unpruned model (KL on logits); none: LM loss",
+    )
+    g.add_argument("--temperature", type=float, help="distillation temperature (default 2)")
+    g = p.add_argument_group("structured (removes heads and channels)")
+    g.add_argument("--mlp-ratio", type=float, help="fraction of MLP channels removed (0.25)")
+    g.add_argument("--head-ratio", type=float, help="fraction of attention heads removed (0)")
+    g.add_argument("--hidden-ratio", type=float, help="fraction of hidden channels removed (0)")
+    g.add_argument(
+        "--importance", choices=["activation", "magnitude"], help="channel ranking (activation)"
+    )
+    g.add_argument("--round-to", type=int, help="keep widths a multiple of this (default 1)")
+    _add_compression_options(p, "prune", "wanda, sparsegpt, owl, structured")
 
     p = add(
         "run",

@@ -302,6 +302,229 @@ QuantizeConfig = Annotated[
     Field(discriminator="method"),
 ]
 
+# ---------------------------------------------------------------------------- pruning stages
+
+
+class PruneBase(StageBase):
+    """Fields every pruning method shares: which linears it touches."""
+
+    type: Literal["prune"] = "prune"
+    targets: list[str] = Field(
+        default_factory=lambda: ["Linear", "Conv1D"],
+        description="Module names, class names or 're:<regex>' (full match) to prune.",
+    )
+    ignore: list[str] = Field(
+        default_factory=lambda: ["lm_head"], description="Patterns to leave alone (same syntax)."
+    )
+
+
+class GradualSchedule(StrictModel):
+    """Raise sparsity in steps, fine-tuning on text between steps with the masks held fixed."""
+
+    steps: int = Field(default=4, ge=1, description="Pruning steps up to the final sparsity.")
+    kind: Literal["cubic", "linear"] = Field(
+        default="cubic", description="Sparsity curve (cubic: Zhu & Gupta 2017)."
+    )
+    finetune_steps: int = Field(default=50, ge=0, description="Optimizer steps after each step.")
+    learning_rate: float = Field(default=5e-5, gt=0.0)
+    batch_size: int = Field(default=4, ge=1)
+    seq_len: int = Field(default=256, ge=8)
+    teacher: Literal["none", "original"] = Field(
+        default="none",
+        description="'original': distil from the unpruned model (KL on logits) while fine-tuning; "
+        "'none': plain language-model loss.",
+    )
+    temperature: float = Field(default=2.0, gt=0.0)
+    seed: int = 0
+
+
+class _UnstructuredPruneConfig(PruneBase):
+    sparsity: float = Field(
+        default=0.5, ge=0.0, lt=1.0, description="Fraction of each targeted weight set to zero."
+    )
+    pattern: str | None = Field(
+        default=None,
+        description="N:M semi-structured pattern such as '2:4' (N weights kept in every group of "
+        "M consecutive inputs); sets the sparsity to 1 - N/M.",
+    )
+    allocation: Literal["uniform", "owl"] = Field(
+        default="uniform",
+        description="Per-layer sparsity: uniform, or OWL (outlier-weighted, Yin et al. 2023) "
+        "keeping the overall sparsity.",
+    )
+    owl_lambda: float = Field(
+        default=0.08, ge=0.0, lt=1.0, description="OWL: max deviation from the mean sparsity."
+    )
+    owl_threshold: float = Field(
+        default=5.0, gt=0.0, description="OWL: outlier if score > threshold x layer mean."
+    )
+    save_format: Literal["dense", "sparse-bitmask"] = Field(
+        default="dense",
+        description="dense: zeros in a normal checkpoint; sparse-bitmask: compressed-tensors "
+        "sparse bitmask (smaller on disk, loads with from_pretrained).",
+    )
+    schedule: GradualSchedule | None = Field(
+        default=None, description="Gradual pruning with fine-tuning (needs training text)."
+    )
+    # On the base class because OWL's outlier pre-pass needs activations for every method,
+    # magnitude included; wanda and sparsegpt also calibrate on these windows.
+    calibration: CalibrationSettings = Field(
+        default_factory=CalibrationSettings,
+        description="Calibration windows (wanda, sparsegpt, and the OWL allocation of any method).",
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = value.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"pattern must look like 'N:M' (e.g. '2:4'), got {value!r}")
+        n, m = (int(p) for p in parts)
+        if not 0 < n < m:
+            raise ValueError(f"pattern {value!r} needs 0 < N < M (N weights kept of every M)")
+        return f"{n}:{m}"
+
+    @model_validator(mode="after")
+    def _owl_needs_free_sparsity(self) -> _UnstructuredPruneConfig:
+        if self.allocation == "owl" and self.pattern is not None:
+            raise ValueError(
+                f"allocation 'owl' varies the sparsity per layer, but pattern {self.pattern!r} "
+                "fixes it at 1 - N/M in every layer; use one or the other"
+            )
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(kept, group) of the N:M pattern, or None."""
+        if self.pattern is None:
+            return None
+        n, m = (int(p) for p in self.pattern.split(":"))
+        return n, m
+
+    @property
+    def target_sparsity(self) -> float:
+        """The fraction of zeros asked for (1 - N/M with a pattern)."""
+        nm = self.nm
+        return self.sparsity if nm is None else 1.0 - nm[0] / nm[1]
+
+
+class MagnitudePruneConfig(_UnstructuredPruneConfig):
+    """Magnitude pruning: zero the smallest |W|, per layer (or globally across layers)."""
+
+    method: Literal["magnitude"] = "magnitude"
+    scope: Literal["layer", "global"] = Field(
+        default="layer", description="Rank weights within each layer or across all targets."
+    )
+
+    @model_validator(mode="after")
+    def _global_is_unstructured(self) -> MagnitudePruneConfig:
+        if self.scope == "global" and (self.pattern is not None or self.allocation != "uniform"):
+            chosen = f"pattern {self.pattern}" if self.pattern else f"allocation {self.allocation}"
+            raise ValueError(
+                f"scope 'global' lets one ranking across all layers decide each layer's sparsity, "
+                f"which {chosen} would override; use scope 'layer' with it"
+            )
+        return self
+
+
+class _CalibratedPruneConfig(_UnstructuredPruneConfig):
+    """Methods that prune each block from its calibration activations, block after block."""
+
+    true_sequential: bool = Field(
+        default=False,
+        description="Observe q/k/v, o, MLP-in and MLP-out in turn, each group seeing the pruned "
+        "groups before it (4 passes per block instead of 1).",
+    )
+
+
+class WandaPruneConfig(_CalibratedPruneConfig):
+    """Wanda (Sun et al. 2023): zero the smallest |W_ij| * ||X_j|| per output row."""
+
+    method: Literal["wanda"] = "wanda"
+
+
+class SparseGPTPruneConfig(_CalibratedPruneConfig):
+    """SparseGPT (Frantar & Alistarh 2023): second-order pruning that updates kept weights."""
+
+    method: Literal["sparsegpt"] = "sparsegpt"
+    damp: float = Field(default=0.01, gt=0.0, lt=1.0, description="Hessian dampening.")
+    block_size: int = Field(default=128, ge=1, description="Columns pruned together.")
+
+
+class StructuredPruneConfig(PruneBase):
+    """Remove whole attention heads and MLP channels, shrinking every layer alike."""
+
+    method: Literal["structured"] = "structured"
+    mlp_ratio: float = Field(
+        default=0.25, ge=0.0, lt=1.0, description="Fraction of MLP intermediate channels removed."
+    )
+    head_ratio: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of attention heads removed (whole key/value groups under GQA).",
+    )
+    hidden_ratio: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Fraction of hidden (embedding) channels removed."
+    )
+    importance: Literal["activation", "magnitude"] = Field(
+        default="activation",
+        description="activation: mean activation magnitude on calibration text (Minitron/FLAP); "
+        "magnitude: weight norms, data-free.",
+    )
+    round_to: int = Field(
+        default=1, ge=1, description="Keep widths a multiple of this (e.g. 8 or 64 for kernels)."
+    )
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+
+
+PruneConfig = Annotated[
+    Union[  # noqa: UP007
+        MagnitudePruneConfig, WandaPruneConfig, SparseGPTPruneConfig, StructuredPruneConfig
+    ],
+    Field(discriminator="method"),
+]
+
+
+class LayerReductionConfig(StageBase):
+    """Drop whole transformer blocks, chosen by importance, index or position."""
+
+    type: Literal["reduce_layers"] = "reduce_layers"
+    num_layers_to_remove: int | None = Field(default=None, ge=1)
+    num_layers_to_keep: int | None = Field(default=None, ge=1)
+    layers: list[int] | None = Field(
+        default=None, description="Explicit block indices to remove (negative counts from end)."
+    )
+    selection: Literal["importance", "last", "first", "evenly"] = Field(
+        default="importance",
+        description="importance: lowest ShortGPT block influence on calibration text; "
+        "last/first/evenly: by position (data-free).",
+    )
+    keep_first: int = Field(default=1, ge=0, description="Never remove the first N blocks.")
+    keep_last: int = Field(default=1, ge=0, description="Never remove the last N blocks.")
+    calibration: CalibrationSettings = Field(
+        default_factory=lambda: CalibrationSettings(num_samples=32)
+    )
+
+    @model_validator(mode="after")
+    def _one_target(self) -> LayerReductionConfig:
+        given = [
+            key
+            for key in ("num_layers_to_remove", "num_layers_to_keep", "layers")
+            if getattr(self, key) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of num_layers_to_remove, num_layers_to_keep, layers "
+                f"(got {', '.join(given) or 'none'})"
+            )
+        if self.layers is not None and not self.layers:
+            raise ValueError("layers is empty; list the block indices to remove")
+        return self
+
+
 # --------------------------------------------------------------------------- distillation
 
 
@@ -480,7 +703,14 @@ class DistillConfig(StageBase):
 # Stage configs are a discriminated union on `type` (quantize nests another on `method`); each
 # later stage issue adds its config here.
 StageConfig = Annotated[
-    Union[CastConfig, EvaluateStageConfig, QuantizeConfig, DistillConfig],  # noqa: UP007
+    Union[  # noqa: UP007
+        CastConfig,
+        EvaluateStageConfig,
+        QuantizeConfig,
+        PruneConfig,
+        LayerReductionConfig,
+        DistillConfig,
+    ],
     Field(discriminator="type"),
 ]
 
@@ -621,6 +851,16 @@ def format_validation_error(error: ValidationError, root: type[BaseModel], sourc
                 message = f"unknown key {key!r}"
                 message += f" (did you mean {close[0]!r}?)" if close else ""
                 message += f"; valid keys: {', '.join(valid)}"
+        if item["type"] == "union_tag_not_found":
+            key = str(item.get("ctx", {}).get("discriminator", "")).strip("'")
+            tags = sorted(
+                str(tag)
+                for cls in _unwrap(StageConfig)
+                if loc and loc[-1] in _tags(cls) and key in cls.model_fields
+                for tag in _tags(cls) - {loc[-1]}
+                if isinstance(tag, str)
+            )
+            message = f"missing key {key!r}" + (f"; one of: {', '.join(tags)}" if tags else "")
         lines.append(f"  - {_format_loc(loc)}: {message}")
     return "\n".join(lines)
 

@@ -146,26 +146,88 @@ def _demo_texts(output_dir: Path) -> tuple[dict[str, str], dict[str, str], str]:
     )
 
 
-def demo_variants(quick: bool) -> list[dict[str, Any]]:
-    """The compressed versions the demo makes, each from the same fp32 original."""
-    variants: list[dict[str, Any]] = [
-        {"type": "cast", "name": "bf16", "dtype": "bf16"},
-        {
-            "type": "quantize",
-            "name": "gptq-w4-g64",
-            "method": "gptq",
-            "bits": 4,
-            "group_size": 64,
-            "calibration": {"num_samples": 8 if quick else 32, "seq_len": 512},
-        },
+def demo_variants(quick: bool) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The compressed versions the demo makes, each from the same fp32 original: (name, stages)."""
+    samples = 8 if quick else 32
+    calibration = {"num_samples": samples, "seq_len": 512}
+    variants: list[tuple[str, list[dict[str, Any]]]] = [
+        ("bf16", [{"type": "cast", "name": "bf16", "dtype": "bf16"}]),
+        (
+            "gptq-w4-g64",
+            [
+                {
+                    "type": "quantize",
+                    "name": "gptq-w4-g64",
+                    "method": "gptq",
+                    "bits": 4,
+                    "group_size": 64,
+                    "calibration": calibration,
+                }
+            ],
+        ),
     ]
     if importlib.util.find_spec("torchao") is not None:
-        variants.append({"type": "quantize", "name": "int8-dynamic", "method": "dynamic"})
+        variants.append(
+            ("int8-dynamic", [{"type": "quantize", "name": "int8-dynamic", "method": "dynamic"}])
+        )
+    variants.append(
+        (
+            "sparsegpt-2of4",
+            [
+                {
+                    "type": "prune",
+                    "name": "sparsegpt-2of4",
+                    "method": "sparsegpt",
+                    "pattern": "2:4",
+                    "calibration": calibration,
+                }
+            ],
+        )
+    )
+    # A short Minitron-style recipe: drop the least important blocks, distil the smaller model
+    # from the original on the calibration text, store it in 4 bits. (A real run trains far
+    # longer; see the distill.yaml sample.)
+    variants.append(
+        (
+            "reduce-distill-gptq",
+            [
+                {
+                    "type": "reduce_layers",
+                    "name": "reduce-6",
+                    "num_layers_to_remove": 6,
+                    "calibration": calibration,
+                },
+                {
+                    "type": "distill",
+                    "name": "distill",
+                    "teacher": "original",
+                    "student": "current",
+                    "max_steps": 10 if quick else 60,
+                    "batch_size": 4,
+                    "seq_len": 256,
+                    "learning_rate": 1e-4,
+                    "warmup_steps": 5,
+                    "eval_every": 10 if quick else 30,
+                    "evaluate": False,
+                },
+                {
+                    "type": "quantize",
+                    "name": "gptq-w4-g64",
+                    "method": "gptq",
+                    "bits": 4,
+                    "group_size": 64,
+                    "calibration": calibration,
+                },
+            ],
+        )
+    )
     return variants
 
 
-def demo_recipes(output_dir: Path, *, quick: bool) -> tuple[list[CompressionConfig], list[str]]:
-    """One single-stage recipe per variant, all from the same original, on the same text."""
+def demo_recipes(
+    output_dir: Path, *, quick: bool
+) -> tuple[list[tuple[str, CompressionConfig]], list[str]]:
+    """One recipe per variant, each from the same original, on the same text."""
     model = dense_demo_model(output_dir)
     eval_source, cal_source, text_note = _demo_texts(output_dir)
     notes = [
@@ -176,28 +238,36 @@ def demo_recipes(output_dir: Path, *, quick: bool) -> tuple[list[CompressionConf
     if importlib.util.find_spec("torchao") is None:
         notes.append("int8-dynamic skipped: torchao is not installed")
     recipes = []
-    for index, stage in enumerate(demo_variants(quick)):
+    for index, (name, stages) in enumerate(demo_variants(quick)):
+        # Distillation trains on the calibration text, never on the text it is scored on.
+        stages = [
+            {**stage, "train_data": cal_source} if stage["type"] == "distill" else stage
+            for stage in stages
+        ]
         recipes.append(
-            validate_dict(
-                CompressionConfig,
-                {
-                    "model": {"path": str(model), "dtype": "fp32"},
-                    "data": {"eval": eval_source, "calibration": cal_source},
-                    "evaluation": {
-                        "perplexity": {"window": 512, "max_windows": 4 if quick else 16},
-                        "speed": {
-                            "batch_sizes": [1] if quick else [1, 4],
-                            "prompt_len": 64 if quick else 128,
-                            "new_tokens": 8 if quick else 32,
-                            "repeats": 1 if quick else 3,
+            (
+                name,
+                validate_dict(
+                    CompressionConfig,
+                    {
+                        "model": {"path": str(model), "dtype": "fp32"},
+                        "data": {"eval": eval_source, "calibration": cal_source},
+                        "evaluation": {
+                            "perplexity": {"window": 512, "max_windows": 4 if quick else 16},
+                            "speed": {
+                                "batch_sizes": [1] if quick else [1, 4],
+                                "prompt_len": 64 if quick else 128,
+                                "new_tokens": 8 if quick else 32,
+                                "repeats": 1 if quick else 3,
+                            },
+                            "agreement": {"window": 512, "max_windows": 2 if quick else 8},
                         },
-                        "agreement": {"window": 512, "max_windows": 2 if quick else 8},
+                        # The original is measured once, in the first run.
+                        "evaluate_original": index == 0,
+                        "stages": stages,
                     },
-                    # The original is measured once, in the first run.
-                    "evaluate_original": index == 0,
-                    "stages": [stage],
-                },
-                "demo recipe",
+                    "demo recipe",
+                ),
             )
         )
     return recipes, notes
@@ -224,8 +294,7 @@ def run_demo(
     reports = []
     resumed: list[str] = []
     models: list[str] = []
-    for recipe in recipes:
-        name = recipe.stages[0].name or "stage"
+    for name, recipe in recipes:
         result = run_recipe(recipe, out / "runs" / name, resume=True, progress=progress)
         reports.extend(result.reports)
         resumed.extend(f"{name}/{r}" for r in result.resumed_stages)

@@ -164,7 +164,13 @@ def load_model(
         kwargs["use_safetensors"] = True
     device = resolve_device(spec.device)
     try:
-        model: Any = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+        if directory is not None and not gguf_file and _is_sparse_bitmask(directory):
+            # transformers 5.x cannot decompress this layout itself (see sparse_format).
+            from .compression.pruning.sparse_format import load_sparse_bitmask
+
+            model: Any = load_sparse_bitmask(directory, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
     except Exception as exc:  # OSError, ValueError, safetensors' own error type, ...
         raise _explain_load_failure(source, exc) from exc
     if gguf_file:
@@ -184,6 +190,12 @@ def load_model(
         except Exception as exc:
             logger.warning("no tokenizer loaded for %s: %s", source, str(exc).splitlines()[0])
     return LoadedModel(model, tokenizer, source, directory, gguf_file, device)
+
+
+def _is_sparse_bitmask(directory: Path) -> bool:
+    from .compression.pruning.sparse_format import is_sparse_bitmask_checkpoint
+
+    return is_sparse_bitmask_checkpoint(directory)
 
 
 def _detach_gguf_quantizer(model: Any, source: str) -> None:

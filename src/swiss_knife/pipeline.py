@@ -36,6 +36,7 @@ from .config import (
     DistillConfig,
     EvaluateStageConfig,
     EvaluationConfig,
+    LayerReductionConfig,
     config_to_dict,
     stage_name,
 )
@@ -118,26 +119,44 @@ def _run_cast(state: PipelineState, stage: CastConfig) -> StageOutcome:
     return StageOutcome(True, [f"cast weights from {before} to {stage.dtype}"])
 
 
+def _stage_calibration(state: PipelineState, stage: Any, reason: str | None) -> Any:
+    """The stage's calibration windows from data.calibration (or data.eval), or None when
+    `reason` (why the stage needs them) is None."""
+    from .compression.quantization.api import calibration_samples
+
+    if reason is None:
+        return None
+    source = state.recipe.data.calibration or state.recipe.data.eval
+    if source is None:
+        raise ConfigError(
+            f"stage {stage.method!r}: {reason} needs calibration text: set data.calibration "
+            "(or data.eval) in the recipe"
+        )
+    return calibration_samples(
+        source,
+        state.tokenizer,
+        stage.calibration,
+        max_positions=getattr(state.model.config, "max_position_embeddings", None),
+    )
+
+
+def _stage_outcome(state: PipelineState, outcome: Any) -> StageOutcome:
+    state.model = outcome.model
+    return StageOutcome(
+        True,
+        outcome.steps,
+        info={"format": outcome.format, **outcome.report},
+        writer=outcome.writer,
+    )
+
+
 @register_stage("quantize")
 def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
-    from .compression.quantization.api import calibration_samples, quantize
+    from .compression.quantization.api import quantize
     from .compression.quantization.base import get_method
 
-    recipe = state.recipe
-    calibration = None
-    if get_method(stage.method).needs_calibration:
-        source = recipe.data.calibration or recipe.data.eval
-        if source is None:
-            raise ConfigError(
-                f"stage {stage.method!r} needs calibration text: set data.calibration "
-                "(or data.eval) in the recipe"
-            )
-        calibration = calibration_samples(
-            source,
-            state.tokenizer,
-            stage.calibration,
-            max_positions=getattr(state.model.config, "max_position_embeddings", None),
-        )
+    needs = get_method(stage.method).needs_calibration
+    calibration = _stage_calibration(state, stage, f"method {stage.method!r}" if needs else None)
     outcome = quantize(
         state.model,
         stage,
@@ -146,13 +165,67 @@ def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
         progress=state.progress,
         tokenizer=state.tokenizer,
     )
-    state.model = outcome.model
-    return StageOutcome(
-        True,
-        outcome.steps,
-        info={"format": outcome.format, **outcome.report},
-        writer=outcome.writer,
+    return _stage_outcome(state, outcome)
+
+
+@register_stage("prune")
+def _run_prune(state: PipelineState, stage: Any) -> StageOutcome:
+    from .compression.pruning import prune
+    from .compression.pruning.api import calibration_reason
+
+    recipe = state.recipe
+    calibration = _stage_calibration(state, stage, calibration_reason(stage))
+    train_tokens = None
+    if getattr(stage, "schedule", None) is not None:
+        # Fine-tuning reads the calibration text, never the evaluation text it is scored on.
+        if recipe.data.calibration is None:
+            raise ConfigError(
+                f"stage {stage.method!r} prunes gradually and fine-tunes between steps: set "
+                "data.calibration in the recipe to the text to train on"
+            )
+        train_tokens = load_token_stream(recipe.data.calibration, state.tokenizer)
+    outcome = prune(
+        state.model,
+        stage,
+        calibration=calibration,
+        device=state.loaded.device,
+        progress=state.progress,
+        tokenizer=state.tokenizer,
+        train_tokens=train_tokens,
     )
+    return _stage_outcome(state, outcome)
+
+
+@register_stage("reduce_layers")
+def _run_reduce_layers(state: PipelineState, stage: LayerReductionConfig) -> StageOutcome:
+    from .compression.layers import reduce_layers
+    from .compression.quantization.api import model_calibration_samples
+
+    recipe = state.recipe
+    source = recipe.data.calibration or recipe.data.eval
+    needs_data = stage.layers is None and stage.selection == "importance"
+    if needs_data and source is None:
+        raise ConfigError(
+            "stage reduce_layers with selection 'importance' needs calibration text: set "
+            "data.calibration (or data.eval) in the recipe, or use selection last/first/evenly"
+        )
+    # With text available the block importance is measured for the table even when the blocks
+    # are chosen by position or index.
+    calibration = None
+    if source is not None:
+        calibration = model_calibration_samples(
+            state.model, source, state.tokenizer, stage.calibration
+        )
+    outcome = reduce_layers(
+        state.model,
+        stage,
+        calibration=calibration,
+        device=state.loaded.device,
+        progress=state.progress,
+    )
+    state.model = outcome.model
+    logger.info("block importance:\n%s", outcome.report["importance_table"])
+    return StageOutcome(True, outcome.steps, info=outcome.report)
 
 
 @register_stage("distill")

@@ -59,6 +59,14 @@ def calibration_samples(
     return sample_calibration(stream, settings.num_samples, seq_len, settings.seed)
 
 
+def model_calibration_samples(
+    model: nn.Module, source: DataConfig | str, tokenizer: Any, settings: CalibrationSettings
+) -> torch.Tensor:
+    """`calibration_samples` with windows no longer than the model's position limit."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return calibration_samples(source, tokenizer, settings, max_positions=limit)
+
+
 def quantize(
     model: nn.Module,
     config: Any,

@@ -283,7 +283,7 @@ def unpack_weight(tensors: Mapping[str, Tensor], grid: QuantGrid) -> QuantizedWe
     return QuantizedWeight(q=q, scale=tensors["weight_scale"], zero=zero, grid=grid)
 
 
-def _tied_duplicates(model: nn.Module, state: Mapping[str, Tensor]) -> set[str]:
+def tied_duplicates(model: nn.Module, state: Mapping[str, Tensor]) -> set[str]:
     """Names to drop because they share storage with another entry (tied embeddings):
     safetensors refuses shared tensors, and transformers re-ties them on load."""
     tied_targets = set(getattr(model, "all_tied_weights_keys", None) or {})
@@ -327,7 +327,7 @@ def pack_state_dict(
         del state[f"{name}.weight"]
         for key, tensor in pack_weight(qw, scale_dtype=module.weight.dtype).items():
             state[f"{name}.{key}"] = tensor
-    for name in _tied_duplicates(model, state):
+    for name in tied_duplicates(model, state):
         del state[name]
     return {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
 
@@ -348,8 +348,6 @@ def save_compressed(
     ``groups``/``ignore`` default to `infer_config_groups`; explicit ones are checked against
     the quantized modules (`check_config_covers`).
     """
-    from safetensors.torch import save_file
-
     if groups is None:
         inferred_groups, inferred_ignore = infer_config_groups(model, quantized)
         groups = inferred_groups
@@ -358,16 +356,29 @@ def save_compressed(
     check_config_covers(model, quantized, groups, ignore)
     check_loadable(groups)
     tensors = pack_state_dict(model, quantized)
+    qconfig = quantization_config_dict(groups, ignore, actorder=actorder)
+    return write_checkpoint(model, qconfig, tensors, directory)
+
+
+def write_checkpoint(
+    model: PreTrainedModel,
+    quantization_config: Mapping[str, Any],
+    tensors: Mapping[str, Tensor],
+    directory: str | Path,
+) -> Path:
+    """Write ``config.json`` carrying `quantization_config`, ``generation_config.json`` if the
+    model has one, and `tensors` as ``model.safetensors`` into ``directory``."""
+    from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config: Any = copy.deepcopy(model.config)
-    config.quantization_config = quantization_config_dict(groups, ignore, actorder=actorder)
+    config.quantization_config = dict(quantization_config)
     config.save_pretrained(directory)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(directory)
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(dict(tensors), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     return directory
 
 

@@ -364,6 +364,8 @@ class StaticInt8Calibrator(BlockCalibrator):
         self._prepared: dict[tuple[str, ...], tuple[float, bool]] = {}
         self._ctx: BlockContext | None = None
 
+    stop_after_group = True  # only the group's inputs are observed
+
     def start_block(self, ctx: BlockContext) -> None:
         self._ctx = ctx
         self._mappings = block_mappings(ctx) if self.alpha is not None else {}

@@ -153,20 +153,49 @@ def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantizeContext) -> Qua
     )
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are views of the same memory with the same layout."""
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+    )
+
+
 class GPTQCalibrator(BlockCalibrator):
     """Collects each targeted linear's input Hessian and solves it with GPTQ."""
+
+    stop_after_group = True  # only the group's inputs are needed
 
     def __init__(self, plan: Mapping[str, tuple[nn.Module, QuantGrid]], config: GPTQConfig):
         self.plan = plan
         self.config = config
         self.observers: dict[str, HessianObserver] = {}
         self.quantized: dict[str, QuantizedWeight] = {}
+        # The input last folded into a Hessian and its observer. q/k/v (and gate/up) read the
+        # very same tensor, so they share one Hessian instead of accumulating three equal ones.
+        # Holding the tensor keeps its memory from being reused by another input meanwhile.
+        self._last: tuple[torch.Tensor, HessianObserver] | None = None
 
     def groups(self, ctx: BlockContext) -> list[list[str]]:
         return sequential_groups(ctx, self.plan, true_sequential=self.config.true_sequential)
 
     def observe(self, name: str, module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> None:
-        self.observers.setdefault(name, HessianObserver()).update(inp)  # inp: (tokens, in)
+        # inp: (tokens, in)
+        last = self._last
+        if last is not None and _same_tensor(last[0], inp):
+            if name not in self.observers:
+                self.observers[name] = last[1]
+            if self.observers[name] is last[1]:
+                return  # already folded in for the linear that saw it first
+        observer = self.observers.setdefault(name, HessianObserver())
+        observer.update(inp)
+        self._last = (inp, observer)
+
+    def end_block(self, ctx: BlockContext) -> None:
+        self._last = None
 
     def solve(self, name: str, module: nn.Module) -> Mapping[str, float]:
         observer = self.observers.pop(name)

@@ -1,0 +1,93 @@
+"""The pruning registry and the contract every pruning method fulfils.
+
+Same shape as the quantization registry: a method is `apply(model, config, ctx) -> PruneOutcome`,
+registered with `@register_method("name", ConfigClass, needs_calibration=...)`; the registry
+refuses duplicates and the CLI's `--method` choices come from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import UserInputError
+
+
+@dataclass
+class PruneContext:
+    """What a method may use besides the model and its config."""
+
+    calibration: torch.Tensor | None = None  # (num_samples, seq_len) token ids, or None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    progress: bool = False
+    tokenizer: Any | None = None
+    # Token stream for fine-tuning between the steps of a gradual schedule, or None.
+    train_tokens: torch.Tensor | None = None
+    batch_size: int = 8
+
+
+@dataclass
+class PruneOutcome:
+    """A pruned model, how to save it, and what the method measured on the way."""
+
+    model: nn.Module
+    writer: Callable[[Path], None]  # writes config.json + weights into a directory
+    format: str  # "dense", "compressed-tensors/sparse-bitmask", "dense/structured"
+    steps: list[str] = field(default_factory=list)  # for the model card, in words
+    report: dict[str, Any] = field(default_factory=dict)  # per-layer sparsity, errors, timings
+
+
+MethodFn = Callable[[nn.Module, Any, PruneContext], PruneOutcome]
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    config_class: type
+    apply: MethodFn
+    needs_calibration: bool
+    description: str
+
+
+_METHODS: dict[str, MethodInfo] = {}
+
+
+def register_method(
+    name: str, config_class: type, *, needs_calibration: bool
+) -> Callable[[MethodFn], MethodFn]:
+    """Register a pruning method; a second registration of a name is an error."""
+
+    def decorator(fn: MethodFn) -> MethodFn:
+        if name in _METHODS:
+            raise ValueError(f"pruning method {name!r} is already registered")
+        doc = (config_class.__doc__ or "").strip().splitlines()
+        _METHODS[name] = MethodInfo(
+            name, config_class, fn, needs_calibration, doc[0] if doc else ""
+        )
+        return fn
+
+    return decorator
+
+
+def _load_builtin_methods() -> None:
+    # Importing the modules runs their @register_method decorators.
+    from . import structured, unstructured  # noqa: F401
+
+
+def get_method(name: str) -> MethodInfo:
+    _load_builtin_methods()
+    if name not in _METHODS:
+        raise UserInputError(
+            f"unknown pruning method {name!r}; available: {', '.join(method_names())}"
+        )
+    return _METHODS[name]
+
+
+def method_names() -> list[str]:
+    _load_builtin_methods()
+    return list(_METHODS)

@@ -1,0 +1,132 @@
+"""SparseGPT: prune a linear layer column by column, updating the kept weights to compensate.
+
+Frantar and Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot",
+ICML 2023 (arXiv:2301.00774).
+
+For a layer ``y = x W^T`` with calibration inputs ``X`` ``(tokens, in)`` and ``H = X^T X``,
+SparseGPT approximately solves ``min ||X W^T - X Q^T||_F^2`` over ``Q`` with a sparsity mask. It
+walks the input columns left to right like GPTQ (whose Optimal Brain Surgeon step it shares):
+column ``j`` of the pruned weights is zeroed where the mask says so, and its error
+``e = (w_j - q_j) / [U]_jj`` is spread over the columns not yet processed,
+``W[:, j+1:] -= e [U]_{j, j+1:}``, where ``U`` is the upper Cholesky factor of ``H^-1`` (shared with
+GPTQ: `inverse_cholesky_upper`). The kept weights therefore change; that update is what makes
+SparseGPT better than Wanda at high sparsity and with N:M patterns.
+
+The mask is chosen as the walk goes ("adaptive mask selection"): at the start of each block of
+``block_size`` columns, the OBS saliency ``w^2 / [U]_jj^2`` of the block's (already updated)
+weights picks the weights to prune in that block; with an N:M pattern the saliency of each group
+of M columns picks the ``M - N`` to prune when the walk reaches the group. Unlike the reference
+code (a threshold per block, which prunes a few extra weights on ties), every block here prunes an
+exact share of the layer's count, so the layer's sparsity is exactly ``prune_count(out * in, s)``.
+
+Each step adds ``(w_j - q_j)^2 / [U]_jj^2`` per row to the objective; their sum, the returned
+loss, equals ``tr((W - Q) H_d (W - Q)^T)`` with ``H_d = H + damp * mean(diag H) * I`` (the same
+identity as GPTQ's: ``W - Q = Err U`` and ``U H_d U^T = I``).
+
+Cost for ``W`` ``(out, in)``: O(in^3) for the factorisation plus O(out * in^2) for the updates
+(lazy batch updates: rank-1 updates stay inside a block, the rest of ``W`` is updated once per
+block with a matmul); memory O(in^2) float32 for ``H`` and ``U`` plus a float32 copy of ``W``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from swiss_knife.compression.pruning.masks import check_nm_shape, prune_count, prune_smallest
+from swiss_knife.compression.quantization.gptq import inverse_cholesky_upper
+from swiss_knife.errors import UserInputError
+
+
+@dataclass(frozen=True)
+class SparseGPTResult:
+    """The pruned weight, its keep mask and the OBS loss."""
+
+    weight: Tensor  # (out, in) float32, exact zeros where `keep` is False
+    keep: Tensor  # (out, in) bool
+    loss: float  # tr((W - Q) H_d (W - Q)^T), see the module docstring
+
+
+def sparsegpt_prune(
+    W: Tensor,
+    H: Tensor,
+    *,
+    sparsity: float | None = None,
+    nm: tuple[int, int] | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> SparseGPTResult:
+    """Prune ``W`` ``(out, in)`` with SparseGPT given the input Hessian ``H = X^T X`` ``(in, in)``.
+
+    Give exactly one of `sparsity` (unstructured: that fraction of the layer pruned, exactly) or
+    `nm` = ``(n, m)`` (keep ``n`` of every ``m`` consecutive inputs of each row). ``block_size``
+    columns share one lazy batch update (rounded to a multiple of ``m`` with a pattern, so a group
+    never spans two blocks); `damp` is relative to the mean of ``diag(H)``. Inputs no calibration
+    token activated (``H_jj = 0``) get a zero weight column, as in GPTQ: they cannot affect the
+    output. ``W`` and ``H`` are not modified.
+    """
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D (out, in), got shape {tuple(W.shape)}")
+    out_features, in_features = W.shape
+    if tuple(H.shape) != (in_features, in_features):
+        raise ValueError(f"H must be ({in_features}, {in_features}), got {tuple(H.shape)}")
+    if (sparsity is None) == (nm is None):
+        raise ValueError("give exactly one of sparsity or nm")
+    if block_size < 1:
+        raise UserInputError(f"block_size must be at least 1, got {block_size}")
+    if nm is not None:
+        n, m = nm
+        if not 0 < n < m:
+            raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
+        check_nm_shape(in_features, m)
+        block_size = max(m, block_size // m * m)
+    # A contiguous copy: GPT-2's Conv1D weights arrive as a transposed view.
+    W = W.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # (out, in)
+    H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)  # (in, in)
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    U, _ = inverse_cholesky_upper(H, damp, label="SparseGPT")  # (in, in) upper triangular
+    del H
+
+    keep = torch.ones(out_features, in_features, dtype=torch.bool, device=W.device)
+    loss = torch.zeros(out_features, dtype=torch.float64, device=W.device)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        W1 = W[:, i1:i2].clone()  # (out, B)
+        U1 = U[i1:i2, i1:i2]  # (B, B)
+        d = torch.diagonal(U1)  # (B,)
+        keep1 = torch.ones(W1.shape, dtype=torch.bool, device=W.device)  # (out, B)
+        if nm is None:
+            # This block's share of the layer's count: differences of the cumulative counts,
+            # so the blocks add up to exactly `total`.
+            assert sparsity is not None
+            count = prune_count(out_features * i2, sparsity) - prune_count(
+                out_features * i1, sparsity
+            )
+            saliency = (W1.square() / d.square().unsqueeze(0)).reshape(-1)  # (out * B,)
+            keep1 = prune_smallest(saliency, count).reshape(W1.shape)
+        Err1 = torch.empty_like(W1)  # (out, B)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                n, m = nm
+                group = W1[:, i : i + m].square() / d[i : i + m].square().unsqueeze(0)  # (out, m)
+                order = torch.sort(group, dim=1, stable=True).indices  # (out, m)
+                keep1[:, i : i + m].scatter_(1, order[:, : m - n], False)
+            w = W1[:, i]  # (out,)
+            q = w * keep1[:, i]  # (out,)
+            err = (w - q) / U1[i, i]  # (out,)
+            # OBS update of the rest of the block; the columns after it wait for the block end.
+            W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        keep[:, i1:i2] = keep1
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)  # lazy batch update
+        loss += Err1.double().square().sum(dim=1)
+    return SparseGPTResult(weight=W, keep=keep, loss=float(loss.sum()))
+
+
+__all__ = ["SparseGPTResult", "sparsegpt_prune"]

@@ -1,0 +1,720 @@
+"""Unstructured and N:M pruning (magnitude, Wanda, SparseGPT): the orchestration around the math.
+
+The criteria are pure functions (`masks.py`, `sparsegpt.py`, `owl.py`); this module decides which
+linears (`targeting`), at which sparsity (uniform, or OWL's per-block allocation), feeds Wanda its
+activation norms and SparseGPT its Hessians through the one calibration engine
+(`calibration.run_calibration`: block after block, each block calibrated on the outputs of the
+already-pruned blocks before it), optionally repeats all of it along a gradual schedule with
+fine-tuning in between (`gradual.py`), and says how to save the result.
+
+Costs on top of the tensor math (see each module): Wanda and SparseGPT need one forward pass per
+block over the calibration set to observe, one to replay (``true_sequential`` observes four groups
+per block instead of one), and the engine's error measurement recomputes each pruned linear's old
+output once during the replay. Linears that read the same input (q/k/v, gate/up) share one
+observer, so SparseGPT accumulates one ``in x in`` Hessian per distinct input, not per linear.
+OWL adds a pre-pass (one observe and one replay per block) on the unpruned model. Peak memory is
+the engine's (one block plus the activations) plus one Hessian per distinct input of a block.
+
+Sparsity is measured as exact zeros in the targeted weights. The pruned model is an ordinary
+dense model with zeros: dense kernels multiply the zeros like any other weight, so it is neither
+faster nor smaller in memory; only the sparse-bitmask checkpoint is smaller on disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from ...calibration import (
+    BlockCalibrator,
+    BlockContext,
+    CalibrationReport,
+    HessianObserver,
+    accumulate_channel_sq_norm,
+    run_calibration,
+    sequential_groups,
+)
+from ...config import (
+    MagnitudePruneConfig,
+    SparseGPTPruneConfig,
+    WandaPruneConfig,
+    _UnstructuredPruneConfig,
+)
+from ...errors import UserInputError
+from ...targeting import TargetSpec, resolve_targets
+from ..quantization.weight_only import sensitivity_table
+from .base import PruneContext, PruneOutcome, register_method
+from .gradual import finetune_masked, sparsity_schedule
+from .masks import (
+    global_topk_masks,
+    layer_topk_mask,
+    magnitude_scores,
+    nm_mask,
+    row_topk_mask,
+    satisfies_nm,
+    wanda_scores,
+)
+from .owl import outlier_ratio, owl_sparsities, round_to_grid
+from .sparse_format import save_sparse_bitmask
+from .sparsegpt import sparsegpt_prune
+
+FORMAT_DENSE = "dense"
+FORMAT_SPARSE = "compressed-tensors/sparse-bitmask"
+NO_SPEEDUP = (
+    "Unstructured sparsity does not speed up dense kernels: the zeros are stored and multiplied "
+    "like any other weight, so this model runs at the original speed and memory in transformers "
+    "(N:M 2:4 runs faster only on sparse tensor-core kernels, e.g. NVIDIA Ampere or newer "
+    "through vLLM or TensorRT-LLM)"
+)
+SPARSE_LOAD_NOTE = (
+    "Saved in the compressed-tensors sparse-bitmask layout (non-zero values + a 1-bit mask per "
+    "weight): load it with swiss_knife.load_model or "
+    "swiss_knife.compression.pruning.sparse_format.load_sparse_bitmask; a plain "
+    "AutoModelForCausalLM.from_pretrained cannot load it with transformers 5.x and "
+    "compressed-tensors >= 0.15, which dropped sparse decompression (it would initialise the "
+    "pruned layers randomly); save_format dense loads anywhere"
+)
+
+Masks = dict[str, Tensor]
+
+# ------------------------------------------------------------------------------- weights
+
+
+def oriented(module: nn.Module) -> Tensor:
+    """The module's weight as (out, in): a view, transposed for GPT-2's Conv1D (in, out)."""
+    weight = weight_param(module)
+    return weight.t() if isinstance(module, Conv1D) else weight
+
+
+def weight_param(module: nn.Module) -> Tensor:
+    """The weight parameter itself, in its storage orientation (for the optimizer and masks)."""
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    return weight
+
+
+def store(module: nn.Module, W: Tensor) -> None:
+    """Write an (out, in) weight back into the module, in its orientation and dtype."""
+    with torch.no_grad():
+        oriented(module).copy_(W.to(oriented(module).dtype))
+
+
+def stored_mask(module: nn.Module, keep: Tensor) -> Tensor:
+    """An (out, in) keep mask in the module's storage orientation."""
+    return keep.t() if isinstance(module, Conv1D) else keep
+
+
+def plan_targets(model: nn.Module, config: _UnstructuredPruneConfig) -> dict[str, nn.Module]:
+    """Every targeted linear; every problem is found before any work starts."""
+    targets = resolve_targets(model, TargetSpec(tuple(config.targets), tuple(config.ignore)))
+    nm = config.nm
+    if nm is not None:
+        misfits: dict[int, list[str]] = {}
+        for name, module in targets.items():
+            width = oriented(module).shape[1]
+            if width % nm[1]:
+                misfits.setdefault(width, []).append(name)
+        if misfits:
+            shown = "; ".join(
+                f"{len(names)} layer(s) with {width} inputs (e.g. {names[0]})"
+                for width, names in misfits.items()
+            )
+            raise UserInputError(
+                f"pattern {config.pattern} groups every {nm[1]} consecutive inputs, which does "
+                f"not divide {shown}; ignore those layers or choose another M"
+            )
+    return targets
+
+
+def _block_of(names: Mapping[str, nn.Module], model: nn.Module) -> dict[str, int]:
+    from ...arch import get_arch
+
+    prefix = get_arch(model).blocks + "."
+    return {name: int(name[len(prefix) :].split(".", 1)[0]) for name in names}
+
+
+# ------------------------------------------------------------------------------- observers
+
+
+class SquaredNormObserver:
+    """Wanda's statistic alone: the sum over tokens of x^2 per input channel, (in,) float32.
+
+    (`calibration.ChannelNormObserver` also keeps AWQ's mean |x|, which Wanda does not need.)
+    """
+
+    def __init__(self) -> None:
+        self._sq_norm: Tensor | None = None
+        self.count = 0
+
+    def update(self, inp: Tensor) -> None:
+        """Fold in inputs of shape (tokens, in_features)."""
+        if self._sq_norm is None:
+            self._sq_norm = torch.zeros(inp.shape[-1], dtype=torch.float32, device=inp.device)
+        self._sq_norm, self.count = accumulate_channel_sq_norm(self._sq_norm, self.count, inp)
+
+    @property
+    def l2_norm(self) -> Tensor:
+        """||X_j||_2 per input channel, (in,)."""
+        if self._sq_norm is None:
+            raise RuntimeError("SquaredNormObserver has seen no inputs")
+        return self._sq_norm.sqrt()
+
+
+class _SharedObservers:
+    """One observer per distinct input: linears fed the same tensor (q/k/v, gate/up) share it.
+
+    The engine calls `observe` once per linear per mini-batch; when a call receives the very
+    tensor the previous call got (same storage, shape and strides; the previous input is held,
+    so its memory cannot be reused by another tensor meanwhile), the previous call's observer
+    is reused and not updated twice.
+    """
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self.factory = factory
+        self.by_name: dict[str, Any] = {}
+        self._last: tuple[Tensor, Any] | None = None
+
+    def observe(self, name: str, inp: Tensor) -> None:
+        last = self._last
+        same = (
+            last is not None
+            and last[0].data_ptr() == inp.data_ptr()
+            and last[0].shape == inp.shape
+            and last[0].stride() == inp.stride()
+        )
+        observer = self.by_name.get(name)
+        if observer is None:
+            if same and last is not None:
+                observer = last[1]
+            else:
+                observer = self.factory()
+                observer.update(inp)
+            self.by_name[name] = observer
+        elif not (same and last is not None and last[1] is observer):
+            observer.update(inp)
+        self._last = (inp, observer)
+
+    def pop(self, name: str) -> Any:
+        return self.by_name.pop(name)
+
+    def release(self) -> None:
+        self._last = None
+
+
+class _OutlierCalibrator(BlockCalibrator):
+    """OWL's pre-pass: the outlier ratio of each block's Wanda scores; changes nothing."""
+
+    def __init__(self, targets: Mapping[str, nn.Module], threshold: float) -> None:
+        self.targets = targets
+        self.threshold = threshold
+        self.observers = _SharedObservers(SquaredNormObserver)
+        self.scores: list[Tensor] = []
+        self.ratios: dict[int, float] = {}
+
+    def groups(self, ctx: BlockContext) -> list[list[str]]:
+        return sequential_groups(ctx, self.targets, true_sequential=False)
+
+    def observe(self, name: str, module: nn.Module, inp: Tensor, out: Tensor) -> None:
+        self.observers.observe(name, inp)  # inp: (tokens, in)
+
+    def solve(self, name: str, module: nn.Module) -> None:
+        norm = self.observers.pop(name).l2_norm  # (in,)
+        self.scores.append(wanda_scores(oriented(module), norm))
+
+    def end_block(self, ctx: BlockContext) -> None:
+        if self.scores:
+            self.ratios[ctx.index] = outlier_ratio(self.scores, self.threshold)
+        self.scores = []
+        self.observers.release()
+
+
+class _PruneCalibrator(BlockCalibrator):
+    """Wanda or SparseGPT, block by block: observe the targeted linears, then prune them."""
+
+    def __init__(
+        self,
+        targets: Mapping[str, nn.Module],
+        sparsity: Mapping[str, float],
+        config: WandaPruneConfig | SparseGPTPruneConfig,
+        nm: tuple[int, int] | None,
+        prior: Masks | None,
+    ) -> None:
+        self.targets = targets
+        self.sparsity = sparsity
+        self.config = config
+        self.nm = nm
+        self.prior = prior
+        sparsegpt = isinstance(config, SparseGPTPruneConfig)
+        self.observers = _SharedObservers(HessianObserver if sparsegpt else SquaredNormObserver)
+        self.keep: Masks = {}
+
+    def groups(self, ctx: BlockContext) -> list[list[str]]:
+        return sequential_groups(ctx, self.targets, true_sequential=self.config.true_sequential)
+
+    def observe(self, name: str, module: nn.Module, inp: Tensor, out: Tensor) -> None:
+        self.observers.observe(name, inp)  # inp: (tokens, in)
+
+    def solve(self, name: str, module: nn.Module) -> Mapping[str, float]:
+        observer = self.observers.pop(name)
+        W = oriented(module)  # (out, in)
+        metrics: dict[str, float] = {}
+        if isinstance(self.config, SparseGPTPruneConfig):
+            result = sparsegpt_prune(
+                W,
+                observer.hessian,  # (in, in)
+                sparsity=None if self.nm else self.sparsity[name],
+                nm=self.nm,
+                block_size=self.config.block_size,
+                damp=self.config.damp,
+            )
+            pruned, keep = result.weight, result.keep
+            metrics["sparsegpt_loss"] = result.loss
+        else:
+            scores = wanda_scores(W, observer.l2_norm)  # (out, in)
+            keep = select(scores, self.sparsity[name], self.nm, "row", self._prior(name))
+            pruned = W * keep
+        store(module, pruned)
+        self.keep[name] = keep.cpu()
+        metrics["sparsity"] = int((~keep).sum()) / keep.numel()
+        return metrics
+
+    def _prior(self, name: str) -> Tensor | None:
+        return None if self.prior is None else self.prior.get(name)
+
+    def end_block(self, ctx: BlockContext) -> None:
+        self.observers.release()
+
+
+# ------------------------------------------------------------------------------- selection
+
+
+def select(
+    scores: Tensor, sparsity: float, nm: tuple[int, int] | None, scope: str, prior: Tensor | None
+) -> Tensor:
+    """The keep mask for (out, in) `scores`: N:M, or exact per-row / per-layer top-k.
+
+    A `prior` keep mask (the previous step of a gradual schedule) forces its pruned weights to
+    stay pruned, so the masks of successive steps are nested.
+    """
+    if prior is not None:
+        scores = scores.masked_fill(~prior.to(scores.device), -1.0)
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    return row_topk_mask(scores, sparsity) if scope == "row" else layer_topk_mask(scores, sparsity)
+
+
+def _magnitude_step(
+    targets: Mapping[str, nn.Module],
+    sparsity: Mapping[str, float],
+    config: MagnitudePruneConfig,
+    nm: tuple[int, int] | None,
+    prior: Masks | None,
+) -> tuple[Masks, dict[str, float]]:
+    """Prune every target by |W|; returns the keep masks and each layer's relative weight error."""
+    keep: Masks = {}
+    with torch.no_grad():
+        if config.scope == "global" and nm is None:
+            scores = {}
+            for name, module in targets.items():
+                s = magnitude_scores(oriented(module))  # (out, in)
+                if prior is not None:
+                    s.masked_fill_(~prior[name].to(s.device), -1.0)
+                scores[name] = s
+            level = next(iter(sparsity.values()))
+            keep = global_topk_masks(scores, level)
+            del scores
+        else:
+            for name, module in targets.items():
+                s = magnitude_scores(oriented(module))
+                prev = None if prior is None else prior.get(name)
+                keep[name] = select(s, sparsity[name], nm, "layer", prev)
+        errors = {}
+        for name, module in targets.items():
+            W = oriented(module)
+            mask = keep[name].to(W.device)
+            reference = float(W.float().norm())
+            removed = float((W.float() * ~mask).norm())  # ||W - W * keep||
+            errors[name] = removed / reference if reference > 0 else 0.0
+            store(module, W * mask)
+            keep[name] = mask.cpu()
+    return keep, errors
+
+
+# ------------------------------------------------------------------------------- allocation
+
+
+def owl_ratios(
+    model: nn.Module,
+    targets: Mapping[str, nn.Module],
+    config: _UnstructuredPruneConfig,
+    ctx: PruneContext,
+) -> dict[int, float]:
+    """OWL's outlier ratio of every block that holds targets, from a pre-pass on `model`."""
+    if ctx.calibration is None:
+        raise UserInputError("allocation 'owl' needs calibration data: pass --calibration-data")
+    calibrator = _OutlierCalibrator(targets, config.owl_threshold)
+    run_calibration(
+        model,
+        ctx.calibration,
+        calibrator,
+        device=ctx.device,
+        batch_size=config.calibration.batch_size,
+        progress=ctx.progress,
+        measure_error=False,
+    )
+    return calibrator.ratios
+
+
+def block_sparsities(
+    targets: Mapping[str, nn.Module],
+    blocks: Mapping[str, int],
+    level: float,
+    config: _UnstructuredPruneConfig,
+    ratios: Mapping[int, float],
+) -> dict[int, float]:
+    """OWL's sparsity for each block at overall `level`.
+
+    OWL's deviation scales with the level (``lambda x level / target``), so the steps of a gradual
+    schedule keep the final allocation's shape.
+    """
+    order = sorted(ratios)
+    sizes = dict.fromkeys(order, 0)
+    for name, module in targets.items():
+        sizes[blocks[name]] += oriented(module).numel()
+    target = config.target_sparsity
+    lam = config.owl_lambda * (level / target if target > 0 else 0.0)
+    per_block = owl_sparsities([ratios[b] for b in order], [sizes[b] for b in order], level, lam)
+    return dict(zip(order, per_block, strict=True))
+
+
+def allocate(
+    targets: Mapping[str, nn.Module],
+    blocks: Mapping[str, int],
+    level: float,
+    config: _UnstructuredPruneConfig,
+    ratios: Mapping[int, float] | None,
+) -> dict[str, float]:
+    """Each target's sparsity at overall `level`: uniform, or OWL's per-block allocation snapped
+    to what each layer's selection can prune exactly (`round_to_grid`)."""
+    if ratios is None:
+        return dict.fromkeys(targets, level)
+    by_block = block_sparsities(targets, blocks, level, config, ratios)
+    names = list(targets)
+    # Wanda prunes the same count in every row, so its grid is the input width.
+    per_row = isinstance(config, WandaPruneConfig)
+    shapes = [oriented(targets[name]).shape for name in names]
+    snapped = round_to_grid(
+        [by_block[blocks[name]] for name in names],
+        [rows * cols for rows, cols in shapes],
+        [cols if per_row else rows * cols for rows, cols in shapes],
+        level,
+    )
+    return dict(zip(names, snapped, strict=True))
+
+
+# ------------------------------------------------------------------------------- reporting
+
+
+def _params(model: nn.Module) -> tuple[int, int]:
+    """(non-zero, total) over the model's unique parameters (tied weights once)."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    total = sum(p.numel() for p in unique)
+    nonzero = sum(int(torch.count_nonzero(p)) for p in unique)
+    return nonzero, total
+
+
+def _layer_rows(
+    targets: Mapping[str, nn.Module],
+    sparsity: Mapping[str, float],
+    errors: Mapping[str, float | None],
+) -> list[dict[str, Any]]:
+    rows = []
+    for name, module in targets.items():
+        W = oriented(module)
+        nonzero = int(torch.count_nonzero(W))
+        rows.append(
+            {
+                "name": name,
+                "shape": list(W.shape),
+                "target_sparsity": round(sparsity[name], 6),
+                "sparsity": 1.0 - nonzero / W.numel(),
+                "nonzero": nonzero,
+                "params": W.numel(),
+                "rel_error": errors.get(name),
+            }
+        )
+    return rows
+
+
+def _describe(config: _UnstructuredPruneConfig) -> str:
+    if config.pattern is not None:
+        n, m = config.nm or (0, 0)
+        return f"{config.pattern} semi-structured sparsity ({n} of every {m} inputs kept)"
+    return f"{config.target_sparsity:.1%} unstructured sparsity"
+
+
+_TITLES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+
+
+def _method_step(config: _UnstructuredPruneConfig, calibration: CalibrationReport | None) -> str:
+    title = _TITLES[getattr(config, "method", "")]
+    text = f"{title} pruning: {_describe(config)}"
+    if isinstance(config, MagnitudePruneConfig):
+        global_scope = config.scope == "global"
+        text += ", ranked across all targeted layers" if global_scope else ", ranked per layer"
+    elif isinstance(config, WandaPruneConfig):
+        text += ", |W| x input-channel norm ranked within each output row"
+    else:
+        assert isinstance(config, SparseGPTPruneConfig)
+        text += f", second-order updates (damp {config.damp}, blocks of {config.block_size})"
+    if isinstance(config, WandaPruneConfig | SparseGPTPruneConfig) and config.true_sequential:
+        text += ", true sequential"
+    if calibration is not None:
+        text += (
+            f"; calibrated block by block on {calibration.num_samples} x {calibration.seq_len} "
+            "tokens"
+        )
+    return text
+
+
+# ------------------------------------------------------------------------------- the method
+
+
+def _writer(
+    model: nn.Module, names: list[str], config: _UnstructuredPruneConfig
+) -> Callable[[Path], None]:
+    if config.save_format == "dense":
+
+        def dense(directory: Path) -> None:
+            model.save_pretrained(directory)  # type: ignore[operator]
+
+        return dense
+
+    def sparse(directory: Path) -> None:
+        save_sparse_bitmask(
+            model,  # type: ignore[arg-type]
+            names,
+            directory,
+            structure=config.pattern or "unstructured",
+        )
+
+    return sparse
+
+
+class _Pruner:
+    """One pruning pass at given per-layer sparsities, for the configured method."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: _UnstructuredPruneConfig,
+        ctx: PruneContext,
+        targets: Mapping[str, nn.Module],
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.ctx = ctx
+        self.targets = targets
+        self.calibration: CalibrationReport | None = None
+
+    def __call__(
+        self,
+        sparsity: Mapping[str, float],
+        nm: tuple[int, int] | None,
+        prior: Masks | None,
+        measure: bool,
+    ) -> tuple[Masks, dict[str, float | None]]:
+        config = self.config
+        if isinstance(config, MagnitudePruneConfig):
+            keep, weight_errors = _magnitude_step(self.targets, sparsity, config, nm, prior)
+            return keep, dict(weight_errors)
+        assert isinstance(config, WandaPruneConfig | SparseGPTPruneConfig)
+        if self.ctx.calibration is None:
+            raise UserInputError(f"{config.method} needs calibration data")
+        calibrator = _PruneCalibrator(self.targets, sparsity, config, nm, prior)
+        report = run_calibration(
+            self.model,
+            self.ctx.calibration,
+            calibrator,
+            device=self.ctx.device,
+            batch_size=config.calibration.batch_size,
+            progress=self.ctx.progress,
+            measure_error=measure,
+        )
+        self.calibration = report
+        missing = set(self.targets) - set(calibrator.keep)
+        if missing:
+            raise UserInputError(
+                f"{len(missing)} targeted layer(s) never ran during calibration (e.g. "
+                f"{sorted(missing)[0]}); they cannot be pruned with {config.method}"
+            )
+        errors = {r.name: r.rel_error for r in report.linears if r.name in self.targets}
+        return calibrator.keep, errors
+
+
+def _gradual(
+    model: nn.Module,
+    config: _UnstructuredPruneConfig,
+    ctx: PruneContext,
+    targets: Mapping[str, nn.Module],
+    pruner: _Pruner,
+    sparsity_at: Callable[[float], dict[str, float]],
+) -> tuple[Masks, dict[str, float | None], list[dict[str, Any]]]:
+    schedule = config.schedule
+    assert schedule is not None
+    if ctx.train_tokens is None:
+        raise UserInputError("a gradual schedule needs training text (train_tokens)")
+    teacher = None
+    if schedule.teacher == "original":
+        teacher = copy.deepcopy(model).eval()
+        teacher.requires_grad_(False)
+    levels = sparsity_schedule(config.target_sparsity, schedule.steps, schedule.kind)
+    prior: Masks | None = None
+    keep: Masks = {}
+    errors: dict[str, float | None] = {}
+    history: list[dict[str, Any]] = []
+    for index, level in enumerate(levels):
+        last = index == len(levels) - 1
+        # Intermediate steps are unstructured; the pattern, when asked, is imposed at the end.
+        nm = config.nm if last else None
+        keep, errors = pruner(sparsity_at(level), nm, None if nm else prior, measure=last)
+        masks = [
+            (weight_param(module), stored_mask(module, keep[name]))
+            for name, module in targets.items()
+        ]
+        losses = finetune_masked(
+            model,
+            masks,
+            ctx.train_tokens,
+            steps=schedule.finetune_steps,
+            learning_rate=schedule.learning_rate,
+            batch_size=schedule.batch_size,
+            seq_len=schedule.seq_len,
+            seed=schedule.seed + index,
+            teacher=teacher,
+            temperature=schedule.temperature,
+            progress=ctx.progress,
+            description=f"fine-tuning at {level:.1%}",
+        )
+        history.append(
+            {
+                "step": index + 1,
+                "sparsity": level,
+                "finetune_steps": len(losses),
+                "loss_first": losses[0] if losses else None,
+                "loss_last": losses[-1] if losses else None,
+            }
+        )
+        prior = keep
+    del teacher
+    return keep, errors, history
+
+
+def apply(model: nn.Module, config: _UnstructuredPruneConfig, ctx: PruneContext) -> PruneOutcome:
+    """Prune `model` in place as `config` says (magnitude, wanda or sparsegpt)."""
+    targets = plan_targets(model, config)
+    blocks = _block_of(targets, model)
+    started = time.perf_counter()
+    ratios = owl_ratios(model, targets, config, ctx) if config.allocation == "owl" else None
+    owl_seconds = time.perf_counter() - started
+
+    def sparsity_at(level: float) -> dict[str, float]:
+        return allocate(targets, blocks, level, config, ratios)
+
+    pruner = _Pruner(model, config, ctx, targets)
+    history: list[dict[str, Any]] = []
+    final = sparsity_at(config.target_sparsity)
+    if config.schedule is None:
+        keep, errors = pruner(final, config.nm, None, measure=True)
+    else:
+        keep, errors, history = _gradual(model, config, ctx, targets, pruner, sparsity_at)
+    del keep
+    rows = _layer_rows(targets, final, errors)
+    targeted = sum(r["params"] for r in rows)
+    zeros = sum(r["params"] - r["nonzero"] for r in rows)
+    nonzero, total = _params(model)
+    nm = config.nm
+    report: dict[str, Any] = {
+        "layers": len(rows),
+        "target_sparsity": config.target_sparsity,
+        "pattern": config.pattern,
+        "allocation": config.allocation,
+        "overall_sparsity": zeros / max(targeted, 1),
+        "targeted_params": targeted,
+        "pruned_params": zeros,
+        "nonzero_params": nonzero,
+        "total_params": total,
+        "model_sparsity": 1.0 - nonzero / max(total, 1),
+        "sensitivity_kind": (
+            "relative weight error (data-free)"
+            if isinstance(config, MagnitudePruneConfig)
+            else "relative output error on the calibration data"
+        ),
+        "sensitivity": sensitivity_table(rows, limit=len(rows)),
+        "per_layer": rows,
+        "speedup_note": NO_SPEEDUP,
+    }
+    if nm is not None:
+        report["nm_pattern_ok"] = all(
+            satisfies_nm(oriented(module), *nm) for module in targets.values()
+        )
+    calibration = pruner.calibration
+    if calibration is not None:
+        report["calibration_tokens"] = calibration.tokens
+        report["calibration_seconds"] = round(calibration.seconds, 3)
+        report["blocks"] = [
+            {"index": b.index, "rel_error": b.rel_error, "seconds": round(b.seconds, 3)}
+            for b in calibration.blocks
+        ]
+    steps = [_method_step(config, calibration)]
+    if ratios is not None:
+        per_block = block_sparsities(targets, blocks, config.target_sparsity, config, ratios)
+        values = list(per_block.values())
+        report["owl"] = {
+            "outlier_ratios": {str(k): v for k, v in sorted(ratios.items())},
+            "block_sparsity": {str(k): v for k, v in sorted(per_block.items())},
+            "seconds": round(owl_seconds, 3),
+        }
+        steps.append(
+            f"OWL allocation: per-block sparsity {min(values):.1%} to {max(values):.1%} from the "
+            f"outlier ratio of Wanda scores (threshold {config.owl_threshold} x mean, lambda "
+            f"{config.owl_lambda}), {config.target_sparsity:.1%} over all targeted weights"
+        )
+    if config.schedule is not None:
+        schedule = config.schedule
+        report["gradual"] = history
+        loss = "KL to the unpruned model" if schedule.teacher == "original" else "LM loss"
+        steps.append(
+            f"Gradual: {schedule.steps} {schedule.kind} steps "
+            + " -> ".join(f"{h['sparsity']:.1%}" for h in history)
+            + f", each followed by {schedule.finetune_steps} AdamW steps (lr "
+            f"{schedule.learning_rate:g}, {schedule.batch_size} x {schedule.seq_len} tokens, "
+            f"{loss}) with the masks fixed"
+        )
+    steps.append(
+        f"{zeros:,} of {targeted:,} weights in {len(rows)} pruned layers are zero "
+        f"({report['overall_sparsity']:.2%}); the model keeps {nonzero:,} non-zero parameters "
+        f"of {total:,}"
+    )
+    steps.append(NO_SPEEDUP)
+    if config.save_format == "sparse-bitmask":
+        steps.append(SPARSE_LOAD_NOTE)
+    return PruneOutcome(
+        model=model,
+        writer=_writer(model, list(targets), config),
+        format=FORMAT_SPARSE if config.save_format == "sparse-bitmask" else FORMAT_DENSE,
+        steps=steps,
+        report=report,
+    )
+
+
+register_method("magnitude", MagnitudePruneConfig, needs_calibration=False)(apply)
+register_method("wanda", WandaPruneConfig, needs_calibration=True)(apply)
+register_method("sparsegpt", SparseGPTPruneConfig, needs_calibration=True)(apply)
