@@ -427,17 +427,17 @@ def test_blocks_to_drop() -> None:
         return blocks_to_drop(30, StudentFromTeacher(**spec))
 
     assert drop(remove=10) == list(range(10, 20))  # a contiguous run from the middle
-    assert drop(remove=10, position="end") == list(range(19, 29))  # the 10 before the last
+    assert drop(remove=10, position="last") == list(range(19, 29))  # the 10 before the last
     # Centres of ten slices of 2.8 blocks over the interior 1..28.
-    assert drop(remove=10, position="even") == [2, 5, 8, 10, 13, 16, 19, 22, 24, 27]
+    assert drop(remove=10, position="evenly") == [2, 5, 8, 10, 13, 16, 19, 22, 24, 27]
     assert drop(drop_layers=[3, -1, 3]) == [3, 29]
-    assert blocks_to_drop(5, StudentFromTeacher(remove=3, position="even")) == [1, 2, 3]
+    assert blocks_to_drop(5, StudentFromTeacher(remove=3, position="evenly")) == [1, 2, 3]
     with pytest.raises(UserInputError, match="keep the last"):
-        blocks_to_drop(4, StudentFromTeacher(remove=4, position="end"))
+        blocks_to_drop(4, StudentFromTeacher(remove=4, position="last"))
     with pytest.raises(UserInputError, match="cannot remove 4 of 4"):
         blocks_to_drop(4, StudentFromTeacher(remove=4))
     with pytest.raises(UserInputError, match="interior"):
-        blocks_to_drop(4, StudentFromTeacher(remove=3, position="even"))
+        blocks_to_drop(4, StudentFromTeacher(remove=3, position="evenly"))
 
 
 def test_distill_config_validation() -> None:

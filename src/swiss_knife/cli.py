@@ -877,7 +877,7 @@ _DISTILL_LOSS_FLAGS = (
 
 
 def _student_spec(text: str) -> dict[str, Any]:
-    """'remove:N[:middle|end|even]' or 'drop:I,J,...' as a StudentFromTeacher mapping."""
+    """'remove:N[:middle|last|evenly]' or 'drop:I,J,...' as a StudentFromTeacher mapping."""
     kind, _, rest = text.partition(":")
     try:
         if kind == "drop" and rest:
@@ -888,7 +888,7 @@ def _student_spec(text: str) -> dict[str, Any]:
     except ValueError:
         pass
     raise UserInputError(
-        f"--student-from-teacher {text!r}: expected remove:N[:middle|end|even] or drop:I,J,..."
+        f"--student-from-teacher {text!r}: expected remove:N[:middle|last|evenly] or drop:I,J,..."
     )
 
 
@@ -1265,7 +1265,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--student-from-teacher",
         metavar="SPEC",
         help="make the student by removing teacher blocks: remove:N (N contiguous blocks in the "
-        "middle), remove:N:end (the N before the last), remove:N:even (spread out), or "
+        "middle), remove:N:last (the N before the last), remove:N:evenly (spread out), or "
         "drop:I,J,... (these indices)",
     )
     p.add_argument("--train-data", metavar="SOURCE", help="training text (file, folder, dataset)")

@@ -532,19 +532,19 @@ class StudentFromTeacher(StrictModel):
     """Make the student from the teacher by removing whole transformer blocks (depth pruning).
 
     Give either the block indices to drop, or how many to remove and where from: `middle` removes
-    a contiguous run centred in the model, `end` the run just before the last block (which is
-    kept), `even` blocks spread evenly over the interior (the first and last stay). Which works
-    best depends on the model: removing 10 of SmolLM2-135M's 30 blocks leaves a perplexity of
-    about 1.5e3 (middle), 3e4 (even) or 2e10 (end) before any training, while Gromov et al. 2024
-    find the late blocks of larger Llamas the most redundant. The layer-reduction stage chooses
-    blocks by measured importance instead.
+    a contiguous run centred in the model, `last` the run just before the last block (which is
+    kept), `evenly` blocks spread evenly over the interior (the first and last stay); the names
+    follow the reduce_layers stage's `selection`. Which works best depends on the model: removing
+    10 of SmolLM2-135M's 30 blocks leaves a perplexity of about 1.5e3 (middle), 3e4 (evenly) or
+    2e10 (last) before any training, while Gromov et al. 2024 find the late blocks of larger
+    Llamas the most redundant. The reduce_layers stage chooses blocks by measured importance.
     """
 
     drop_layers: list[int] | None = Field(
         default=None, min_length=1, description="Block indices to drop (negative: from the end)."
     )
     remove: int | None = Field(default=None, ge=1, description="How many blocks to remove.")
-    position: Literal["middle", "end", "even"] = Field(
+    position: Literal["middle", "last", "evenly"] = Field(
         default="middle", description="Where `remove` takes the blocks from (see above)."
     )
 

@@ -45,7 +45,7 @@ def blocks_to_drop(total: int, spec: StudentFromTeacher) -> list[int]:
                 )
             start = (total - remove) // 2
             drop = list(range(start, start + remove))
-        elif spec.position == "end":
+        elif spec.position == "last":
             # Keep the last block: it writes the representation the head reads.
             if remove > total - 1:
                 raise UserInputError(
