@@ -22,11 +22,12 @@ in one pass (Swiss Knife's ``true_sequential`` is off, as llm-compressor's pipel
 How it is measured
 ------------------
 * Each row is pruned in a fresh worker process (ours: this script with ``--worker``), which loads
-  the dense checkpoint, prunes, and saves a dense checkpoint; ours also saves the same model in
-  the compressed-tensors sparse-bitmask layout for the size column (llm-compressor no longer
+  the dense checkpoint, prunes, and saves a dense checkpoint; ours then also saves the same model
+  in the compressed-tensors sparse-bitmask layout for the size column (llm-compressor no longer
   writes sparse checkpoints). *Prune s* is the wall time of the ``prune(...)`` / ``oneshot(...)``
   call alone, with the CPU seconds (user + system, all threads) it used in brackets; *Peak RSS*
-  the worker's whole-process peak resident memory (``VmHWM``: imports, model, pruning, saving).
+  the worker's whole-process peak resident memory (``VmHWM``: imports, model, pruning, the
+  dense save; read before our extra sparse-bitmask copy).
 * Evaluation runs in this process on the *saved* checkpoints reloaded with ``load_model``:
   perplexity (non-overlapping windows), sparsity measured on the reloaded weights (exact zeros in
   the block linears), prefill/decode speed (batch 1; unstructured sparsity is not expected to
@@ -230,6 +231,9 @@ def worker_main(spec_file: Path) -> None:
     save_start = time.perf_counter()
     save_model(outcome.model, spec["output_dir"], writer=outcome.writer, tokenizer=loaded.tokenizer)
     result["save_seconds"] = time.perf_counter() - save_start
+    # Measured before the extra sparse-bitmask copy below, which llm-compressor does not make:
+    # both peaks cover imports, model, pruning and one dense save.
+    result["process_max_rss_bytes"] = max_rss()
     report = outcome.report
     if outcome.format == "dense" and "per_layer" in report:
         names = [row["name"] for row in report["per_layer"]]
@@ -245,7 +249,6 @@ def worker_main(spec_file: Path) -> None:
         process_seconds=time.perf_counter() - started,
         rss_before_bytes=peak.baseline_bytes,
         rss_peak_bytes=peak.peak_bytes,
-        process_max_rss_bytes=max_rss(),
     )
     Path(spec["result"]).write_text(json.dumps(result, indent=2, default=str) + "\n")
 

@@ -1244,81 +1244,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compression_options(p, "quantize", "gptq, awq, static")
 
     p = add(
-        "distill",
-        cmd_distill,
-        "Distil a teacher into a smaller student (knowledge distillation on accelerate).",
-        """
-        swiss-knife distill --teacher ./model --student-from-teacher remove:8 \\
-            --train-data train.txt --max-steps 2000 --seq-len 512 --output-dir ./model-distilled
-        swiss-knife distill --teacher ./model --student ./small-model --train-data data.jsonl \\
-            --field text --epochs 1 --learning-rate 2e-4 --batch-size 8 --grad-accum 4 \\
-            --warmup-steps 100 --eval-every 200 --early-stopping 3 --output-dir ./out
-        swiss-knife distill --teacher ./model --student-from-teacher drop:3,5,7 \\
-            --train-data train.txt --teacher-topk 64 --mixed-precision bf16 --output-dir ./out
-        swiss-knife distill ... --output-dir ./out --resume     # continue a killed run
-        accelerate launch --multi_gpu --num_processes 4 -m swiss_knife.cli distill ...
-        """,
-    )
-    p.add_argument("--teacher", required=True, help="the model to learn from")
-    p.add_argument("--student", help="a student sharing the teacher's tokenizer")
-    p.add_argument(
-        "--student-from-teacher",
-        metavar="SPEC",
-        help="make the student by removing teacher blocks: remove:N (N contiguous blocks in the "
-        "middle), remove:N:last (the N before the last), remove:N:evenly (spread out), or "
-        "drop:I,J,... (these indices)",
-    )
-    p.add_argument("--train-data", metavar="SOURCE", help="training text (file, folder, dataset)")
-    p.add_argument("--eval-data", metavar="SOURCE", help="held-out text (default: a tail split)")
-    _add_text_format_options(p)
-    p.add_argument("--output-dir", required=True, help="checkpoints, metrics, best/ and final/")
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        metavar="CHECKPOINT",
-        help="continue the run in --output-dir from its latest checkpoint (or this one)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="start again in a used output dir")
-    p.add_argument("--config", metavar="FILE", help="a distill config (.yaml/.json)")
-    g = p.add_argument_group("training")
-    length = g.add_mutually_exclusive_group()
-    length.add_argument("--max-steps", type=int, help="optimizer steps")
-    length.add_argument("--epochs", type=float, help="passes over the text (default 1)")
-    g.add_argument("--learning-rate", type=float, help="peak learning rate (default 1e-4)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    g.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], help="after warm-up")
-    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
-    g.add_argument("--batch-size", type=int, help="sequences per micro-batch per process (8)")
-    g.add_argument("--seq-len", type=int, help="tokens per packed sequence (default 256)")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1; 0 = off)")
-    g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast dtype")
-    g.add_argument(
-        "--gradient-checkpointing", action="store_true", help="recompute activations (less memory)"
-    )
-    g.add_argument("--seed", type=int, help="random seed (default 0)")
-    g = p.add_argument_group("loss")
-    g.add_argument("--loss", choices=["forward_kl", "reverse_kl"], help="logit KL (forward_kl)")
-    g.add_argument("--temperature", type=float, help="softmax temperature (default 1)")
-    g.add_argument("--alpha", type=float, help="weight of label cross-entropy; KL gets 1 - alpha")
-    g.add_argument("--hidden-weight", type=float, help="weight of hidden-state matching (0)")
-    g.add_argument("--hidden-loss", choices=["mse", "cosine"], help="hidden-state distance")
-    g.add_argument("--layer-map", metavar="S:T,S:T", help="student:teacher hidden states to match")
-    g.add_argument("--teacher-topk", type=int, help="cache the teacher's top-k logits on disk")
-    g.add_argument("--teacher-cache", metavar="DIR", help="folder of that cache")
-    g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-fraction", type=float, help="tail of the text held out (0.05)")
-    g.add_argument("--eval-every", type=int, help="held-out perplexity every N steps (100)")
-    g.add_argument("--eval-windows", type=int, help="held-out sequences per evaluation (64)")
-    g.add_argument("--early-stopping", type=int, metavar="N", help="stop after N worse evals")
-    g.add_argument("--save-every", type=int, help="checkpoint every N steps (500; 0 = end)")
-    g.add_argument("--keep-checkpoints", type=int, help="most recent checkpoints kept (2)")
-    g.add_argument("--log-every", type=int, help="steps per metrics.jsonl line (10)")
-    _add_model_options(p)
-    _add_output_options(p)
-
-    p = add(
         "reduce-layers",
         cmd_reduce_layers,
         "Remove whole transformer blocks (by ShortGPT block influence, index or position).",
@@ -1434,6 +1359,81 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--round-to", type=int, help="keep widths a multiple of this (default 1)")
     _add_compression_options(p, "prune", "wanda, sparsegpt, owl, structured")
+
+    p = add(
+        "distill",
+        cmd_distill,
+        "Distil a teacher into a smaller student (knowledge distillation on accelerate).",
+        """
+        swiss-knife distill --teacher ./model --student-from-teacher remove:8 \\
+            --train-data train.txt --max-steps 2000 --seq-len 512 --output-dir ./model-distilled
+        swiss-knife distill --teacher ./model --student ./small-model --train-data data.jsonl \\
+            --field text --epochs 1 --learning-rate 2e-4 --batch-size 8 --grad-accum 4 \\
+            --warmup-steps 100 --eval-every 200 --early-stopping 3 --output-dir ./out
+        swiss-knife distill --teacher ./model --student-from-teacher drop:3,5,7 \\
+            --train-data train.txt --teacher-topk 64 --mixed-precision bf16 --output-dir ./out
+        swiss-knife distill ... --output-dir ./out --resume     # continue a killed run
+        accelerate launch --multi_gpu --num_processes 4 -m swiss_knife.cli distill ...
+        """,
+    )
+    p.add_argument("--teacher", required=True, help="the model to learn from")
+    p.add_argument("--student", help="a student sharing the teacher's tokenizer")
+    p.add_argument(
+        "--student-from-teacher",
+        metavar="SPEC",
+        help="make the student by removing teacher blocks: remove:N (N contiguous blocks in the "
+        "middle), remove:N:last (the N before the last), remove:N:evenly (spread out), or "
+        "drop:I,J,... (these indices)",
+    )
+    p.add_argument("--train-data", metavar="SOURCE", help="training text (file, folder, dataset)")
+    p.add_argument("--eval-data", metavar="SOURCE", help="held-out text (default: a tail split)")
+    _add_text_format_options(p)
+    p.add_argument("--output-dir", required=True, help="checkpoints, metrics, best/ and final/")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="CHECKPOINT",
+        help="continue the run in --output-dir from its latest checkpoint (or this one)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="start again in a used output dir")
+    p.add_argument("--config", metavar="FILE", help="a distill config (.yaml/.json)")
+    g = p.add_argument_group("training")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=float, help="passes over the text (default 1)")
+    g.add_argument("--learning-rate", type=float, help="peak learning rate (default 1e-4)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    g.add_argument("--lr-schedule", choices=["cosine", "linear", "constant"], help="after warm-up")
+    g.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default 0)")
+    g.add_argument("--batch-size", type=int, help="sequences per micro-batch per process (8)")
+    g.add_argument("--seq-len", type=int, help="tokens per packed sequence (default 256)")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--max-grad-norm", type=float, help="gradient clipping (default 1; 0 = off)")
+    g.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], help="autocast dtype")
+    g.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations (less memory)"
+    )
+    g.add_argument("--seed", type=int, help="random seed (default 0)")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", choices=["forward_kl", "reverse_kl"], help="logit KL (forward_kl)")
+    g.add_argument("--temperature", type=float, help="softmax temperature (default 1)")
+    g.add_argument("--alpha", type=float, help="weight of label cross-entropy; KL gets 1 - alpha")
+    g.add_argument("--hidden-weight", type=float, help="weight of hidden-state matching (0)")
+    g.add_argument("--hidden-loss", choices=["mse", "cosine"], help="hidden-state distance")
+    g.add_argument("--layer-map", metavar="S:T,S:T", help="student:teacher hidden states to match")
+    g.add_argument("--teacher-topk", type=int, help="cache the teacher's top-k logits on disk")
+    g.add_argument("--teacher-cache", metavar="DIR", help="folder of that cache")
+    g = p.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-fraction", type=float, help="tail of the text held out (0.05)")
+    g.add_argument("--eval-every", type=int, help="held-out perplexity every N steps (100)")
+    g.add_argument("--eval-windows", type=int, help="held-out sequences per evaluation (64)")
+    g.add_argument("--early-stopping", type=int, metavar="N", help="stop after N worse evals")
+    g.add_argument("--save-every", type=int, help="checkpoint every N steps (500; 0 = end)")
+    g.add_argument("--keep-checkpoints", type=int, help="most recent checkpoints kept (2)")
+    g.add_argument("--log-every", type=int, help="steps per metrics.jsonl line (10)")
+    _add_model_options(p)
+    _add_output_options(p)
 
     p = add(
         "run",

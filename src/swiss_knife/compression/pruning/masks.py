@@ -121,9 +121,9 @@ def nm_mask(scores: Tensor, n: int, m: int) -> Tensor:
     out_features, in_features = scores.shape
     check_nm_shape(in_features, m)
     groups = scores.reshape(out_features, in_features // m, m)  # (out, groups, m)
-    order = torch.sort(groups, dim=2, stable=True).indices  # ascending within each group
+    lowest = torch.topk(groups, m - n, dim=2, largest=False, sorted=False).indices
     keep = torch.ones_like(groups, dtype=torch.bool)
-    keep.scatter_(2, order[..., : m - n], False)
+    keep.scatter_(2, lowest, False)  # lowest: (out, groups, m - n)
     return keep.reshape(out_features, in_features)
 
 

@@ -245,12 +245,15 @@ class _PruneCalibrator(BlockCalibrator):
         config: WandaPruneConfig | SparseGPTPruneConfig,
         nm: tuple[int, int] | None,
         prior: Masks | None,
+        keep_masks: bool,
     ) -> None:
         self.targets = targets
         self.sparsity = sparsity
         self.config = config
         self.nm = nm
         self.prior = prior
+        self.keep_masks = keep_masks
+        self.solved: set[str] = set()
         sparsegpt = isinstance(config, SparseGPTPruneConfig)
         self.observers = _SharedObservers(HessianObserver if sparsegpt else SquaredNormObserver)
         self.keep: Masks = {}
@@ -281,7 +284,9 @@ class _PruneCalibrator(BlockCalibrator):
             keep = select(scores, self.sparsity[name], self.nm, "row", self._prior(name))
             pruned = W * keep
         store(module, pruned)
-        self.keep[name] = keep.cpu()
+        self.solved.add(name)
+        if self.keep_masks:
+            self.keep[name] = keep.cpu()
         metrics["sparsity"] = int((~keep).sum()) / keep.numel()
         return metrics
 
@@ -316,9 +321,14 @@ def _magnitude_step(
     config: MagnitudePruneConfig,
     nm: tuple[int, int] | None,
     prior: Masks | None,
+    keep_masks: bool,
 ) -> tuple[Masks, dict[str, float]]:
-    """Prune every target by |W|; returns the keep masks and each layer's relative weight error."""
+    """Prune every target by |W|; returns ``(keep masks, relative weight error per layer)``.
+
+    The masks are returned only with `keep_masks` (a gradual schedule needs them; they cost a
+    byte per weight), else the dict is empty."""
     keep: Masks = {}
+    kept: Masks = {}
     with torch.no_grad():
         if config.scope == "global" and nm is None:
             scores = {}
@@ -330,21 +340,21 @@ def _magnitude_step(
             level = next(iter(sparsity.values()))
             keep = global_topk_masks(scores, level)
             del scores
-        else:
-            for name, module in targets.items():
-                s = magnitude_scores(oriented(module))
-                prev = None if prior is None else prior.get(name)
-                keep[name] = select(s, sparsity[name], nm, "layer", prev)
         errors = {}
         for name, module in targets.items():
             W = oriented(module)
-            mask = keep[name].to(W.device)
+            if name not in keep:  # per layer: select now, so one mask lives at a time
+                s = magnitude_scores(W)
+                prev = None if prior is None else prior.get(name)
+                keep[name] = select(s, sparsity[name], nm, "layer", prev)
+            mask = keep.pop(name).to(W.device)
             reference = float(W.float().norm())
             removed = float((W.float() * ~mask).norm())  # ||W - W * keep||
             errors[name] = removed / reference if reference > 0 else 0.0
             store(module, W * mask)
-            keep[name] = mask.cpu()
-    return keep, errors
+            if keep_masks:
+                kept[name] = mask.cpu()
+    return kept, errors
 
 
 # ------------------------------------------------------------------------------- allocation
@@ -530,15 +540,19 @@ class _Pruner:
         nm: tuple[int, int] | None,
         prior: Masks | None,
         measure: bool,
+        keep_masks: bool,
     ) -> tuple[Masks, dict[str, float | None]]:
+        """Prune once; returns the keep masks (when `keep_masks`) and per-layer errors."""
         config = self.config
         if isinstance(config, MagnitudePruneConfig):
-            keep, weight_errors = _magnitude_step(self.targets, sparsity, config, nm, prior)
+            keep, weight_errors = _magnitude_step(
+                self.targets, sparsity, config, nm, prior, keep_masks
+            )
             return keep, dict(weight_errors)
         assert isinstance(config, WandaPruneConfig | SparseGPTPruneConfig)
         if self.ctx.calibration is None:
             raise UserInputError(f"{config.method} needs calibration data")
-        calibrator = _PruneCalibrator(self.targets, sparsity, config, nm, prior)
+        calibrator = _PruneCalibrator(self.targets, sparsity, config, nm, prior, keep_masks)
         report = run_calibration(
             self.model,
             self.ctx.calibration,
@@ -549,7 +563,7 @@ class _Pruner:
             measure_error=measure,
         )
         self.calibration = report
-        missing = set(self.targets) - set(calibrator.keep)
+        missing = set(self.targets) - calibrator.solved
         if missing:
             raise UserInputError(
                 f"{len(missing)} targeted layer(s) never ran during calibration (e.g. "
@@ -584,7 +598,9 @@ def _gradual(
         last = index == len(levels) - 1
         # Intermediate steps are unstructured; the pattern, when asked, is imposed at the end.
         nm = config.nm if last else None
-        keep, errors = pruner(sparsity_at(level), nm, None if nm else prior, measure=last)
+        keep, errors = pruner(
+            sparsity_at(level), nm, None if nm else prior, measure=last, keep_masks=True
+        )
         masks = [
             (weight_param(module), stored_mask(module, keep[name]))
             for name, module in targets.items()
@@ -632,10 +648,9 @@ def apply(model: nn.Module, config: _UnstructuredPruneConfig, ctx: PruneContext)
     history: list[dict[str, Any]] = []
     final = sparsity_at(config.target_sparsity)
     if config.schedule is None:
-        keep, errors = pruner(final, config.nm, None, measure=True)
+        _, errors = pruner(final, config.nm, None, measure=True, keep_masks=False)
     else:
-        keep, errors, history = _gradual(model, config, ctx, targets, pruner, sparsity_at)
-    del keep
+        _, errors, history = _gradual(model, config, ctx, targets, pruner, sparsity_at)
     rows = _layer_rows(targets, final, errors)
     targeted = sum(r["params"] for r in rows)
     zeros = sum(r["params"] - r["nonzero"] for r in rows)
