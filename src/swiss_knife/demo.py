@@ -212,7 +212,7 @@ def demo_variants(quick: bool) -> list[tuple[str, list[dict[str, Any]]]]:
                 },
                 {
                     "type": "quantize",
-                    "name": "gptq-w4-g64",
+                    "name": "reduce-distill-gptq-w4",
                     "method": "gptq",
                     "bits": 4,
                     "group_size": 64,
