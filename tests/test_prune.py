@@ -146,6 +146,24 @@ def test_conformance(
     assert torch.equal(reloaded.lm_head.weight, dense.lm_head.weight)
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "opt"])
+def test_sparse_bitmask_round_trip_on_conv1d_and_opt(model_type: str, tmp_path: Path) -> None:
+    # GPT-2 stores its linears transposed (Conv1D); OPT has biases and a projection pair.
+    model = build(model_type)
+    outcome = prune(
+        model,
+        config("sparsegpt", pattern="2:4", save_format="sparse-bitmask"),
+        calibration=calibration(length=16),
+    )
+    out = save_model(model, tmp_path / model_type, writer=outcome.writer)
+    reloaded = load_model(str(out), with_tokenizer=False).model
+    ids = inputs()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    for name, module in pruned_linears(reloaded).items():
+        assert satisfies_nm(oriented(module), 2, 4), name
+
+
 def test_sparse_bitmask_is_smaller_and_loads_as_a_plain_model(
     tmp_path: Path, tiny_tokenizer: Any
 ) -> None:
