@@ -138,9 +138,17 @@ CASES = {
 }
 # The loss of each method: forward KL only (Minitron), KL and label cross-entropy in equal parts
 # (Hinton et al.), or cross-entropy only (no teacher).
+# "+ hidden states" adds cosine matching of each student block's output to the output of the
+# teacher block it was copied from (Minitron's advice when depth is cut substantially).
 METHODS = {
     "distillation": {"alpha": 0.0},
     "distillation + labels": {"alpha": 0.5},
+    "distillation + hidden states": {"alpha": 0.0, "hidden_weight": 1.0, "hidden_loss": "cosine"},
+    "distillation + labels + hidden states": {
+        "alpha": 0.5,
+        "hidden_weight": 1.0,
+        "hidden_loss": "cosine",
+    },
     "fine-tuning": {"alpha": 1.0},
 }
 
@@ -436,6 +444,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--steps", type=int, help="override every model's step count")
     parser.add_argument("--threads", type=int, help="torch threads (default: per model)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        help="losses to train with (default: each model's list)",
+    )
     parser.add_argument("--work-dir", type=Path, help="keep teachers and runs here")
     parser.add_argument("--no-write", dest="write", action="store_false")
     parser.add_argument(
@@ -486,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             f"untrained student {math.exp(prepared['student_nll']):.3f}"
         )
         runs = {}
-        for method in case.methods:
+        for method in args.methods or case.methods:
             log(f"{name}: {method}, {steps} steps")
             job = {
                 "teacher_dir": prepared["teacher_dir"],

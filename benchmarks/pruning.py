@@ -17,7 +17,11 @@ llm-compressor's, gets the *same* token tensor (saved once with ``torch.save``).
 every linear of the decoder blocks but ``lm_head``, one block after the other, each block
 calibrated on the outputs of the already-pruned blocks before it, all linears of a block observed
 in one pass (Swiss Knife's ``true_sequential`` is off, as llm-compressor's pipeline does it).
-`STRUCTURAL_VARIANTS` is where structured pruning and layer reduction rows go.
+
+Structured pruning (MLP channels, attention heads) and layer reduction make physically smaller
+models whose speed must be timed against the original with care; ``benchmarks/structured.py``
+measures them (perplexity before healing, size, prefill/decode speedup). ``--structured`` runs it
+after the rows above, in the same invocation, with the same models and counts.
 
 How it is measured
 ------------------
@@ -41,6 +45,7 @@ Usage::
     python benchmarks/pruning.py --quick          # stories260K, small counts (smoke)
     python benchmarks/pruning.py --models smollm2 --calib-samples 64 --eval-windows 20
     python benchmarks/pruning.py --skip-llmc      # without llm-compressor
+    python benchmarks/pruning.py --structured     # and then benchmarks/structured.py
 
 The tables and the PASS/FAIL list of the floors are printed and written between the ``pruning``
 markers of benchmarks/RESULTS.md (unless ``--no-write``).
@@ -60,7 +65,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,15 +136,6 @@ class Row:
     worker: dict[str, Any] = field(default_factory=dict)
 
 
-# Structured pruning and layer reduction: physically smaller (and faster) models, measured with
-# the same columns (speed included). Each entry is (label, family, recipe stage); a stage whose
-# type is not "prune" also needs a runner in STAGE_RUNNERS. For example:
-#   ("MLP channels 25%", "structured",
-#    {"type": "prune", "method": "structured", "mlp_ratio": 0.25, "importance": "activation"}),
-#   ("25% of blocks removed", "layers", {"type": "reduce_layers", "num_layers_to_remove": 8}),
-STRUCTURAL_VARIANTS: list[tuple[str, str, dict[str, Any]]] = []
-
-
 def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
     """Every configuration run on ``case``, baseline first; llm-compressor next to its match."""
     calibration = {"num_samples": case.calib_samples, "seq_len": case.seq_len}
@@ -178,8 +173,6 @@ def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
                 rows.append(
                     peer(label, family, role, f"--method={method}", "--sparsity=0.5", *flags)
                 )
-    for label, family, stage in STRUCTURAL_VARIANTS:
-        rows.append(Variant(label, SK, family, "ours", stage=stage, role=label))
     return rows
 
 
@@ -196,13 +189,6 @@ def run_prune_stage(stage: dict[str, Any], model: Any, calibration: torch.Tensor
 
     config: Any = TypeAdapter(PruneConfig).validate_python(stage)
     return prune(model, config, calibration=calibration)
-
-
-# Stage type -> runner(stage, model, calibration) returning an outcome with .model, .writer,
-# .steps and .report (add "reduce_layers" here with the layer-reduction rows).
-STAGE_RUNNERS: dict[str, Callable[[dict[str, Any], Any, torch.Tensor], Any]] = {
-    "prune": run_prune_stage,
-}
 
 
 def worker_main(spec_file: Path) -> None:
@@ -224,7 +210,7 @@ def worker_main(spec_file: Path) -> None:
     with PeakMemory("cpu") as peak:
         load, cpu = os.getloadavg()[0], cpu_seconds()
         start = time.perf_counter()
-        outcome = STAGE_RUNNERS[stage["type"]](stage, loaded.model, calibration)
+        outcome = run_prune_stage(stage, loaded.model, calibration)
         result["seconds"] = time.perf_counter() - start
         result["cpu_seconds"] = cpu_seconds() - cpu
         result["loadavg_before_after"] = [load, os.getloadavg()[0]]
@@ -659,6 +645,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-write", dest="write", action="store_false", help="do not update RESULTS.md"
     )
+    parser.add_argument(
+        "--structured",
+        action="store_true",
+        help="then run benchmarks/structured.py (structured pruning, layer reduction, speed)",
+    )
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -802,6 +793,15 @@ def main(argv: list[str] | None = None) -> int:
         for check, ok, _ in floors(rows)
         if ok is False and not check.startswith("Aim")
     ]
+    if args.structured:
+        import structured
+
+        forwarded = ["--models", *args.models, "--eval-windows", str(args.eval_windows)]
+        if args.quick:
+            forwarded.append("--quick")
+        if not args.write:
+            forwarded.append("--no-write")
+        structured.main(forwarded)
     return 1 if failed else 0
 
 

@@ -409,13 +409,11 @@ _QUANT_FLAGS = (
 )
 _QUANT_SWITCHES = (
     ("asymmetric", "symmetric", False),
-    ("act_order", "act_order", True),
-    ("static_groups", "static_groups", True),
-    ("clip_search", "clip_search", True),
-    ("no_true_sequential", "true_sequential", False),
     ("no_double_quant", "double_quant", False),
     ("weight_only", "weight_only", True),
 )
+# --X / --no-X pairs: None (not given) keeps the method's default.
+_QUANT_TOGGLES = ("act_order", "static_groups", "clip_search", "true_sequential")
 
 
 def _stage_data(args: argparse.Namespace, stage_type: str) -> dict[str, Any]:
@@ -504,6 +502,9 @@ def _quant_config(args: argparse.Namespace) -> Any:
     for flag, key, value in _QUANT_SWITCHES:
         if getattr(args, flag):
             data[key] = value
+    for key in _QUANT_TOGGLES:
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
     if args.group_size is not None:
         data["group_size"] = args.group_size or None
     if args.smoothquant_alpha is not None:
@@ -1221,13 +1222,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERN=BITS",
         help="mixed precision, e.g. 're:.*down_proj=8' (repeatable; first match wins)",
     )
-    g.add_argument("--clip-search", action="store_true", help="search clipping ranges")
-    g.add_argument("--act-order", action="store_true", help="gptq: activation order")
-    g.add_argument("--static-groups", action="store_true", help="gptq: fix group scales first")
+    g.add_argument(
+        "--clip-search",
+        action=argparse.BooleanOptionalAction,
+        help="search clipping ranges (default: on for gptq and awq, off for rtn)",
+    )
+    g.add_argument(
+        "--act-order",
+        action=argparse.BooleanOptionalAction,
+        help="gptq: activation order (default on)",
+    )
+    g.add_argument(
+        "--static-groups",
+        action=argparse.BooleanOptionalAction,
+        help="gptq: fix group scales first (default on)",
+    )
     g.add_argument("--damp", type=float, help="gptq: Hessian dampening (default 0.01)")
     g.add_argument("--block-size", type=int, help="gptq: columns per lazy update (default 128)")
     g.add_argument(
-        "--no-true-sequential", action="store_true", help="gptq: observe a block at once"
+        "--true-sequential",
+        action=argparse.BooleanOptionalAction,
+        help="gptq: observe each sub-layer group after quantizing the ones before it "
+        "(default off: a block at once)",
     )
     g.add_argument("--grid", type=int, help="awq: points of the scale search (default 20)")
     g = p.add_argument_group("bitsandbytes (8bit, 4bit), torchao (dynamic), static int8")

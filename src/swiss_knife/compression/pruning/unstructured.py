@@ -238,6 +238,10 @@ class _OutlierCalibrator(BlockCalibrator):
 class _PruneCalibrator(BlockCalibrator):
     """Wanda or SparseGPT, block by block: observe the targeted linears, then prune them."""
 
+    # Only a group's own inputs are needed: a pass may end once the group's linears have run
+    # (saves most of the forward for the early groups under true_sequential).
+    stop_after_group = True
+
     def __init__(
         self,
         targets: Mapping[str, nn.Module],
