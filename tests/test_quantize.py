@@ -365,3 +365,25 @@ def test_gptq_shares_one_hessian_between_linears_reading_the_same_input(
         shared_model.state_dict().items(), separate_model.state_dict().items(), strict=True
     ):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_gptq_cli_toggles_override_the_defaults() -> None:
+    """GPTQ's defaults are on (act order, static groups, clip search) and off (true sequential);
+    --no-X / --X flip each one, and a flag not given keeps the default."""
+    from swiss_knife import cli
+
+    def config(*flags: str) -> GPTQConfig:
+        args = cli.build_parser().parse_args(
+            ["quantize", "model", "--method", "gptq", "--output-dir", "out", *flags]
+        )
+        built = cli._quant_config(args)
+        assert isinstance(built, GPTQConfig)
+        return built
+
+    default = config()
+    assert (default.act_order, default.static_groups, default.clip_search) == (True, True, True)
+    assert default.true_sequential is False
+    flipped = config("--no-act-order", "--no-clip-search", "--true-sequential")
+    assert (flipped.act_order, flipped.clip_search, flipped.true_sequential) == (False, False, True)
+    assert flipped.static_groups is True
+    assert config("--no-static-groups", "--no-act-order").static_groups is False

@@ -400,7 +400,7 @@ class BlockInputs:
 
 
 # Tokens (leading mini-batches) on which `run_calibration` measures relative output errors.
-ERROR_MAX_TOKENS = 8192
+ERROR_MAX_TOKENS = 2048
 
 
 class _StopForward(Exception):
