@@ -9,7 +9,9 @@ al. 2024), and it is trained with `swiss_knife.compression.distillation` by:
 (a) **distillation**: forward KL to the teacher's next-token distribution (T = 1, alpha = 0);
 (b) **distillation + labels**: half KL, half cross-entropy (alpha = 0.5);
 (c) **fine-tuning**: plain next-token cross-entropy on the same text (alpha = 1; the teacher is
-    never run).
+    never run);
+(d) (a) and (b) **+ hidden states**: cosine distance between each student block's output and the
+    output of the teacher block it was copied from, weight 1.
 
 All runs use the same student, text, batch order (same seed), number of steps and tokens,
 learning rate and schedule; only the loss differs. Models: stories260K (5 blocks -> 3, TinyStories
@@ -42,11 +44,11 @@ Usage::
     python benchmarks/distillation.py --work-dir /tmp/sk-bd --reuse-runs   # measure again only
     python benchmarks/distillation.py --no-write              # print, do not touch RESULTS.md
 
-Cost: stories260K takes about 4 minutes (three runs of 400 steps, one thread). SmolLM2-135M is
-the expensive part: its teacher forward and the student's backward cost about 25 s per step on
-this shared 2-core machine under a load of 4-9 (78 minutes for the three runs of 50 steps), far
-from the 15 minutes aimed at; `--steps` shortens it. Each model's block in RESULTS.md says how
-long its run took and under what load.
+Cost (quiet 2-core machine, 2026-11-27): stories260K takes about 5 minutes (five runs of 400
+steps, one thread); SmolLM2-135M about 15 minutes (five runs of 50 steps, about 2.5 s per step
+with the teacher); ``--models SmolLM2-135M-200`` (not run by default) trains the best 50-step
+distillation loss and plain fine-tuning for 200 steps each, about 20 minutes. Each model's block
+in RESULTS.md says how long its run took and under what load.
 """
 
 from __future__ import annotations
@@ -440,7 +442,8 @@ def compose_section(blocks: dict[str, str]) -> str:
         "Produced by `benchmarks/distillation.py` (its docstring explains the method). Same "
         "student, text, batch order, steps, tokens and learning-rate schedule for every run of a "
         "model; only the loss differs: forward KL to the teacher (T = 1), half KL and half "
-        "cross-entropy on the text, or cross-entropy only (fine-tuning).",
+        "cross-entropy on the text, either of them plus cosine matching of each student block's "
+        "output to its teacher block's (+ hidden states), or cross-entropy only (fine-tuning).",
     ]
     for name in CASES:
         if name in blocks:
