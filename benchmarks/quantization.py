@@ -573,7 +573,8 @@ def num_parameters(path: Path) -> int:
     return count
 
 
-REUSED_FIELDS = (
+# Row fields written by --json (besides label, tool, family and config) and read back by --reuse.
+ROW_JSON_FIELDS = (
     "ppl",
     "tokens_scored",
     "disk_bytes",
@@ -591,15 +592,20 @@ REUSED_FIELDS = (
 )
 
 
+def reuse_key(tool: str, config: dict[str, Any] | None, label: str) -> tuple[str, str]:
+    """Our rows are matched by their settings (a label may have been reworded), peers by label."""
+    return tool, json.dumps(config, sort_keys=True) if config else label
+
+
 def reusable_rows(
     path: Path | None, case_key: str
-) -> dict[tuple[str, str], tuple[Any, Callable[[Variant], Row]]]:
-    """Rows of an earlier run's ``--json`` file, by (tool, settings or label), for ``--only`` with
-    ``--reuse``: the variants not run again keep the numbers that run measured (same data and
-    settings: a row is reused only when its configuration is unchanged)."""
+) -> dict[tuple[str, str], Callable[[Variant], Row]]:
+    """Rows of an earlier run's ``--json`` file, by `reuse_key`, for ``--only`` with ``--reuse``:
+    the variants not run again keep the numbers that run measured (same data; our rows only when
+    their settings are unchanged, since the settings are the key)."""
     if path is None:
         return {}
-    found: dict[tuple[str, str], tuple[Any, Callable[[Variant], Row]]] = {}
+    found: dict[tuple[str, str], Callable[[Variant], Row]] = {}
     for case in json.loads(path.read_text(encoding="utf-8")):
         if case["case"] != case_key:
             continue
@@ -607,7 +613,7 @@ def reusable_rows(
         for data in case["rows"]:
 
             def make(variant: Variant, data: dict[str, Any] = data, when: str = when) -> Row:
-                row = Row(variant, **{k: data.get(k) for k in REUSED_FIELDS})
+                row = Row(variant, **{k: data.get(k) for k in ROW_JSON_FIELDS})
                 row.tokens_scored = row.tokens_scored or 0
                 row.worker = row.worker or {}
                 if isinstance(row.load, list):
@@ -615,10 +621,7 @@ def reusable_rows(
                 row.notes.append(f"measured by {when} (`--reuse`)")
                 return row
 
-            # Our rows are found by their settings (a label may have been reworded), the
-            # peers' by their label.
-            key = json.dumps(data["config"], sort_keys=True) if data.get("config") else None
-            found[(data["tool"], key or data["label"])] = (data.get("config"), make)
+            found[reuse_key(data["tool"], data.get("config"), data["label"])] = make
     return found
 
 
@@ -642,10 +645,9 @@ def run_case(
             and variant.kind != "fp32"
             and not any(s in describe(variant) for s in args.only)
         ):
-            key = json.dumps(variant.config, sort_keys=True) if variant.config else None
-            kept = earlier.get((variant.tool, key or variant.label))
-            if kept is not None and kept[0] == variant.config:
-                rows.append(kept[1](variant))
+            kept = earlier.get(reuse_key(variant.tool, variant.config, variant.label))
+            if kept is not None:
+                rows.append(kept(variant))
             continue
         row = Row(variant)
         rows.append(row)
@@ -1133,25 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
                         "tool": r.variant.tool,
                         "family": r.variant.family,
                         "config": r.variant.config,
-                        **{
-                            k: getattr(r, k)
-                            for k in (
-                                "ppl",
-                                "tokens_scored",
-                                "disk_bytes",
-                                "bits_per_weight",
-                                "quant_s",
-                                "peak_rss",
-                                "quant_rss_increase",
-                                "process_s",
-                                "cpu_s",
-                                "load",
-                                "prefill_tps",
-                                "decode_ms",
-                                "error",
-                            )
-                        },
-                        "worker": r.worker,
+                        **{k: getattr(r, k) for k in ROW_JSON_FIELDS},
                     }
                     for r in rows
                 ],

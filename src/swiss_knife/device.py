@@ -119,3 +119,11 @@ def intra_op_threads(count: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def column_loop_threads(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """The thread setting for a column-by-column solve (GPTQ, SparseGPT) on `device`.
+
+    One intra-op thread on the CPU (see `intra_op_threads`); GPU work is left as it is.
+    """
+    return intra_op_threads(1) if device.type == "cpu" else contextlib.nullcontext()

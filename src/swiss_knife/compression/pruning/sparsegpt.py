@@ -30,7 +30,6 @@ block with a matmul); memory O(in^2) float32 for ``H`` and ``U`` plus a float32 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +37,7 @@ from torch import Tensor
 
 from swiss_knife.compression.pruning.masks import check_nm_shape, prune_count, prune_smallest
 from swiss_knife.compression.quantization.gptq import inverse_cholesky_upper
-from swiss_knife.device import intra_op_threads
+from swiss_knife.device import column_loop_threads
 from swiss_knife.errors import UserInputError
 
 
@@ -69,10 +68,10 @@ def sparsegpt_prune(
     token activated (``H_jj = 0``) get a zero weight column, as in GPTQ: they cannot affect the
     output. ``W`` and ``H`` are not modified.
 
-    On the CPU the solve runs on one thread, as GPTQ's does (`intra_op_threads`): its column
+    On the CPU the solve runs on one thread, as GPTQ's does (`column_loop_threads`): its column
     loop is thousands of tiny vector ops, each of which would end in a thread-pool barrier.
     """
-    with intra_op_threads(1) if W.device.type == "cpu" else contextlib.nullcontext():
+    with column_loop_threads(W.device):
         return _sparsegpt_prune(W, H, sparsity=sparsity, nm=nm, block_size=block_size, damp=damp)
 
 

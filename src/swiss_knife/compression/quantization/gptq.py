@@ -37,7 +37,6 @@ copy of ``W``. The per-column loop runs ``in`` small vector steps; everything el
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -50,7 +49,7 @@ from swiss_knife.compression.quantization.grid import (
     fit_qparams,
     resolve_scale_dtype,
 )
-from swiss_knife.device import intra_op_threads
+from swiss_knife.device import column_loop_threads
 from swiss_knife.errors import SwissKnifeError, UserInputError
 
 logger = logging.getLogger(__name__)
@@ -127,7 +126,7 @@ def gptq_quantize(
     # a thread pool ends in a barrier, and on a busy machine that barrier waits for descheduled
     # threads: with 2 threads on 2 loaded cores, one 1536 x 576 layer took 6.5 s (1.9 s of it in
     # cholesky_inverse) against 0.12 s on one thread. GPU tensors are unaffected.
-    with intra_op_threads(1) if W.device.type == "cpu" else contextlib.nullcontext():
+    with column_loop_threads(W.device):
         return _gptq_quantize(
             W,
             H,
