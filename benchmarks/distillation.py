@@ -99,6 +99,9 @@ class Case:
     test_windows: int
     methods: tuple[str, ...]
     threads: int | None  # None: torch's default (all cores)
+    # Only the first `train_limit` tokens of the training text are used (None: all of it), so the
+    # steps make several epochs over little text: the data-limited regime.
+    train_limit: int | None = None
 
 
 CASES = {
@@ -149,6 +152,30 @@ CASES["SmolLM2-135M-200"] = dataclasses.replace(
     eval_every=50,
     methods=("distillation + labels + hidden states", "fine-tuning"),
 )
+# Data-limited: the same students and steps, but only a small slice of the text, seen many times.
+# Fine-tuning can only memorise that slice; the teacher's full distributions carry more per token
+# (Hinton et al. 2015 trained on 3 % of the data with soft targets and kept most of the accuracy).
+CASES["stories260K-limited"] = dataclasses.replace(
+    CASES["stories260K"],
+    name="stories260K-limited",
+    train_limit=32_768,  # 16 batches of 16 x 128: 400 steps are 25 epochs
+    eval_every=50,
+    methods=(
+        "distillation",
+        "distillation + hidden states",
+        "distillation + labels",
+        "distillation + labels + hidden states",
+        "fine-tuning",
+    ),
+)
+CASES["SmolLM2-135M-limited"] = dataclasses.replace(
+    CASES["SmolLM2-135M"],
+    name="SmolLM2-135M-limited",
+    train_limit=8_192,  # 16 batches of 4 x 128: 100 steps are about 6 epochs
+    steps=100,
+    eval_every=20,
+    methods=("distillation", "distillation + hidden states", "fine-tuning"),
+)
 DEFAULT_MODELS = ["stories260K", "SmolLM2-135M"]
 # The loss of each method: forward KL only (Minitron), KL and label cross-entropy in equal parts
 # (Hinton et al.), or cross-entropy only (no teacher).
@@ -168,7 +195,7 @@ METHODS = {
 
 
 def teacher_source(case: Case) -> str:
-    if case.name == "stories260K":
+    if case.name.startswith("stories260K"):
         return str(ASSETS / "stories260K-hf")
     from swiss_knife.demo import demo_model_path
 
@@ -207,6 +234,9 @@ def prepare(case: Case, work: Path) -> dict[str, Any]:
     test = stream[-test_len:]
     validation = stream[-(test_len + val_len) : -test_len]
     train = stream[: -(test_len + val_len)]
+    available = train.numel()
+    if case.train_limit is not None:
+        train = train[: case.train_limit]
     splits = work / f"{case.name}-splits.pt"
     torch.save({"train": train, "validation": validation, "test": test}, splits)
 
@@ -221,6 +251,7 @@ def prepare(case: Case, work: Path) -> dict[str, Any]:
         "teacher_dir": source,
         "splits": str(splits),
         "train_tokens": train.numel(),
+        "available_tokens": available,
         "validation_tokens": validation.numel(),
         "test_tokens_scored": teacher_ppl.tokens_scored,
         "teacher_nll": teacher_ppl.mean_nll,
@@ -364,8 +395,14 @@ def case_block(summary: dict[str, Any]) -> str:
         f"{prepared['student_params'] / 1e6:.3g}M parameters)",
         "",
         f"{steps} steps x {case['batch_size']} sequences x {case['seq_len']} tokens = "
-        f"{tokens:,} training tokens per run (of {prepared['train_tokens']:,} available); "
-        f"learning rate {case['learning_rate']:g}, cosine, {case['warmup_steps']} warm-up steps; "
+        f"{tokens:,} training tokens per run "
+        + (
+            f"(of {prepared['train_tokens']:,} available); "
+            if case.get("train_limit") is None
+            else f"over only the first {prepared['train_tokens']:,} tokens of the training text, "
+            f"{tokens / prepared['train_tokens']:.1f} epochs (data-limited); "
+        )
+        + f"learning rate {case['learning_rate']:g}, cosine, {case['warmup_steps']} warm-up steps; "
         f"mixed precision {case['mixed_precision']}; the student keeps the teacher's blocks "
         f"{prepared['kept_blocks']}. Test: the last {prepared['test_tokens_scored']:,} scored "
         f"tokens of `{Path(case['text']).name}`, windows of {case['seq_len']}.",

@@ -54,6 +54,7 @@ markers of benchmarks/RESULTS.md (unless ``--no-write``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -62,6 +63,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -134,6 +136,36 @@ class Row:
     decode_ms: float | None = None
     error: str | None = None
     worker: dict[str, Any] = field(default_factory=dict)
+    # With several calibration seeds: each seed's perplexity and prune time (ppl is their mean,
+    # prune_s their median).
+    seed_ppls: list[float] = field(default_factory=list)
+    seed_times: list[float] = field(default_factory=list)
+
+
+def calibrated(variant: Variant) -> bool:
+    """Whether the variant's result depends on the calibration data."""
+    if variant.kind == "llmc":
+        return True
+    return variant.kind == "ours" and (variant.stage or {}).get("method") != "magnitude"
+
+
+def merge_seeds(runs: list[Row]) -> Row:
+    """One row from the same variant run on several calibration seeds: mean perplexity,
+    median prune time and CPU time, highest peak memory; the first run's other facts."""
+    first = runs[0]
+    failed = next((r for r in runs if r.error), None)
+    if len(runs) == 1 or failed is not None:
+        return failed or first
+    ppls = [r.ppl for r in runs if r.ppl is not None]
+    times = [r.prune_s for r in runs if r.prune_s is not None]
+    cpus = [r.cpu_s for r in runs if r.cpu_s is not None]
+    merged = dataclasses.replace(first)
+    merged.ppl = statistics.fmean(ppls)
+    merged.prune_s = statistics.median(times) if times else None
+    merged.cpu_s = statistics.median(cpus) if cpus else None
+    merged.peak_rss = max((r.peak_rss for r in runs if r.peak_rss is not None), default=None)
+    merged.seed_ppls, merged.seed_times = ppls, times
+    return merged
 
 
 def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
@@ -343,11 +375,31 @@ def same_weights(path: Path, reference: dict[str, torch.Tensor]) -> bool:
 def run_case(
     case: Case, args: argparse.Namespace, llmc: Path | None, root: Path
 ) -> tuple[list[Row], Prepared, int]:
+    """Every variant of `case`; calibrated ones once per calibration seed, then merged."""
+    runs: dict[str, list[Row]] = {}
+    first: tuple[Prepared, int] | None = None
+    for number, seed in enumerate(args.calib_seeds):
+        seeded = dataclasses.replace(case, seed=seed)
+        workdir = root / case.key / f"seed{seed}"
+        rows, prepared, params = run_seed(seeded, args, llmc, workdir, first_seed=number == 0)
+        first = first or (prepared, params)
+        for row in rows:
+            runs.setdefault(describe(row.variant), []).append(row)
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    assert first is not None
+    return [merge_seeds(group) for group in runs.values()], *first
+
+
+def run_seed(
+    case: Case, args: argparse.Namespace, llmc: Path | None, workdir: Path, *, first_seed: bool
+) -> tuple[list[Row], Prepared, int]:
+    """The variants of `case` on its calibration seed (after the first seed, only those whose
+    result depends on the calibration data)."""
     from swiss_knife.evaluation.size import weight_files
 
-    workdir = root / case.key
     workdir.mkdir(parents=True)
-    log(f"[{case.key}] preparing the dense fp32 checkpoint and token tensors...")
+    log(f"[{case.key}] seed {case.seed}: preparing the dense fp32 checkpoint and token tensors...")
     prepared = PREPARE[case.key](case, workdir)
     params = num_parameters(prepared.dense_dir)
     log(
@@ -358,6 +410,8 @@ def run_case(
     for index, variant in enumerate(variants(case, include_llmc=llmc is not None)):
         name = describe(variant)
         if args.only and variant.kind != "dense" and not any(s in name for s in args.only):
+            continue
+        if not first_seed and not calibrated(variant):
             continue
         row = Row(variant)
         rows.append(row)
@@ -409,8 +463,6 @@ def run_case(
         if variant.kind != "dense" and not args.keep:
             shutil.rmtree(path, ignore_errors=True)
             shutil.rmtree(str(path) + "-sparse", ignore_errors=True)
-    if not args.keep:
-        shutil.rmtree(workdir, ignore_errors=True)
     return rows, prepared, params
 
 
@@ -453,15 +505,19 @@ def floors(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
             continue
         assert ours.ppl and peer.ppl and ours.prune_s and peer.prune_s
         ok = ours.ppl <= peer.ppl and ours.prune_s < peer.prune_s
-        out.append(
-            (
-                check,
-                ok,
-                f"ppl {ours.ppl:.3f} vs {peer.ppl:.3f}; {ours.prune_s:.1f} s vs "
-                f"{peer.prune_s:.1f} s ({ours.prune_s / peer.prune_s:.2f}×); CPU s "
-                f"{fmt(ours.cpu_s, '.0f')} vs {fmt(peer.cpu_s, '.0f')}",
-            )
+        numbers = (
+            f"ppl {ours.ppl:.3f} vs {peer.ppl:.3f}; {ours.prune_s:.1f} s vs "
+            f"{peer.prune_s:.1f} s ({ours.prune_s / peer.prune_s:.2f}×); CPU s "
+            f"{fmt(ours.cpu_s, '.0f')} vs {fmt(peer.cpu_s, '.0f')}"
         )
+        if ours.seed_ppls:
+            numbers += (
+                f"; per seed ppl {', '.join(f'{p:.2f}' for p in ours.seed_ppls)} vs "
+                f"{', '.join(f'{p:.2f}' for p in peer.seed_ppls)}, ours lower on "
+                f"{sum(a < b for a, b in zip(ours.seed_ppls, peer.seed_ppls, strict=False))} "
+                f"of {len(ours.seed_ppls)}"
+            )
+        out.append((check, ok, numbers))
     for pattern in ("50", "2:4"):
         magnitude = by_role(rows, f"magnitude-{pattern}", SK)
         for method in ("wanda", "sparsegpt"):
@@ -527,12 +583,15 @@ def table(rows: list[Row]) -> str:
             continue
         assert r.ppl and r.disk_bytes
         change = "—" if r is base else f"{(r.ppl / base.ppl - 1) * 100:+.1f} %"
+        ppl_cell = f"{r.ppl:.3f}"
+        if r.seed_ppls:
+            ppl_cell += f" ({min(r.seed_ppls):.2f}–{max(r.seed_ppls):.2f})"
         prune_cell = "—" if r.prune_s is None else f"{r.prune_s:.1f} ({fmt(r.cpu_s, '.0f')})"
         sparse_cell = "—"
         if r.sparse_bytes is not None:
             sparse_cell = f"{r.sparse_bytes / 1e6:.1f}" + ("" if r.sparse_exact else " (MISMATCH)")
         lines.append(
-            f"| {r.variant.label} | {r.variant.tool} | {fmt(r.sparsity, '.2%')} | {r.ppl:.3f} "
+            f"| {r.variant.label} | {r.variant.tool} | {fmt(r.sparsity, '.2%')} | {ppl_cell} "
             f"| {change} | {prune_cell} "
             f"| {fmt(None if r.peak_rss is None else r.peak_rss / 2**30, '.2f')} "
             f"| {r.disk_bytes / 1e6:.1f} | {sparse_cell} "
@@ -573,7 +632,9 @@ def speed_cells(row: Row, base: Row) -> str:
     )
 
 
-def case_section(case: Case, rows: list[Row], prepared: Prepared, params: int) -> str:
+def case_section(
+    case: Case, rows: list[Row], prepared: Prepared, params: int, seeds: list[int]
+) -> str:
     n, length = prepared.calibration.shape
     lines = [
         f"### {case.title}",
@@ -582,7 +643,14 @@ def case_section(case: Case, rows: list[Row], prepared: Prepared, params: int) -
         f"- Perplexity: {prepared.eval_source}; {case.eval_windows} windows × {case.seq_len} "
         f"tokens, non-overlapping, {baseline(rows).tokens_scored:,} tokens scored.",
         f"- Calibration (identical token tensor for every calibrated row, ours and "
-        f"llm-compressor's): {n} × {length} tokens of {prepared.calib_source}.",
+        f"llm-compressor's): {n} × {length} tokens of {prepared.calib_source}"
+        + (
+            f"; every calibrated row was run with sampler seeds {', '.join(map(str, seeds))}: "
+            "its perplexity is the mean over seeds (range in brackets) and its prune time the "
+            "median."
+            if len(seeds) > 1
+            else "."
+        ),
         f"- {params:,} parameters; sparsity = exact zeros in the decoder-block linears of the "
         "reloaded checkpoint (embeddings, norms and the tied head stay dense).",
         "- Load average (1 min) before → after each prune call: "
@@ -623,6 +691,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--eval-windows", type=int, default=None, help="perplexity windows (40; --quick 8)"
+    )
+    parser.add_argument(
+        "--calib-seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="SEED",
+        help="run every calibrated row once per calibration sampler seed and report the mean "
+        "perplexity and median time (default: 0)",
     )
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     parser.add_argument("--eval-batch-size", type=int, default=4, help="windows per forward")
@@ -739,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
             "Produced by `benchmarks/pruning.py` (its docstring explains the method).",
             "",
             *(
-                case_section(case, rows, prepared, params)
+                case_section(case, rows, prepared, params, args.calib_seeds)
                 for case, rows, prepared, params in results
             ),
             *(f"- {line}" for line in details),
@@ -773,6 +850,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "prefill_tps",
                                 "decode_ms",
                                 "error",
+                                "seed_ppls",
+                                "seed_times",
                             )
                         },
                         "worker": r.worker,

@@ -112,6 +112,7 @@ class Case:
     eval_windows: int
     calib_samples: int
     seq_len: int = 512
+    seed: int = 0  # of the calibration window sampler
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,9 @@ def prepare_smollm2(case: Case, workdir: Path) -> Prepared:
     calib_file = CORPORA / "wikitext-2-pytorch-examples" / "valid.txt"
     needed = case.eval_windows * case.seq_len
     stream = load_token_stream(DataConfig(source=str(eval_file)), tokenizer, max_tokens=needed)
-    settings = CalibrationSettings(num_samples=case.calib_samples, seq_len=case.seq_len, seed=0)
+    settings = CalibrationSettings(
+        num_samples=case.calib_samples, seq_len=case.seq_len, seed=case.seed
+    )
     calibration = calibration_samples(DataConfig(source=str(calib_file)), tokenizer, settings)
     return finish_prepare(
         dense,
@@ -301,7 +304,9 @@ def prepare_stories(case: Case, workdir: Path) -> Prepared:
     source = DataConfig(source=str(text), split_documents="paragraph")
     stream = load_token_stream(source, loaded.tokenizer)
     needed = case.eval_windows * case.seq_len
-    calibration = sample_calibration(stream[needed:], case.calib_samples, case.seq_len, seed=0)
+    calibration = sample_calibration(
+        stream[needed:], case.calib_samples, case.seq_len, seed=case.seed
+    )
     return finish_prepare(
         dense,
         stream,

@@ -459,3 +459,71 @@ def test_errors_are_measured_on_the_leading_batches(monkeypatch: pytest.MonkeyPa
     # Still the exact error of a zeroed linear, now from the first mini-batch alone.
     assert report.linear(target).rel_error == pytest.approx(1.0)
     assert report.blocks[0].rel_error is not None and report.blocks[0].rel_error > 0
+
+
+class _DtypeRecorder(Recorder):
+    """A Recorder that also notes the dtype of every input it is given."""
+
+    def __init__(self, zero: str | None = None) -> None:
+        super().__init__(zero)
+        self.dtypes: set[torch.dtype] = set()
+
+    def observe(self, name: str, module: nn.Module, inp: Tensor, out: Tensor) -> None:
+        self.dtypes |= {inp.dtype, out.dtype}
+        super().observe(name, module, inp, out)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+def test_bf16_passes_keep_fp32_statistics_close_to_the_fp32_walk(model_type: str) -> None:
+    """precision='bf16': calibrators still get fp32 inputs, statistics move by bf16 rounding only,
+    weights are never cast, and a zeroed linear still measures an exact error of 1."""
+    model = build(model_type)
+    spec = get_arch(model)
+    target = f"{spec.blocks}.0.{spec.o_proj}"
+    ids = samples()
+    reference = Recorder(zero=target)
+    run_calibration(copy.deepcopy(model), ids, reference, batch_size=2)
+
+    recorder = _DtypeRecorder(zero=target)
+    report = run_calibration(model, ids, recorder, batch_size=2, precision="bf16")
+    assert recorder.dtypes == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    moved = []
+    for name, observer in reference.hessians.items():
+        found, expected = recorder.hessians[name].hessian, observer.hessian
+        # bf16 keeps 8 bits of mantissa: products of rounded activations differ by ~1 %.
+        rel = float((found - expected).norm() / expected.norm())
+        assert rel < 0.05, (name, rel)
+        moved.append(rel > 0)
+    # Inputs that come out of bf16 matmuls (o_proj's, down_proj's) did change.
+    assert any(moved)
+    for index in reference.outputs:
+        out, expected = recorder.output(index), reference.output(index)
+        assert out.dtype == torch.float32
+        assert float((out - expected).norm() / expected.norm()) < 0.05
+    assert report.linear(target).rel_error == pytest.approx(1.0, abs=1e-3)
+    untouched = [r.rel_error for r in report.linears if r.name != target]
+    assert untouched and all(error == 0.0 for error in untouched)
+
+
+def test_unknown_calibration_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        run_calibration(build("llama"), samples(), Recorder(), precision="fp8")
+
+
+def test_precision_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    import swiss_knife.calibration as calibration
+    from swiss_knife.calibration import resolve_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(calibration, "fast_bf16_matmul", lambda device: False)
+    assert resolve_precision("auto", cpu, torch.float32) == "float32"
+    assert resolve_precision("bf16", cpu, torch.float32) == "bf16-autocast"
+    assert resolve_precision("fp32", cpu, torch.float32) == "float32"
+    monkeypatch.setattr(calibration, "fast_bf16_matmul", lambda device: True)
+    assert resolve_precision("auto", cpu, torch.float32) == "bf16-autocast"
+    # A 16-bit model always runs in its own dtype: autocast to bf16 would lose fp16's mantissa.
+    assert resolve_precision("auto", cpu, torch.float16) == "float16"
+    assert resolve_precision("bf16", cpu, torch.bfloat16) == "bfloat16"
+    report = run_calibration(build("llama"), samples(), Recorder(), precision="auto")
+    assert report.precision == "bf16-autocast" and report.to_dict()["precision"] == "bf16-autocast"

@@ -472,3 +472,27 @@ def test_wanda_and_sparsegpt_beat_magnitude_on_stories260k(
         assert errors["sparsegpt", pattern] < errors["magnitude", pattern], errors
         assert ppl["wanda", pattern] < ppl["magnitude", pattern], ppl
         assert ppl["sparsegpt", pattern] < ppl["magnitude", pattern], ppl
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_bf16_calibration_passes_prune_the_same_share_nearly_the_same_weights(
+    method: str,
+) -> None:
+    """precision bf16: exact sparsity, fp32 weights, and masks that differ from the fp32 walk's
+    only where bf16 rounding of the activations reorders near-equal scores."""
+    model = build("llama")
+    reference = copy.deepcopy(model)
+    prune(reference, config(method, sparsity=0.5), calibration=calibration(length=16))
+    settings = {**CAL.model_dump(), "precision": "bf16"}
+    cfg = CONFIGS[method](calibration=settings, sparsity=0.5)
+    outcome = prune(model, cfg, calibration=calibration(length=16))
+    assert outcome.report["calibration_precision"] == "bf16-autocast"
+    assert outcome.report["overall_sparsity"] == pytest.approx(0.5, abs=1e-9)
+    expected = pruned_linears(reference)
+    agree = total = 0
+    for name, module in pruned_linears(model).items():
+        assert module.weight.dtype == torch.float32
+        kept, kept_ref = oriented(module) != 0, oriented(expected[name]) != 0
+        agree += int((kept == kept_ref).sum())
+        total += kept.numel()
+    assert agree / total > 0.9

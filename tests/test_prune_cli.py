@@ -58,6 +58,8 @@ def test_cli_prune_writes_a_loadable_sparse_model(
             "4",
             "--seq-len",
             "32",
+            "--calibration-precision",
+            "bf16",
             "--save-format",
             "sparse-bitmask",
             "--output-dir",
@@ -78,6 +80,7 @@ def test_cli_prune_writes_a_loadable_sparse_model(
     assert any("does not speed up dense kernels" in step for step in summary["steps"])
     manifest = json.loads((out / "swiss_knife.json").read_text())
     assert manifest["recipe"]["prune"]["pattern"] == "2:4"
+    assert manifest["recipe"]["prune"]["calibration"]["precision"] == "bf16"
     assert "from_pretrained" in (out / "README.md").read_text()
     model = load_model(str(out), with_tokenizer=False).model
     layer = model.model.layers[0].mlp.down_proj.weight

@@ -38,7 +38,14 @@ the activations on the CPU and moves one mini-batch at a time; the captured bloc
 calibration set per group (a calibrator with ``stop_after_group`` ends each pass as soon as the
 group's linears have run, so the [q, k, v] pass costs little more than the attention
 projections) plus one for the replay. Relative errors are measured on the leading mini-batches
-only (`ERROR_MAX_TOKENS` tokens). There is no KV cache (``use_cache=False``),
+only (`ERROR_MAX_TOKENS` tokens). ``precision="bf16"`` runs every block pass under bf16
+autocast (about 2.4x faster block forwards on CPUs with native bf16 and on recent GPUs, as GPU
+users of llm-compressor get by loading the model in bf16); calibrators still receive inputs in
+the model's dtype, statistics are accumulated and solved in float32, and the weights are never
+cast, so only the activations the statistics come from carry bf16 rounding. A linear's error
+goes through the weight difference (one matmul), so bf16 rounding does not swamp small
+rewrites. ``CalibrationSettings.precision`` defaults to "fp32"; "auto" means bf16 where bf16
+matmuls are native (`resolve_precision`). There is no KV cache (``use_cache=False``),
 the model is in eval mode under `torch.no_grad` (a calibrator needing gradients enables them
 itself), and its training flag is restored afterwards. Nothing is random: the same inputs give
 the same statistics.
@@ -55,6 +62,7 @@ Public API::
 
     inputs = capture_block_inputs(model, samples, device="cuda", batch_size=8)
     report = run_calibration(model, samples, calibrator, device=None, batch_size=8,
+                             precision="fp32",
                              offload_activations=False, progress=False, measure_error=True)
     scores = block_io_scores(model, samples, batch_size=8)   # one float in [0, 2] per block
 
@@ -86,6 +94,7 @@ from swiss_knife.arch import (
     get_blocks,
     linear_in_out,
 )
+from swiss_knife.device import fast_bf16_matmul
 from swiss_knife.errors import UnsupportedArchitectureError, UserInputError
 
 # ---------------------------------------------------------------------------------------------
@@ -342,6 +351,8 @@ class CalibrationReport:
     seconds: float
     blocks: list[BlockRecord]
     linears: list[LinearRecord]
+    # How the block passes ran: "bf16-autocast" or the model's dtype ("float32", ...).
+    precision: str = "float32"
 
     @property
     def tokens(self) -> int:
@@ -700,7 +711,10 @@ class _ErrorMeter:
         self.ref = 0.0
 
     def add(self, new: Tensor, old: Tensor) -> None:
-        self.diff += float((new.float() - old.float()).square().sum())
+        self.add_difference(new.float() - old.float(), old)
+
+    def add_difference(self, diff: Tensor, old: Tensor) -> None:
+        self.diff += float(diff.float().square().sum())
         self.ref += float(old.float().square().sum())
 
     def value(self) -> float:
@@ -728,11 +742,48 @@ def _validated_groups(groups: Any, ctx: BlockContext) -> list[list[str]]:
     return result
 
 
-def _observe_hook(calibrator: BlockCalibrator, name: str, tokens: dict[str, int]) -> Any:
+class _Caster:
+    """Casts a linear's input to its weight dtype, once per distinct input tensor.
+
+    Linears fed the same tensor (q/k/v) must receive the same cast tensor, so that calibrators
+    recognise the shared input (`_SharedObservers`) as they do without autocast.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[Tensor, Tensor] | None = None
+
+    def __call__(self, x: Tensor, dtype: torch.dtype | None) -> Tensor:
+        if dtype is None or x.dtype == dtype:
+            return x
+        last = self._last
+        if (
+            last is not None
+            and last[0].data_ptr() == x.data_ptr()
+            and last[0].shape == x.shape
+            and last[0].stride() == x.stride()
+            and last[1].dtype == dtype
+        ):
+            return last[1]
+        cast = x.to(dtype)
+        self._last = (x, cast)  # holding x keeps its memory from being reused meanwhile
+        return cast
+
+
+def _observe_hook(
+    calibrator: BlockCalibrator,
+    name: str,
+    tokens: dict[str, int],
+    caster: _Caster,
+) -> Any:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         inp = args[0]
-        inp2d = inp.reshape(-1, inp.shape[-1])  # (tokens, in_features)
+        dtype = _weight_dtype(module)
+        # Under bf16 autocast the activations arrive in bf16: calibrators always get the
+        # model's dtype, so their statistics and searches run as without autocast.
+        inp2d = caster(inp.reshape(-1, inp.shape[-1]), dtype)  # (tokens, in_features)
         out2d = output.reshape(-1, output.shape[-1])  # (tokens, out_features)
+        if dtype is not None:
+            out2d = out2d.to(dtype)
         tokens[name] = tokens.get(name, 0) + inp2d.shape[0]
         calibrator.observe(name, module, inp2d, out2d)
 
@@ -775,11 +826,92 @@ def _error_batches(inputs: BlockInputs, max_tokens: int) -> int:
     return inputs.num_batches
 
 
-def _error_hook(weight: Tensor, bias: Tensor | None, meter: _ErrorMeter) -> Any:
+def _error_hook(weight: Tensor, bias: Tensor | None, meter: _ErrorMeter, max_tokens: int) -> Any:
+    """Adds ||x (W_new - W_old)^T|| and ||x W_old^T + b_old|| for the first `max_tokens` tokens.
+
+    The difference goes through the linear once with the weight difference, so its relative
+    accuracy is that of the matmul even under bf16 autocast (subtracting two bf16 outputs would
+    leave mostly rounding noise for small rewrites such as int8); the cost is two linears over
+    at most `max_tokens` tokens.
+    """
+    seen = [0]
+
     def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        meter.add(output, _apply_linear(module, weight, bias, args[0]))
+        x = args[0]
+        x = x.reshape(-1, x.shape[-1])[: max_tokens - seen[0]]  # (tokens, in_features)
+        if x.shape[0] == 0:
+            return
+        seen[0] += x.shape[0]
+        new_bias = getattr(module, "bias", None)
+        new_bias = new_bias if isinstance(new_bias, Tensor) else None
+        delta_bias = _bias_difference(new_bias, bias)
+        new_weight = module.weight
+        assert isinstance(new_weight, Tensor)
+        delta = _apply_linear(module, new_weight - weight, delta_bias, x)
+        old = _apply_linear(module, weight, bias, x)
+        meter.add_difference(delta, old)
 
     return hook
+
+
+def _bias_difference(new: Tensor | None, old: Tensor | None) -> Tensor | None:
+    if new is None and old is None:
+        return None
+    if new is None:
+        assert old is not None
+        return -old
+    return new if old is None else new - old
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device, dtype: torch.dtype) -> str:
+    """What a calibration `precision` means for blocks of `dtype` computed on `device`.
+
+    Returns "bf16-autocast" (block passes under bf16 autocast) or the name of `dtype` (passes in
+    the model's own dtype). "auto" picks bf16 autocast for float32 models on devices with native
+    bf16 matmuls (`device.fast_bf16_matmul`) and the model's dtype elsewhere; "bf16" asks for
+    autocast anyway; either way a model already in 16 bits runs in its own dtype.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"calibration precision must be one of {PRECISIONS}, not {precision!r}")
+    model_dtype = str(dtype).removeprefix("torch.")
+    if dtype != torch.float32 or precision == "fp32":
+        return model_dtype
+    if precision == "auto" and not fast_bf16_matmul(device):
+        return model_dtype
+    if not torch.amp.is_autocast_available(device.type):
+        if precision == "auto":
+            return model_dtype
+        raise UserInputError(
+            f"calibration precision 'bf16' needs autocast, which torch does not offer on "
+            f"{device.type}; use precision 'fp32'"
+        )
+    return "bf16-autocast"
+
+
+def _pass_context(resolved: str, device: torch.device) -> Callable[[], Any]:
+    """A context factory for the block passes: bf16 autocast, or nothing."""
+    if resolved == "bf16-autocast":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _blocks_dtype(blocks: nn.ModuleList) -> torch.dtype:
+    """The floating-point dtype of the blocks' parameters (float32 when they have none)."""
+    for parameter in blocks.parameters():
+        if parameter.dtype.is_floating_point:
+            return parameter.dtype
+    return torch.float32
+
+
+def _weight_dtype(module: nn.Module) -> torch.dtype | None:
+    """The dtype of a linear's floating-point weight (None for anything else)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, Tensor) and weight.dtype.is_floating_point:
+        return weight.dtype
+    return None
 
 
 def _process_block(
@@ -789,6 +921,7 @@ def _process_block(
     inputs: BlockInputs,
     calibrator: BlockCalibrator,
     measure_error: bool,
+    precision: Callable[[], Any],
 ) -> tuple[BlockRecord, list[LinearRecord]]:
     started = time.perf_counter()
     blocks = get_blocks(model, spec)
@@ -818,8 +951,9 @@ def _process_block(
     stop = _GroupStop()
 
     for group_index, group in enumerate(groups):
+        caster = _Caster()
         handles = [
-            ctx.linears[name].register_forward_hook(_observe_hook(calibrator, name, tokens))
+            ctx.linears[name].register_forward_hook(_observe_hook(calibrator, name, tokens, caster))
             for name in group
         ]
         if calibrator.stop_after_group:
@@ -834,7 +968,8 @@ def _process_block(
                 else:
                     stop.disarm()
                 try:
-                    out = _run_block(block, hidden, call)
+                    with precision():
+                        out = _run_block(block, hidden, call)
                 except _StopBlock:
                     continue
                 if keep and reference is not None:
@@ -865,7 +1000,7 @@ def _process_block(
             if batch == 0 and measured:
                 error_handles = [
                     ctx.linears[name].register_forward_hook(
-                        _error_hook(*snapshots[name], meters[name])
+                        _error_hook(*snapshots[name], meters[name], ERROR_MAX_TOKENS)
                     )
                     for name in snapshots
                 ]
@@ -874,7 +1009,9 @@ def _process_block(
                     handle.remove()
                 error_handles = []
             hidden = inputs.hidden[batch].to(inputs.device)  # (batch, seq, hidden)
-            out = _run_block(block, hidden, call)  # (batch, seq, hidden)
+            with precision():
+                out = _run_block(block, hidden, call)  # (batch, seq, hidden)
+            out = out.to(hidden.dtype)
             calibrator.observe_block(ctx, hidden, out)
             if reference is not None and batch < measured:
                 block_meter.add(out, reference[batch].to(inputs.device))
@@ -920,6 +1057,7 @@ def run_calibration(
     offload_activations: bool = False,
     progress: bool = False,
     measure_error: bool = True,
+    precision: str = "fp32",
 ) -> CalibrationReport:
     """Walk the model block by block, letting `calibrator` observe and rewrite each block.
 
@@ -927,8 +1065,10 @@ def run_calibration(
     moved there for its turn and back to its own device afterwards, so a model kept on the CPU
     is calibrated on a GPU one block at a time. `measure_error` keeps a copy of the solved
     linears' weights and of the original block outputs to report relative output errors; turn
-    it off to save that memory. Raises `UserInputError` for bad samples (see the module
-    docstring) and `UnsupportedArchitectureError` for a model outside the `arch` table.
+    it off to save that memory. `precision` "bf16" runs the block passes under bf16 autocast
+    (see the module docstring). Raises `UserInputError` for bad samples (see the module
+    docstring) or a precision the device cannot run, and `UnsupportedArchitectureError` for a
+    model outside the `arch` table.
     """
     from tqdm.auto import tqdm
 
@@ -940,6 +1080,8 @@ def run_calibration(
     _check_not_meta(model)
     compute = _resolve_compute_device(device, blocks)
     storage = torch.device("cpu") if offload_activations else compute
+    resolved = resolve_precision(precision, compute, _blocks_dtype(blocks))
+    pass_precision = _pass_context(resolved, compute)
 
     block_records: list[BlockRecord] = []
     linear_records: list[LinearRecord] = []
@@ -954,7 +1096,13 @@ def run_calibration(
             block.to(compute)
             try:
                 block_record, records = _process_block(
-                    index, model, spec, inputs, calibrator, measure_error
+                    index,
+                    model,
+                    spec,
+                    inputs,
+                    calibrator,
+                    measure_error,
+                    pass_precision,
                 )
             finally:
                 block.to(original)
@@ -969,6 +1117,7 @@ def run_calibration(
         seconds=time.perf_counter() - started,
         blocks=block_records,
         linears=linear_records,
+        precision=resolved,
     )
 
 
@@ -999,6 +1148,7 @@ def block_io_scores(
     batch_size: int = 8,
     offload_activations: bool = False,
     progress: bool = False,
+    precision: str = "fp32",
 ) -> list[float]:
     """ShortGPT Block Influence of every block, in [0, 2]: low means the block barely changes
     the residual stream and is the first candidate for removal.
@@ -1015,11 +1165,13 @@ def block_io_scores(
         offload_activations=offload_activations,
         progress=progress,
         measure_error=False,
+        precision=precision,
     )
     return scorer.scores()
 
 
 __all__ = [
+    "PRECISIONS",
     "BlockCalibrator",
     "BlockCall",
     "BlockContext",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import os
 import platform
@@ -57,6 +58,7 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
+@functools.cache
 def _cpu_bf16_supported() -> bool:
     # Native bf16 matmuls need AVX-512 BF16 or AMX; without them bf16 is emulated and slow.
     try:
@@ -64,6 +66,16 @@ def _cpu_bf16_supported() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def fast_bf16_matmul(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively (faster than fp32) on `device`: a CUDA GPU with bf16
+    tensor cores (compute capability 8.0+), or a CPU with AVX-512 BF16 or AMX (Linux flags)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported(False))
+    if device.type == "cpu":
+        return _cpu_bf16_supported()
+    return False
 
 
 def device_info() -> dict[str, Any]:

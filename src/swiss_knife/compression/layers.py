@@ -215,6 +215,7 @@ def reduce_layers(
             calibration,
             device=device,
             batch_size=config.calibration.batch_size,
+            precision=config.calibration.precision,
             progress=progress,
         )
     if removed is None:

@@ -511,11 +511,13 @@ def _compute_scores(
             stats,
             device=ctx.device,
             batch_size=config.calibration.batch_size,
+            precision=config.calibration.precision,
             progress=ctx.progress,
             measure_error=False,
         )
         info["calibration_tokens"] = report.tokens
         info["calibration_seconds"] = round(report.seconds, 3)
+        info["calibration_precision"] = report.precision
 
     mlp: list[Tensor] = []
     groups: list[Tensor] = []

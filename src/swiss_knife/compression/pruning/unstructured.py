@@ -380,6 +380,7 @@ def owl_ratios(
         calibrator,
         device=ctx.device,
         batch_size=config.calibration.batch_size,
+        precision=config.calibration.precision,
         progress=ctx.progress,
         measure_error=False,
     )
@@ -563,6 +564,7 @@ class _Pruner:
             calibrator,
             device=self.ctx.device,
             batch_size=config.calibration.batch_size,
+            precision=config.calibration.precision,
             progress=self.ctx.progress,
             measure_error=measure,
         )
@@ -688,6 +690,7 @@ def apply(model: nn.Module, config: _UnstructuredPruneConfig, ctx: PruneContext)
     if calibration is not None:
         report["calibration_tokens"] = calibration.tokens
         report["calibration_seconds"] = round(calibration.seconds, 3)
+        report["calibration_precision"] = calibration.precision
         report["blocks"] = [
             {"index": b.index, "rel_error": b.rel_error, "seconds": round(b.seconds, 3)}
             for b in calibration.blocks

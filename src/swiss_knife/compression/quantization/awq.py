@@ -936,6 +936,7 @@ def _apply_awq(model: nn.Module, config: AWQConfig, ctx: QuantizeContext) -> Qua
             calibrator,
             device=ctx.device,
             batch_size=config.calibration.batch_size,
+            precision=config.calibration.precision,
             progress=ctx.progress,
         )
     finally:
@@ -969,6 +970,7 @@ def _apply_awq(model: nn.Module, config: AWQConfig, ctx: QuantizeContext) -> Qua
             "layers": len(quantized),
             "calibration_seconds": round(time.perf_counter() - started, 3),
             "calibration_tokens": report.tokens,
+            "calibration_precision": report.precision,
             "sensitivity_kind": "relative output error on the calibration data (AWQ vs RTN)",
             "sensitivity": rows,
             # The same layers, inputs and grids rounded to nearest without scales or clipping.

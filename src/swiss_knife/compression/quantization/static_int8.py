@@ -639,6 +639,7 @@ def apply_static(
         calibrator,
         device=ctx.device,
         batch_size=config.calibration.batch_size,
+        precision=config.calibration.precision,
         progress=ctx.progress,
     )
     state = calibrator.state
@@ -669,6 +670,7 @@ def apply_static(
             "layers": len(state.quantized),
             "calibration_seconds": round(time.perf_counter() - started, 3),
             "calibration_tokens": report.tokens,
+            "calibration_precision": report.precision,
             "smoothquant_alpha": alpha,
             "min_weight_sqnr_db": min(sqnrs),
             "mean_weight_sqnr_db": sum(sqnrs) / len(sqnrs),

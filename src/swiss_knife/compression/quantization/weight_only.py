@@ -237,6 +237,7 @@ def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> Q
         calibrator,
         device=ctx.device,
         batch_size=config.calibration.batch_size,
+        precision=config.calibration.precision,
         progress=ctx.progress,
     )
     rows = [
@@ -276,6 +277,7 @@ def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> Q
             "layers": len(calibrator.quantized),
             "calibration_seconds": round(time.perf_counter() - started, 3),
             "calibration_tokens": report.tokens,
+            "calibration_precision": report.precision,
             "sensitivity_kind": "relative output error on the calibration data",
             "sensitivity": sensitivity_table(rows, limit=len(rows)),
             "blocks": [
