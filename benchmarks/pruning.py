@@ -205,6 +205,31 @@ def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
                 rows.append(
                     peer(label, family, role, f"--method={method}", "--sparsity=0.5", *flags)
                 )
+        # Informational (no floor): the two faster walks at 50 %. bf16 autocast for the block
+        # passes; true-sequential with the whole calibration set in one mini-batch, which the
+        # engine walks in one pass per block (each linear pruned just before it runs).
+        fast = (
+            ("bf16 passes", "bf16", {"calibration": {**calibration, "precision": "bf16"}}),
+            (
+                "true sequential, one pass",
+                "onepass",
+                {
+                    "true_sequential": True,
+                    "calibration": {**calibration, "batch_size": case.calib_samples},
+                },
+            ),
+        )
+        for suffix, tag, fields in fast:
+            rows.append(
+                ours(
+                    f"{title} 50%, {suffix}",
+                    "50% unstructured",
+                    f"{method}-50-{tag}",
+                    method=method,
+                    sparsity=0.5,
+                )
+            )
+            rows[-1].stage.update(fields)  # type: ignore[union-attr]
     return rows
 
 
@@ -562,6 +587,25 @@ def floors(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
         out.append(
             (f"Aim (not a floor): {method} 50% vs llm-compressor", all(parts.values()), numbers)
         )
+        for tag, what in (("bf16", "bf16 passes"), ("onepass", "true sequential, one pass")):
+            fast = by_role(rows, f"{method}-50-{tag}", SK)
+            if fast is None or not (fast.ppl and fast.prune_s and fast.peak_rss):
+                continue
+            aims = {
+                "time ≤ 0.5×": fast.prune_s <= 0.5 * peer.prune_s,
+                "peak RSS ≤ 0.5×": fast.peak_rss <= 0.5 * peer.peak_rss,
+                "ppl ≤ its ppl": fast.ppl <= peer.ppl,
+            }
+            out.append(
+                (
+                    f"Aim (not a floor): {method} 50%, {what}, vs llm-compressor",
+                    all(aims.values()),
+                    f"ppl {fast.ppl:.3f} vs {peer.ppl:.3f}; time {fast.prune_s:.1f} vs "
+                    f"{peer.prune_s:.1f} s ({fast.prune_s / peer.prune_s:.2f}×); peak RSS "
+                    f"{fast.peak_rss / 2**30:.2f} vs {peer.peak_rss / 2**30:.2f} GiB; "
+                    + ", ".join(f"{k} {verdict(v)}" for k, v in aims.items()),
+                )
+            )
     return out
 
 

@@ -527,3 +527,45 @@ def test_precision_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_precision("bf16", cpu, torch.bfloat16) == "bfloat16"
     report = run_calibration(build("llama"), samples(), Recorder(), precision="auto")
     assert report.precision == "bf16-autocast" and report.to_dict()["precision"] == "bf16-autocast"
+
+
+class _PassSolver(Recorder):
+    """Zeroes half of every linear's input columns, solving during the pass when allowed."""
+
+    def __init__(self, during: bool) -> None:
+        super().__init__()
+        self.solve_during_pass = during
+
+    def groups(self, ctx: BlockContext) -> list[list[str]]:
+        return sequential_groups(ctx, true_sequential=True)
+
+    def solve(self, name: str, module: nn.Module) -> Mapping[str, float] | None:
+        with torch.no_grad():
+            module.weight[..., ::2] = 0.0
+        return None
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_one_pass_walk_equals_the_group_passes(model_type: str) -> None:
+    """solve_during_pass with one mini-batch: the same statistics, weights and outputs as the
+    true-sequential group passes, in one pass per block and without the block error."""
+    model = build(model_type)
+    ids = samples(4)
+    grouped, single = _PassSolver(during=False), _PassSolver(during=True)
+    grouped_model = copy.deepcopy(model)
+    grouped_report = run_calibration(grouped_model, ids, grouped, batch_size=4)
+    report = run_calibration(model, ids, single, batch_size=4)
+    for name, observer in grouped.hessians.items():
+        torch.testing.assert_close(single.hessians[name].hessian, observer.hessian, msg=name)
+    for index in grouped.outputs:
+        torch.testing.assert_close(single.output(index), grouped.output(index))
+    for key, value in grouped_model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+    for mine, theirs in zip(report.linears, grouped_report.linears, strict=True):
+        assert mine.name == theirs.name and mine.tokens == theirs.tokens
+        assert mine.rel_error == pytest.approx(theirs.rel_error, rel=1e-4)
+    assert all(b.rel_error is None for b in report.blocks)
+    # Several mini-batches: the engine falls back to the group passes.
+    fallback = _PassSolver(during=True)
+    again = run_calibration(build(model_type), ids, fallback, batch_size=2)
+    assert all(b.rel_error is not None for b in again.blocks)

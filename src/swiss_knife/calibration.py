@@ -280,6 +280,17 @@ class BlockCalibrator:
     # needs the whole forward and keeps this False.
     stop_after_group: bool = False
 
+    # Whether each linear may be solved from its own inputs the moment it is about to run
+    # (true-sequential order at the finest grain: a linear's inputs come from the
+    # already-solved linears before it). When all calibration samples fit one mini-batch the
+    # engine then walks each block in ONE pass: a pre-forward hook observes the linear's
+    # inputs, solves it, and the linear computes with its new weights, so the block's output is
+    # already the next block's input (no replay pass). `observe` then gets an empty
+    # (0, out_features) `out`, and the block's own error is not measured (it would need the
+    # original block's output, one more pass). With several mini-batches the usual group passes
+    # run instead, giving the same statistics.
+    solve_during_pass: bool = False
+
     def start_block(self, ctx: BlockContext) -> None:
         """Called once the block is on the compute device, before any pass over it."""
 
@@ -914,6 +925,71 @@ def _weight_dtype(module: nn.Module) -> torch.dtype | None:
     return None
 
 
+def _single_pass_block(
+    ctx: BlockContext,
+    inputs: BlockInputs,
+    calibrator: BlockCalibrator,
+    groups: list[list[str]],
+    measure_error: bool,
+    precision: Callable[[], Any],
+) -> tuple[dict[str, int], dict[str, tuple[float, Mapping[str, float] | None]], dict[str, Any]]:
+    """Observe and solve every linear of the block in one pass over its single mini-batch."""
+    tokens: dict[str, int] = {}
+    solved: dict[str, tuple[float, Mapping[str, float] | None]] = {}
+    meters: dict[str, _ErrorMeter] = {}
+    caster = _Caster()
+    names = [name for group in groups for name in group]
+    handles: list[Any] = []
+
+    def pre_hook(name: str) -> Any:
+        def fire(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if name in solved:
+                return  # a linear called twice is solved once, on its first call
+            inp = args[0]
+            dtype = _weight_dtype(module)
+            inp2d = caster(inp.reshape(-1, inp.shape[-1]), dtype)  # (tokens, in_features)
+            _, out_features = linear_in_out(module)
+            tokens[name] = inp2d.shape[0]
+            calibrator.observe(name, module, inp2d, inp2d.new_empty(0, out_features))
+            if measure_error:
+                weight, bias = module.weight, getattr(module, "bias", None)
+                assert isinstance(weight, Tensor)
+                snapshot = (
+                    weight.detach().clone(),
+                    bias.detach().clone() if isinstance(bias, Tensor) else None,
+                )
+                meters[name] = _ErrorMeter()
+                handles.append(
+                    module.register_forward_hook(
+                        _error_hook(*snapshot, meters[name], ERROR_MAX_TOKENS)
+                    )
+                )
+            solve_started = time.perf_counter()
+            metrics = calibrator.solve(name, module)
+            solved[name] = (time.perf_counter() - solve_started, metrics)
+
+        return fire
+
+    handles += [ctx.linears[name].register_forward_pre_hook(pre_hook(name)) for name in names]
+    try:
+        hidden = inputs.hidden[0].to(inputs.device)  # (batch, seq, hidden)
+        with precision():
+            out = _run_block(ctx.block, hidden, inputs.calls[ctx.index][0])
+        out = out.to(hidden.dtype)  # (batch, seq, hidden)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in names if name not in solved]
+    if missing:
+        raise UnsupportedArchitectureError(
+            f"block {ctx.index}'s forward never called {missing}; the calibration engine needs "
+            "every grouped linear to run"
+        )
+    calibrator.observe_block(ctx, hidden, out)
+    inputs.hidden[0] = out.to(inputs.storage)
+    return tokens, solved, meters
+
+
 def _process_block(
     index: int,
     model: nn.Module,
@@ -940,6 +1016,12 @@ def _process_block(
     )
     calibrator.start_block(ctx)
     groups = _validated_groups(calibrator.groups(ctx), ctx)
+    if calibrator.solve_during_pass and inputs.num_batches == 1 and groups:
+        counts, timings, single_meters = _single_pass_block(
+            ctx, inputs, calibrator, groups, measure_error, precision
+        )
+        calibrator.end_block(ctx)
+        return _records(ctx, groups, counts, timings, single_meters, started, None)
     tokens: dict[str, int] = {}
     solved: dict[str, tuple[float, Mapping[str, float] | None]] = {}
     snapshots: dict[str, tuple[Tensor, Tensor | None]] = {}
@@ -1020,7 +1102,26 @@ def _process_block(
         for handle in error_handles:
             handle.remove()
     calibrator.end_block(ctx)
+    return _records(
+        ctx,
+        groups,
+        tokens,
+        solved,
+        meters,
+        started,
+        block_meter.value() if reference is not None else None,
+    )
 
+
+def _records(
+    ctx: BlockContext,
+    groups: list[list[str]],
+    tokens: dict[str, int],
+    solved: dict[str, tuple[float, Mapping[str, float] | None]],
+    meters: Mapping[str, _ErrorMeter],
+    started: float,
+    block_error: float | None,
+) -> tuple[BlockRecord, list[LinearRecord]]:
     records = []
     for group in groups:
         for name in group:
@@ -1029,7 +1130,7 @@ def _process_block(
             records.append(
                 LinearRecord(
                     name=name,
-                    block=index,
+                    block=ctx.index,
                     in_features=in_features,
                     out_features=out_features,
                     tokens=tokens.get(name, 0),
@@ -1039,10 +1140,10 @@ def _process_block(
                 )
             )
     block_record = BlockRecord(
-        index=index,
+        index=ctx.index,
         seconds=time.perf_counter() - started,
         groups=len(groups),
-        rel_error=block_meter.value() if reference is not None else None,
+        rel_error=block_error,
     )
     return block_record, records
 

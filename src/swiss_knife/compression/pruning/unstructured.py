@@ -261,6 +261,10 @@ class _PruneCalibrator(BlockCalibrator):
         sparsegpt = isinstance(config, SparseGPTPruneConfig)
         self.observers = _SharedObservers(HessianObserver if sparsegpt else SquaredNormObserver)
         self.keep: Masks = {}
+        # True-sequential pruning needs only each linear's own inputs: when the calibration set
+        # is one mini-batch, the engine prunes every linear just before it runs, one pass per
+        # block.
+        self.solve_during_pass = config.true_sequential
 
     def groups(self, ctx: BlockContext) -> list[list[str]]:
         return sequential_groups(ctx, self.targets, true_sequential=self.config.true_sequential)
