@@ -47,8 +47,11 @@ Usage::
 Cost (quiet 2-core machine, 2026-11-27): stories260K takes about 5 minutes (five runs of 400
 steps, one thread); SmolLM2-135M about 15 minutes (five runs of 50 steps, about 2.5 s per step
 with the teacher); ``--models SmolLM2-135M-200`` (not run by default) trains the best 50-step
-distillation loss and plain fine-tuning for 200 steps each, about 20 minutes. Each model's block
-in RESULTS.md says how long its run took and under what load.
+distillation loss and plain fine-tuning for 200 steps each, about 20 minutes.
+``--models stories260K-limited SmolLM2-135M-limited`` (not run by default) trains the same
+students on only the first 32K / 8K tokens of the training text, for 25 / 6 epochs (the
+data-limited regime: fine-tuning overfits the slice, distillation does not), about 5 and 12
+minutes. Each model's block in RESULTS.md says how long its run took and under what load.
 """
 
 from __future__ import annotations
@@ -498,7 +501,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=list(CASES),
         default=DEFAULT_MODELS,
-        help="SmolLM2-135M-200 (200 steps, two losses, about 20 minutes) runs only when named",
+        help="SmolLM2-135M-200 (200 steps, two losses, about 20 minutes) and the *-limited "
+        "cases (data-limited: a small slice of the text for many epochs) run only when named",
     )
     parser.add_argument("--steps", type=int, help="override every model's step count")
     parser.add_argument("--threads", type=int, help="torch threads (default: per model)")
