@@ -178,6 +178,9 @@ class GPTQCalibrator(BlockCalibrator):
         # very same tensor, so they share one Hessian instead of accumulating three equal ones.
         # Holding the tensor keeps its memory from being reused by another input meanwhile.
         self._last: tuple[torch.Tensor, HessianObserver] | None = None
+        # True-sequential GPTQ needs only each linear's own inputs: with the calibration set in
+        # one mini-batch the engine quantizes every linear just before it runs (one pass).
+        self.solve_during_pass = config.true_sequential
 
     def groups(self, ctx: BlockContext) -> list[list[str]]:
         return sequential_groups(ctx, self.plan, true_sequential=self.config.true_sequential)
