@@ -240,9 +240,9 @@ def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
                     f"{method}-50-{tag}",
                     method=method,
                     sparsity=0.5,
+                    **fields,
                 )
             )
-            rows[-1].stage.update(fields)  # type: ignore[union-attr]
     return rows
 
 

@@ -767,17 +767,27 @@ class _Caster:
         if dtype is None or x.dtype == dtype:
             return x
         last = self._last
-        if (
-            last is not None
-            and last[0].data_ptr() == x.data_ptr()
-            and last[0].shape == x.shape
-            and last[0].stride() == x.stride()
-            and last[1].dtype == dtype
-        ):
+        if last is not None and same_tensor(last[0], x) and last[1].dtype == dtype:
             return last[1]
         cast = x.to(dtype)
         self._last = (x, cast)  # holding x keeps its memory from being reused meanwhile
         return cast
+
+    def input_of(self, module: nn.Module, inp: Tensor) -> Tensor:
+        """A linear's input as (tokens, in_features) in its weight's dtype."""
+        return self(inp.reshape(-1, inp.shape[-1]), _weight_dtype(module))
+
+
+def same_tensor(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors are views of the same memory with the same layout and dtype: how
+    calibrators recognise the one input that several linears (q/k/v, gate/up) read."""
+    return (
+        a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+    )
 
 
 def _observe_hook(
@@ -787,14 +797,10 @@ def _observe_hook(
     caster: _Caster,
 ) -> Any:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        inp = args[0]
-        dtype = _weight_dtype(module)
         # Under bf16 autocast the activations arrive in bf16: calibrators always get the
         # model's dtype, so their statistics and searches run as without autocast.
-        inp2d = caster(inp.reshape(-1, inp.shape[-1]), dtype)  # (tokens, in_features)
-        out2d = output.reshape(-1, output.shape[-1])  # (tokens, out_features)
-        if dtype is not None:
-            out2d = out2d.to(dtype)
+        inp2d = caster.input_of(module, args[0])  # (tokens, in_features)
+        out2d = output.reshape(-1, output.shape[-1]).to(inp2d.dtype)  # (tokens, out_features)
         tokens[name] = tokens.get(name, 0) + inp2d.shape[0]
         calibrator.observe(name, module, inp2d, out2d)
 
@@ -925,6 +931,21 @@ def _weight_dtype(module: nn.Module) -> torch.dtype | None:
     return None
 
 
+def _snapshot(module: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """Copies of a linear's weight and bias before its solve, for its error."""
+    weight, bias = module.weight, getattr(module, "bias", None)
+    assert isinstance(weight, Tensor)
+    return weight.detach().clone(), bias.detach().clone() if isinstance(bias, Tensor) else None
+
+
+def _timed_solve(
+    calibrator: BlockCalibrator, name: str, module: nn.Module
+) -> tuple[float, Mapping[str, float] | None]:
+    started = time.perf_counter()
+    metrics = calibrator.solve(name, module)
+    return time.perf_counter() - started, metrics
+
+
 def _single_pass_block(
     ctx: BlockContext,
     inputs: BlockInputs,
@@ -945,28 +966,15 @@ def _single_pass_block(
         def fire(module: nn.Module, args: tuple[Any, ...]) -> None:
             if name in solved:
                 return  # a linear called twice is solved once, on its first call
-            inp = args[0]
-            dtype = _weight_dtype(module)
-            inp2d = caster(inp.reshape(-1, inp.shape[-1]), dtype)  # (tokens, in_features)
+            inp2d = caster.input_of(module, args[0])  # (tokens, in_features)
             _, out_features = linear_in_out(module)
             tokens[name] = inp2d.shape[0]
             calibrator.observe(name, module, inp2d, inp2d.new_empty(0, out_features))
             if measure_error:
-                weight, bias = module.weight, getattr(module, "bias", None)
-                assert isinstance(weight, Tensor)
-                snapshot = (
-                    weight.detach().clone(),
-                    bias.detach().clone() if isinstance(bias, Tensor) else None,
-                )
                 meters[name] = _ErrorMeter()
-                handles.append(
-                    module.register_forward_hook(
-                        _error_hook(*snapshot, meters[name], ERROR_MAX_TOKENS)
-                    )
-                )
-            solve_started = time.perf_counter()
-            metrics = calibrator.solve(name, module)
-            solved[name] = (time.perf_counter() - solve_started, metrics)
+                hook = _error_hook(*_snapshot(module), meters[name], ERROR_MAX_TOKENS)
+                handles.append(module.register_forward_hook(hook))
+            solved[name] = _timed_solve(calibrator, name, module)
 
         return fire
 
@@ -1063,15 +1071,8 @@ def _process_block(
         for name in group:
             module = ctx.linears[name]
             if measure_error:
-                weight, bias = module.weight, getattr(module, "bias", None)
-                assert isinstance(weight, Tensor)
-                snapshots[name] = (
-                    weight.detach().clone(),
-                    bias.detach().clone() if isinstance(bias, Tensor) else None,
-                )
-            solve_started = time.perf_counter()
-            metrics = calibrator.solve(name, module)
-            solved[name] = (time.perf_counter() - solve_started, metrics)
+                snapshots[name] = _snapshot(module)
+            solved[name] = _timed_solve(calibrator, name, module)
 
     # Replay: the (compressed) block's outputs become the next block's inputs.
     meters = {name: _ErrorMeter() for name in snapshots}
@@ -1288,5 +1289,6 @@ __all__ = [
     "block_io_scores",
     "capture_block_inputs",
     "run_calibration",
+    "same_tensor",
     "sequential_groups",
 ]

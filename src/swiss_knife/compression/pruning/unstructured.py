@@ -39,6 +39,7 @@ from ...calibration import (
     HessianObserver,
     accumulate_channel_sq_norm,
     run_calibration,
+    same_tensor,
     sequential_groups,
 )
 from ...config import (
@@ -183,12 +184,7 @@ class _SharedObservers:
 
     def observe(self, name: str, inp: Tensor) -> None:
         last = self._last
-        same = (
-            last is not None
-            and last[0].data_ptr() == inp.data_ptr()
-            and last[0].shape == inp.shape
-            and last[0].stride() == inp.stride()
-        )
+        same = last is not None and same_tensor(last[0], inp)
         observer = self.by_name.get(name)
         if observer is None:
             if same and last is not None:

@@ -30,6 +30,7 @@ from ...calibration import (
     run_calibration,
     sequential_groups,
 )
+from ...calibration import same_tensor as _same_tensor
 from ...config import GPTQConfig, RTNConfig
 from ...errors import UnsupportedArchitectureError, UserInputError
 from ...targeting import TargetSpec, resolve_overrides, resolve_targets
@@ -150,17 +151,6 @@ def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantizeContext) -> Qua
             "sensitivity_kind": "relative weight error (data-free)",
             "sensitivity": sensitivity_table(rows, limit=len(rows)),
         },
-    )
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors are views of the same memory with the same layout."""
-    return (
-        a.data_ptr() == b.data_ptr()
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.dtype == b.dtype
-        and a.device == b.device
     )
 
 
