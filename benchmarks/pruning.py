@@ -23,6 +23,12 @@ Two informational rows per method (no floor, their own aims) show Swiss Knife's 
 ``true_sequential`` with the calibration set in one mini-batch, which the engine walks in one
 pass per block (each linear pruned just before it runs, no replay pass).
 
+Our SparseGPT re-fits each layer's kept weights after the paper's algorithm has chosen the mask
+(``refit_iterations: 5`` conjugate-gradient steps on the same damped least-squares objective,
+mask fixed); llm-compressor's modifier runs the paper's algorithm alone. A third informational
+row, "SparseGPT 50%, no refit" (``refit_iterations: 0``), is that algorithm in our code, so the
+table separates what the re-fit gains from how the two implementations compare.
+
 Pruning outcomes move by 1-3 % in perplexity with float summation order alone (thread count,
 bf16 rounding), so one calibration set decides little. ``--calib-seeds 0 1 2`` runs every
 calibrated row, ours and llm-compressor's, once per calibration sampler seed (identical tensors
@@ -115,6 +121,10 @@ MARK_END = "<!-- pruning:end -->"
 SK = "Swiss Knife"
 LLMC = "llm-compressor"
 OWL_M, OWL_LAMBDA = 5, 0.08
+# Perplexities within this relative difference count as equal in the "no worse" floors: the same
+# algorithm run by both tools lands this close through float summation order alone (stories260K
+# SparseGPT 2:4: 34.003986 vs 34.003983).
+TIE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -232,6 +242,13 @@ def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
                 },
             ),
         )
+        if method == "sparsegpt":
+            # Informational: the paper's algorithm alone, without our conjugate-gradient re-fit
+            # of the kept weights (what llm-compressor's modifier runs).
+            fast = (
+                ("no refit", "norefit", {"refit_iterations": 0}),
+                *fast,
+            )
         for suffix, tag, fields in fast:
             rows.append(
                 ours(
@@ -542,9 +559,12 @@ def floors(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
             out.append((check, None, "missing row(s)"))
             continue
         assert ours.ppl and peer.ppl and ours.prune_s and peer.prune_s
-        ok = ours.ppl <= peer.ppl and ours.prune_s < peer.prune_s
+        tie = peer.ppl < ours.ppl <= peer.ppl * (1 + TIE)
+        ok = (ours.ppl <= peer.ppl or tie) and ours.prune_s < peer.prune_s
         numbers = (
-            f"ppl {ours.ppl:.3f} vs {peer.ppl:.3f}; {ours.prune_s:.1f} s vs "
+            f"ppl {ours.ppl:.3f} vs {peer.ppl:.3f}"
+            + (f" (equal within {TIE:.0e} relative)" if tie else "")
+            + f"; {ours.prune_s:.1f} s vs "
             f"{peer.prune_s:.1f} s ({ours.prune_s / peer.prune_s:.2f}×); CPU s "
             f"{fmt(ours.cpu_s, '.0f')} vs {fmt(peer.cpu_s, '.0f')}"
         )
@@ -600,7 +620,11 @@ def floors(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
         out.append(
             (f"Aim (not a floor): {method} 50% vs llm-compressor", all(parts.values()), numbers)
         )
-        for tag, what in (("bf16", "bf16 passes"), ("onepass", "true sequential, one pass")):
+        for tag, what in (
+            ("norefit", "no refit"),
+            ("bf16", "bf16 passes"),
+            ("onepass", "true sequential, one pass"),
+        ):
             fast = by_role(rows, f"{method}-50-{tag}", SK)
             if fast is None or not (fast.ppl and fast.prune_s and fast.peak_rss):
                 continue
@@ -865,6 +889,12 @@ def main(argv: list[str] | None = None) -> int:
         "(SparseGPT: block 128, dampening 0.01). Its OWL keeps the plain mean over blocks and "
         "can leave a block up to 2 lambda from the target; ours keeps every block within lambda "
         "and the parameter-weighted mean exact.",
+        "Swiss Knife's SparseGPT rows use its defaults: the paper's algorithm (block 128, "
+        "dampening 0.01), then 5 conjugate-gradient steps that re-fit each layer's kept weights "
+        "to the same damped least-squares objective with the mask fixed (`refit_iterations`); "
+        "the 'no refit' row switches that off. Floors compare ours as a user gets it.",
+        f"Perplexities within {TIE:.0e} relative count as equal in the floors (the same "
+        "algorithm in both tools lands this close through float summation order).",
     ]
     section = "\n".join(
         [

@@ -694,6 +694,7 @@ _PRUNE_FLAGS = (
     ("save_format", "save_format"),
     ("damp", "damp"),
     ("block_size", "block_size"),
+    ("refit_iterations", "refit_iterations"),
     ("targets", "targets"),
     ("ignore", "ignore"),
     ("mlp_ratio", "mlp_ratio"),
@@ -1348,6 +1349,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scope", choices=["layer", "global"], help="magnitude: ranking scope")
     g.add_argument("--damp", type=float, help="sparsegpt: Hessian dampening (default 0.01)")
     g.add_argument("--block-size", type=int, help="sparsegpt: columns per update (default 128)")
+    g.add_argument(
+        "--refit-iterations",
+        type=int,
+        help="sparsegpt: conjugate-gradient steps re-fitting the kept weights once the mask is "
+        "chosen (default 5; 0: the paper's SparseGPT)",
+    )
     g.add_argument(
         "--true-sequential",
         action="store_true",

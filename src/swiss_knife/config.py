@@ -467,6 +467,13 @@ class SparseGPTPruneConfig(_CalibratedPruneConfig):
     method: Literal["sparsegpt"] = "sparsegpt"
     damp: float = Field(default=0.01, gt=0.0, lt=1.0, description="Hessian dampening.")
     block_size: int = Field(default=128, ge=1, description="Columns pruned together.")
+    refit_iterations: int = Field(
+        default=5,
+        ge=0,
+        le=1000,
+        description="Conjugate-gradient steps that re-fit each layer's kept weights to its "
+        "calibration inputs once SparseGPT has chosen the mask (0: the paper's algorithm).",
+    )
 
 
 class StructuredPruneConfig(PruneBase):
