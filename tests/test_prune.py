@@ -367,6 +367,8 @@ def test_gradual_with_the_original_as_teacher_and_an_nm_pattern() -> None:
         ({"method": "wanda", "pattern": "2:4", "allocation": "owl"}, "owl"),
         ({"method": "magnitude", "scope": "global", "allocation": "owl"}, "global"),
         ({"method": "sparsegpt", "damp": 0}, "damp"),
+        ({"method": "sparsegpt", "refit_iterations": -1}, "refit_iterations"),
+        ({"method": "wanda", "refit_iterations": 5}, "refit_iterations"),
     ],
 )
 def test_bad_configs_are_rejected(stage: dict[str, Any], message: str) -> None:
@@ -438,7 +440,7 @@ def block_outputs(model: nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 @pytest.mark.integration
-def test_wanda_and_sparsegpt_beat_magnitude_on_stories260k(
+def test_wanda_and_sparsegpt_beat_magnitude_and_the_refit_helps_on_stories260k(
     stories_dir: Path, assets_dir: Path
 ) -> None:
     """Layer-output error: each block's output on held-out text, relative to the dense model's
@@ -455,12 +457,21 @@ def test_wanda_and_sparsegpt_beat_magnitude_on_stories260k(
     reference = block_outputs(load_model(str(stories_dir), with_tokenizer=False).model, held_out)
 
     errors, ppl = {}, {}
-    for method in UNSTRUCTURED:
+    # "paper": SparseGPT without our re-fit of the kept weights (refit_iterations 0).
+    for method in (*UNSTRUCTURED, "paper"):
         for pattern in (None, "2:4"):
             model = load_model(str(stories_dir), with_tokenizer=False).model
             settings = CalibrationSettings(num_samples=16, seq_len=256)
-            cfg = CONFIGS[method](calibration=settings, sparsity=0.5, pattern=pattern)
-            prune(model, cfg, calibration=cal)
+            extra = {"refit_iterations": 0} if method == "paper" else {}
+            factory = CONFIGS["sparsegpt" if method == "paper" else method]
+            cfg = factory(calibration=settings, sparsity=0.5, pattern=pattern, **extra)
+            outcome = prune(model, cfg, calibration=cal)
+            if method == "sparsegpt":
+                # Every layer's loss went down with the re-fit, and the report says by how much.
+                refit = outcome.report["refit_loss_reduction"]
+                assert 0.0 <= refit["min"] <= refit["mean"] <= refit["max"] < 1.0
+                assert refit["mean"] > 0.05
+                assert any("Re-fit of the kept weights" in step for step in outcome.steps)
             ours = block_outputs(model, held_out)
             per_block = [
                 float((a - b).norm() / b.norm()) for a, b in zip(ours, reference, strict=True)
@@ -472,6 +483,9 @@ def test_wanda_and_sparsegpt_beat_magnitude_on_stories260k(
         assert errors["sparsegpt", pattern] < errors["magnitude", pattern], errors
         assert ppl["wanda", pattern] < ppl["magnitude", pattern], ppl
         assert ppl["sparsegpt", pattern] < ppl["magnitude", pattern], ppl
+        # The re-fit lowers the accumulated output error and the perplexity.
+        assert errors["sparsegpt", pattern] < errors["paper", pattern], errors
+        assert ppl["sparsegpt", pattern] < ppl["paper", pattern], ppl
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])

@@ -60,6 +60,8 @@ def test_cli_prune_writes_a_loadable_sparse_model(
             "32",
             "--calibration-precision",
             "bf16",
+            "--refit-iterations",
+            "3",
             "--save-format",
             "sparse-bitmask",
             "--output-dir",
@@ -81,6 +83,8 @@ def test_cli_prune_writes_a_loadable_sparse_model(
     manifest = json.loads((out / "swiss_knife.json").read_text())
     assert manifest["recipe"]["prune"]["pattern"] == "2:4"
     assert manifest["recipe"]["prune"]["calibration"]["precision"] == "bf16"
+    assert manifest["recipe"]["prune"]["refit_iterations"] == 3
+    assert any("3 conjugate-gradient steps" in step for step in summary["steps"])
     assert "from_pretrained" in (out / "README.md").read_text()
     model = load_model(str(out), with_tokenizer=False).model
     layer = model.model.layers[0].mlp.down_proj.weight
