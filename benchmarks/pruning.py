@@ -23,11 +23,16 @@ Two informational rows per method (no floor, their own aims) show Swiss Knife's 
 ``true_sequential`` with the calibration set in one mini-batch, which the engine walks in one
 pass per block (each linear pruned just before it runs, no replay pass).
 
-Our SparseGPT re-fits each layer's kept weights after the paper's algorithm has chosen the mask
-(``refit_iterations: 5`` conjugate-gradient steps on the same damped least-squares objective,
-mask fixed); llm-compressor's modifier runs the paper's algorithm alone. A third informational
-row, "SparseGPT 50%, no refit" (``refit_iterations: 0``), is that algorithm in our code, so the
-table separates what the re-fit gains from how the two implementations compare.
+Our SparseGPT differs from the paper's in two defaults, and its informational rows separate them:
+
+* it re-fits each layer's kept weights once the paper's algorithm has chosen the mask
+  (``refit_iterations: 5`` conjugate-gradient steps on the same damped least-squares objective,
+  mask fixed); llm-compressor's modifier runs the paper's algorithm alone. "SparseGPT 50%, no
+  refit" (``refit_iterations: 0``) is that algorithm in our code;
+* its calibration precision defaults to ``auto``: the block passes run under bf16 autocast on
+  CPUs with AVX-512 BF16 or AMX (this one has AVX-512 BF16) and GPUs with bf16 tensor cores, in
+  fp32 elsewhere; Hessians, solves and weights stay fp32. "SparseGPT 50%, fp32 passes" pins fp32.
+  The notes under each table say which rows ran bf16 passes. Wanda keeps fp32 passes by default.
 
 Pruning outcomes move by 1-3 % in perplexity with float summation order alone (thread count,
 bf16 rounding), so one calibration set decides little. ``--calib-seeds 0 1 2`` runs every
@@ -243,11 +248,13 @@ def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
             ),
         )
         if method == "sparsegpt":
-            # Informational: the paper's algorithm alone, without our conjugate-gradient re-fit
-            # of the kept weights (what llm-compressor's modifier runs).
+            # SparseGPT's default precision is auto (bf16 passes where bf16 is native), so its
+            # informational rows are: the paper's algorithm without our conjugate-gradient re-fit
+            # of the kept weights (what llm-compressor's modifier runs), fp32 passes, one pass.
             fast = (
                 ("no refit", "norefit", {"refit_iterations": 0}),
-                *fast,
+                ("fp32 passes", "fp32", {"calibration": {**calibration, "precision": "fp32"}}),
+                fast[1],
             )
         for suffix, tag, fields in fast:
             rows.append(
@@ -316,7 +323,13 @@ def worker_main(spec_file: Path) -> None:
         format=outcome.format,
         report={
             k: report[k]
-            for k in ("overall_sparsity", "calibration_seconds", "calibration_tokens", "owl")
+            for k in (
+                "overall_sparsity",
+                "calibration_seconds",
+                "calibration_tokens",
+                "calibration_precision",
+                "owl",
+            )
             if k in report
         },
         process_seconds=time.perf_counter() - started,
@@ -622,6 +635,7 @@ def floors(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
         )
         for tag, what in (
             ("norefit", "no refit"),
+            ("fp32", "fp32 passes"),
             ("bf16", "bf16 passes"),
             ("onepass", "true sequential, one pass"),
         ):
@@ -700,7 +714,19 @@ def short_error(error: str) -> str:
 def notes(rows: list[Row]) -> list[str]:
     """Footnotes explaining the failures seen before."""
     seen = {key for r in rows if r.error for key in KNOWN_FAILURES if key in r.error}
-    return [f"- {KNOWN_FAILURES[key]}" for key in sorted(seen)]
+    lines = [f"- {KNOWN_FAILURES[key]}" for key in sorted(seen)]
+    passes = {
+        r.variant.label: r.worker.get("report", {}).get("calibration_precision")
+        for r in rows
+        if r.variant.kind == "ours"
+    }
+    bf16 = [label for label, precision in passes.items() if precision == "bf16-autocast"]
+    if bf16:
+        lines.append(
+            "- Block passes under bf16 autocast (the resolved calibration precision; every other "
+            f"row of ours ran them in float32): {', '.join(bf16)}."
+        )
+    return lines
 
 
 def speed_cells(row: Row, base: Row) -> str:
@@ -891,8 +917,10 @@ def main(argv: list[str] | None = None) -> int:
         "and the parameter-weighted mean exact.",
         "Swiss Knife's SparseGPT rows use its defaults: the paper's algorithm (block 128, "
         "dampening 0.01), then 5 conjugate-gradient steps that re-fit each layer's kept weights "
-        "to the same damped least-squares objective with the mask fixed (`refit_iterations`); "
-        "the 'no refit' row switches that off. Floors compare ours as a user gets it.",
+        "to the same damped least-squares objective with the mask fixed (`refit_iterations`; "
+        "the 'no refit' row switches that off), with calibration precision `auto` (bf16 block "
+        "passes on this CPU; the 'fp32 passes' row pins fp32). Floors compare ours as a user "
+        "gets it.",
         f"Perplexities within {TIE:.0e} relative count as equal in the floors (the same "
         "algorithm in both tools lands this close through float summation order).",
     ]

@@ -510,3 +510,14 @@ def test_bf16_calibration_passes_prune_the_same_share_nearly_the_same_weights(
         agree += int((kept == kept_ref).sum())
         total += kept.numel()
     assert agree / total > 0.9
+
+
+def test_sparsegpt_calibration_precision_defaults_to_auto_unless_given() -> None:
+    assert SparseGPTPruneConfig().calibration.precision == "auto"
+    assert SparseGPTPruneConfig(calibration={"num_samples": 4}).calibration.precision == "auto"
+    pinned = SparseGPTPruneConfig(calibration={"precision": "fp32"})
+    assert pinned.calibration.precision == "fp32"
+    # A saved config reloads to the same precision; the other methods keep fp32.
+    again = SparseGPTPruneConfig.model_validate(pinned.model_dump())
+    assert again.calibration.precision == "fp32"
+    assert WandaPruneConfig().calibration.precision == "fp32"
