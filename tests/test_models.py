@@ -332,6 +332,7 @@ def test_save_refuses_a_file_as_output(loaded: LoadedModel, tmp_path: Path) -> N
 def test_overwrite_replaces_the_directory(loaded: LoadedModel, tmp_path: Path) -> None:
     out = tmp_path / "o"
     out.mkdir()
+    (out / MANIFEST_NAME).write_text("{}", encoding="utf-8")  # an earlier output of ours
     (out / "stale.bin").write_bytes(b"old")
     (out / "sub").mkdir()
     (out / "sub" / "x.txt").write_text("old", encoding="utf-8")
@@ -343,6 +344,84 @@ def test_overwrite_replaces_the_directory(loaded: LoadedModel, tmp_path: Path) -
     assert leftovers(tmp_path) == []
 
 
+def test_overwrite_refuses_a_folder_we_did_not_write(loaded: LoadedModel, tmp_path: Path) -> None:
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "thesis.txt").write_text("years of work", encoding="utf-8")
+    (out / "figures").mkdir()
+    before = tree_hashes(out)
+    with pytest.raises(OutputExistsError, match="did not write"):
+        save_model(loaded.model, out, overwrite=True)
+    assert tree_hashes(out) == before
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="atomic folder swap is Linux-only")
+def test_overwrite_swaps_without_a_gap(
+    loaded: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever instant a replacing save dies at, the old or the new output is in place."""
+    from swiss_knife import paths
+
+    out = save_model(loaded.model, tmp_path / "o", manifest={"run": 1})
+    renames: list[tuple[str, str]] = []
+    real_rename = os.rename
+
+    def spy(src: Any, dst: Any) -> None:
+        renames.append((str(src), str(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(paths.os, "rename", spy)
+    save_model(loaded.model, out, overwrite=True, manifest={"run": 2})
+    assert read_manifest(out) == {"run": 2}
+    # The kernel swapped the two folders in one step: no rename ever left `out` missing.
+    assert renames == []
+    assert leftovers(tmp_path) == []
+
+
+def test_swap_fallback_cut_short_is_repaired_by_the_next_run(
+    loaded: LoadedModel, tmp_path: Path
+) -> None:
+    """Where the kernel cannot swap atomically, a run killed between the two renames leaves the
+    old output in `.NAME.old-PID-*`; the next run puts it back before anything else."""
+    out = save_model(loaded.model, tmp_path / "o", manifest={"run": 1})
+    before = tree_hashes(out)
+    dead_pid = 4_194_304 + 7  # above Linux's largest PID: never a live process
+    moved = tmp_path / f".o.old-{dead_pid}-abc"
+    moved.mkdir()
+    os.rename(out, moved / "x")
+    dead_partial = tmp_path / f".o.partial-{dead_pid}-def"
+    dead_partial.mkdir()
+    (dead_partial / "model.safetensors").write_bytes(b"half")
+    live_partial = tmp_path / f".o.partial-{os.getpid()}-ghi"  # a save in progress: kept
+    live_partial.mkdir()
+    foreign = tmp_path / ".o.partial-notes"  # not our pattern: never touched
+    foreign.mkdir()
+    check_output_dir(out, overwrite=True)
+    assert tree_hashes(out) == before
+    assert not moved.exists() and not dead_partial.exists()
+    assert live_partial.is_dir() and foreign.is_dir()
+
+
+def test_fallback_swap_without_renameat2(
+    loaded: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from swiss_knife import paths
+
+    monkeypatch.setattr(paths, "_exchange", lambda a, b: False)
+    out = save_model(loaded.model, tmp_path / "o", manifest={"run": 1})
+    save_model(loaded.model, out, overwrite=True, manifest={"run": 2})
+    assert read_manifest(out) == {"run": 2}
+    assert leftovers(tmp_path) == []
+
+
+def test_output_under_a_file_is_refused_before_work(tmp_path: Path) -> None:
+    (tmp_path / "notes").write_text("x", encoding="utf-8")
+    with pytest.raises(OutputExistsError, match="is a file, not a folder"):
+        check_output_dir(tmp_path / "notes" / "sub" / "out")
+    assert (tmp_path / "notes").read_text(encoding="utf-8") == "x"
+
+
 @pytest.mark.parametrize("where", ["same", "nested", "parent"])
 def test_save_refuses_to_touch_the_input(tiny_llama_dir: Path, where: str) -> None:
     lm = load_model(str(tiny_llama_dir))
@@ -352,7 +431,7 @@ def test_save_refuses_to_touch_the_input(tiny_llama_dir: Path, where: str) -> No
         "nested": tiny_llama_dir / "sub" / "out",
         "parent": tiny_llama_dir.parent,
     }[where]
-    with pytest.raises(OutputExistsError, match="over the input model"):
+    with pytest.raises(OutputExistsError, match="over the input"):
         save_model(
             lm.model, target, tokenizer=lm.tokenizer, overwrite=True, protect=[tiny_llama_dir]
         )

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -24,11 +23,12 @@ from torch import nn
 
 from .config import CastConfig, ModelSpec
 from .device import library_versions, resolve_device
-from .errors import ModelLoadError, OutputExistsError, UserInputError
+from .errors import ModelLoadError, UserInputError
+from .paths import MANIFEST_NAME, replace_dir, work_dir
+from .paths import check_output_dir as check_output_dir
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "swiss_knife.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 DTYPES: dict[str, torch.dtype] = {
@@ -270,38 +270,6 @@ def _finalize_tree(root: Path) -> None:
         os.close(fd)
 
 
-def _is_within(child: Path, parent: Path) -> bool:
-    try:
-        child.relative_to(parent)
-        return True
-    except ValueError:
-        return False
-
-
-def check_output_dir(
-    output_dir: str | Path, *, overwrite: bool = False, protect: Iterable[str | Path] = ()
-) -> Path:
-    """Refuse an output directory that would overwrite data; return it resolved.
-
-    Called before any work so that a long compression never ends in a refused save.
-    """
-    out = Path(output_dir).expanduser().resolve()
-    for item in protect:
-        guarded = Path(item).expanduser().resolve()
-        if _is_within(out, guarded) or _is_within(guarded, out):
-            raise OutputExistsError(
-                f"refusing to write {out} over the input model {guarded}; choose another output dir"
-            )
-    if out.exists():
-        if not out.is_dir():
-            raise OutputExistsError(f"output path {out} exists and is a file")
-        if any(out.iterdir()) and not overwrite:
-            raise OutputExistsError(
-                f"output directory {out} is not empty; pass --overwrite to replace it"
-            )
-    return out
-
-
 def build_manifest(
     *,
     source: str | None = None,
@@ -336,13 +304,13 @@ def save_model(
 ) -> Path:
     """Save an ordinary Hugging Face checkpoint atomically, with manifest and model card.
 
-    The checkpoint is written to `.NAME.partial-*` beside the target, the manifest last, then
+    The checkpoint is written to `.NAME.partial-PID-*` beside the target, the manifest last, then
     renamed into place. `protect` lists input paths that must never be overwritten. `writer`
     replaces `model.save_pretrained` for formats that write their own weights and config.
     """
     out = check_output_dir(output_dir, overwrite=overwrite, protect=protect)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = work_dir(out, "partial")
     try:
         if writer is not None:
             writer(tmp)
@@ -358,17 +326,7 @@ def save_model(
             json.dumps(manifest_data, indent=2, default=str) + "\n", encoding="utf-8"
         )
         _finalize_tree(tmp)
-        if out.exists():
-            if any(out.iterdir()):
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.rename(out, old / "x")
-                os.rename(tmp, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                out.rmdir()
-                os.rename(tmp, out)
-        else:
-            os.rename(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

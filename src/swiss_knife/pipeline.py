@@ -33,6 +33,7 @@ import yaml
 from .config import (
     CastConfig,
     CompressionConfig,
+    DataConfig,
     DistillConfig,
     EvaluateStageConfig,
     EvaluationConfig,
@@ -49,12 +50,12 @@ from .models import (
     LoadedModel,
     build_manifest,
     cast_model,
-    check_output_dir,
     load_model,
     read_manifest,
     render_model_card,
     save_model,
 )
+from .paths import check_writable_parent, refuse_inside_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -362,6 +363,14 @@ class PipelineResult:
     resumed_stages: list[str]
 
 
+def _recipe_data_paths(recipe: CompressionConfig) -> list[str]:
+    """Local text sources the recipe reads (hub dataset names are not paths)."""
+    sources = [recipe.data.calibration, recipe.data.eval]
+    for stage in recipe.stages:
+        sources += [getattr(stage, "train_data", None), getattr(stage, "eval_data", None)]
+    return [d.source for d in sources if isinstance(d, DataConfig)]
+
+
 def _prepare_output(recipe: CompressionConfig, out: Path, resume: bool, overwrite: bool) -> None:
     recipe_file = out / "recipe.yaml"
     if out.exists() and any(out.iterdir()):
@@ -443,8 +452,12 @@ def run_recipe(
     progress: bool = True,
     title: str | None = None,
     notes: list[str] | None = None,
+    extra_inputs: list[str | Path] | None = None,
 ) -> PipelineResult:
-    """Run every stage of a recipe, evaluating as it says; resumable."""
+    """Run every stage of a recipe, evaluating as it says; resumable.
+
+    `extra_inputs` names further paths (the recipe file) that the output may not contain.
+    """
     target = output_dir or recipe.output_dir
     if target is None:
         raise ConfigError("no output directory: pass --output-dir or set output_dir in the recipe")
@@ -453,7 +466,13 @@ def run_recipe(
         raise ConfigError(f"no runner for stage type(s) {unknown}; known: {registered_stages()}")
     _check_eval_text(recipe)
     protect = [recipe.model.path] if Path(recipe.model.path).expanduser().exists() else []
-    out = check_output_dir(target, overwrite=True, protect=protect)
+    out = Path(target).expanduser().resolve()
+    # The recipe's own files (model, data, the recipe itself) must survive an --overwrite.
+    inputs = [*protect, *_recipe_data_paths(recipe), *(extra_inputs or ())]
+    refuse_inside_inputs(out, [p for p in inputs if Path(p).expanduser().exists()])
+    check_writable_parent(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path {out} exists and is a file")
     _prepare_output(recipe, out, resume, overwrite)
 
     torch.manual_seed(recipe.seed)
@@ -521,6 +540,9 @@ def run_recipe(
                 continue
             seconds = manifest.get("timings_s", {}).get("stage", 0.0)
         else:
+            # Named before it starts: a stage can run for minutes, and the log's last line
+            # should say what is happening now, not what finished before it.
+            logger.info("stage %d/%d: %s (%s)", index + 1, len(recipe.stages), name, stage.type)
             outcome = _STAGES[stage.type](state, stage)
             seconds = round(time.perf_counter() - started, 3)
             steps.extend(outcome.steps)

@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import OutputExistsError
+from ..paths import check_writable_parent
 
 
 def sample_names() -> list[str]:
@@ -21,7 +22,10 @@ def sample_text(name: str) -> str:
 
 def write_samples(output_dir: str | Path, *, overwrite: bool = False) -> list[Path]:
     """Copy every sample into `output_dir`; existing files are kept unless `overwrite`."""
-    out = Path(output_dir)
+    out = Path(output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} is a file; give a folder for the sample configs")
+    check_writable_parent(out.resolve())
     names = sample_names()
     clashes = [n for n in names if (out / n).exists()]
     if clashes and not overwrite:
