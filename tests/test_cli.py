@@ -145,9 +145,9 @@ def test_version() -> None:
 )
 def test_usage_errors_exit_2(args: list[str]) -> None:
     result = sk(*args)
-    assert result.returncode == 2, result.stderr
-    assert "usage: swiss-knife" in result.stderr
-    assert "Traceback" not in result.stderr
+    # One line naming the problem and where the usage is, not argparse's whole usage block.
+    line = assert_user_error(result)
+    assert line.endswith("--help)"), line
 
 
 # --------------------------------------------------------------------------- bad input: one line
@@ -220,7 +220,7 @@ def test_validate_unparsable_recipe(tmp_path: Path) -> None:
     recipe = tmp_path / "broken.yaml"
     recipe.write_text("model: [unclosed\n", encoding="utf-8")
     line = assert_user_error(sk("validate", recipe, "-q"))
-    assert "cannot parse" in line
+    assert "not valid YAML: line 2" in line
 
 
 def test_validate_missing_recipe_file(tmp_path: Path) -> None:

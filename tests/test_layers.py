@@ -94,7 +94,7 @@ def test_importance_picks_the_lowest_unprotected_scores() -> None:
 
 
 def test_explicit_indices_are_normalised_and_checked() -> None:
-    config = reduction(layers=[-2, 2, 2], keep_last=0)
+    config = reduction(layers=[-2, 2], keep_last=0)
     assert explicit_indices(6, config) == [2, 4]
     assert removal_count(6, config) == 2
 
@@ -109,6 +109,9 @@ def test_explicit_indices_are_normalised_and_checked() -> None:
         ({"num_layers_to_remove": 6}, "at least one must remain"),
         ({"num_layers_to_remove": 5}, "only 4 are candidates"),
         ({"num_layers_to_keep": 6}, "leaves nothing to remove"),
+        # A block named twice would remove fewer blocks than listed.
+        ({"layers": [2, 2]}, "layer 2 is listed twice"),
+        ({"layers": [3, -3]}, "layers 3 and -3 both name block 3 of the 6-layer model"),
     ],
 )
 def test_impossible_counts_and_indices(kwargs: dict[str, Any], match: str) -> None:

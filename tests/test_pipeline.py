@@ -274,7 +274,7 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_run(
 
 def test_output_inside_the_input_model_is_refused(tiny_llama_dir: Path, eval_text: Path) -> None:
     before = sorted(p.name for p in tiny_llama_dir.iterdir())
-    with pytest.raises(OutputExistsError, match="input model"):
+    with pytest.raises(OutputExistsError, match="over the input"):
         run(make_recipe(tiny_llama_dir, eval_text), tiny_llama_dir / "out")
     assert sorted(p.name for p in tiny_llama_dir.iterdir()) == before
 

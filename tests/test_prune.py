@@ -6,8 +6,8 @@ trained stories260K model (skipped when the offline assets are absent).
 The conformance table runs each method through prune -> forward -> save -> reload -> the same
 logits. Dense checkpoints reload with a plain ``AutoModelForCausalLM.from_pretrained``;
 sparse-bitmask ones with ``swiss_knife.models.load_model``, because transformers 5.x with
-compressed-tensors >= 0.15 cannot decompress them (pinned by a test below, so the day it can, the
-test says so).
+compressed-tensors >= 0.15 cannot decompress them and so must not find them (pinned by a test
+below, so the day it can, the test says so; tests/test_plain_reload.py covers every format).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from conftest import make_tiny_llama
 from swiss_knife.compression.pruning import gradual, prune
 from swiss_knife.compression.pruning.base import get_method, method_names, register_method
 from swiss_knife.compression.pruning.masks import prune_count, satisfies_nm, sparsity_of
-from swiss_knife.compression.pruning.sparse_format import load_sparse_bitmask
+from swiss_knife.compression.pruning.sparse_format import SPARSE_WEIGHTS_NAME, load_sparse_bitmask
 from swiss_knife.compression.pruning.unstructured import oriented
 from swiss_knife.config import (
     CalibrationSettings,
@@ -192,15 +192,23 @@ def test_plain_from_pretrained_cannot_decompress_sparse_bitmask_in_these_version
     tmp_path: Path, tiny_tokenizer: Any
 ) -> None:
     """transformers 5.x ignores `sparsity_config` since compressed-tensors 0.15 dropped the
-    sparse compressors: the compressed layers come back randomly initialised. Our loader exists
-    for that reason; if this starts failing, plain loading works again and the docs can say so."""
+    sparse compressors: given the tensors as ``model.safetensors`` it initialises the compressed
+    layers randomly and only warns. The checkpoint therefore keeps them in
+    ``sparse-bitmask.safetensors`` so that a plain load fails instead; with the file renamed back,
+    the random layers show (if that stops, plain loading works again and the docs can say so)."""
     pytest.importorskip("compressed_tensors")
     model = make_tiny_llama(seed=0, hidden_size=64, intermediate_size=128)
     outcome = prune(model, MagnitudePruneConfig(save_format="sparse-bitmask"))
     out = save_model(model, tmp_path / "sparse", tokenizer=tiny_tokenizer, writer=outcome.writer)
+    with pytest.raises(OSError, match=r"model\.safetensors"):
+        AutoModelForCausalLM.from_pretrained(out)
+    (out / SPARSE_WEIGHTS_NAME).rename(out / "model.safetensors")
     plain = AutoModelForCausalLM.from_pretrained(out)
     name = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(plain.state_dict()[name], model.state_dict()[name])
+    # Our loader reads the layout under either name.
+    reloaded = load_model(str(out), with_tokenizer=False).model
+    assert torch.equal(reloaded.state_dict()[name], model.state_dict()[name])
 
 
 # ----------------------------------------------------------------------------- exact sparsity

@@ -75,7 +75,11 @@ def test_bad_group_size_and_non_integer_bits() -> None:
 
 def test_group_size_must_divide_the_width() -> None:
     # SmolLM2's hidden size 576 is not a multiple of 128: the error names the sizes that fit.
-    assert fitting_group_sizes(576) == [16, 32, 64]
+    assert fitting_group_sizes(576) == [2, 4, 8, 16, 32, 64]
+    # Any divisor fits; a width with no power-of-two divisor gets them all, a prime width none.
+    assert fitting_group_sizes(172) == [2, 4]
+    assert fitting_group_sizes(1001) == [7, 11, 13, 77, 91, 143]
+    assert fitting_group_sizes(97) == []
     with pytest.raises(UserInputError, match=r"16, 32, 64, or per-channel"):
         check_group_size(576, 128)
     with pytest.raises(UserInputError, match="128 does not divide"):

@@ -212,10 +212,15 @@ def test_calibration_samples_are_seeded(tiny_tokenizer: Any, tmp_path: Path) -> 
     a = calibration_samples(str(text), tiny_tokenizer, settings)
     b = calibration_samples(str(text), tiny_tokenizer, settings)
     assert a.shape == (4, 16) and torch.equal(a, b)
+    # The default length shrinks to the model's positions; a length asked for is refused.
     clamped = calibration_samples(
-        str(text), tiny_tokenizer, CalibrationSettings(seq_len=64), max_positions=32
+        str(text), tiny_tokenizer, CalibrationSettings(), max_positions=32
     )
     assert clamped.shape[1] == 32
+    with pytest.raises(UserInputError, match="seq_len 64 exceeds the 32 positions"):
+        calibration_samples(
+            str(text), tiny_tokenizer, CalibrationSettings(seq_len=64), max_positions=32
+        )
 
 
 @pytest.mark.integration
@@ -329,7 +334,7 @@ def test_cli_quantize_errors(tiny_llama_dir: Path, tmp_path: Path) -> None:
         "--output-dir",
         str(tmp_path / "q"),
     )
-    assert done.returncode == 2 and "act_order" in done.stderr
+    assert done.returncode == 2 and "--act-order does not apply to --method rtn" in done.stderr
     assert not (tmp_path / "q").exists()
 
 

@@ -1172,7 +1172,7 @@ def run_calibration(
     docstring) or a precision the device cannot run, and `UnsupportedArchitectureError` for a
     model outside the `arch` table.
     """
-    from tqdm.auto import tqdm
+    from .progress import track
 
     started = time.perf_counter()
     spec = get_arch(model)
@@ -1190,9 +1190,7 @@ def run_calibration(
     with _calibration_mode(model):
         inputs = _capture(model, spec, blocks, samples, compute, batch_size, storage)
         capture_seconds = time.perf_counter() - started
-        for index in tqdm(
-            range(len(blocks)), desc="calibrating", unit="block", disable=not progress
-        ):
+        for index in track(range(len(blocks)), "calibrating", unit="block", enabled=progress):
             block = blocks[index]
             original = _module_device(block)
             block.to(compute)

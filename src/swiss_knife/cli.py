@@ -6,10 +6,13 @@ Exit codes: 0 success, 2 bad input (one-line error), 1 any other failure. `-v` s
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 import textwrap
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -237,16 +240,30 @@ def _load(args: argparse.Namespace, path: str, with_tokenizer: bool = True) -> A
     return load_model(spec, with_tokenizer=with_tokenizer)
 
 
+# (flag attribute, CalibrationSettings key) of the calibration flags.
+_CALIBRATION_FLAGS = (
+    ("num_samples", "num_samples"),
+    ("seq_len", "seq_len"),
+    ("seed", "seed"),
+    ("calibration_batch_size", "batch_size"),
+    ("calibration_precision", "precision"),
+)
+
+
+def _flag(attribute: str) -> str:
+    """The option that sets an argparse attribute: num_samples -> --num-samples."""
+    return "--" + attribute.replace("_", "-")
+
+
+def _warn(message: str) -> None:
+    """A one-line warning on stderr, beside the `error:` lines main() prints."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def _calibration_settings(args: argparse.Namespace, base: Any = None) -> dict[str, Any]:
     """CalibrationSettings keys from the calibration flags given, over `base` (a config's)."""
     settings = dict(base or {})
-    for flag, key in (
-        ("num_samples", "num_samples"),
-        ("seq_len", "seq_len"),
-        ("seed", "seed"),
-        ("calibration_batch_size", "batch_size"),
-        ("calibration_precision", "precision"),
-    ):
+    for flag, key in _CALIBRATION_FLAGS:
         if getattr(args, flag) is not None:
             settings[key] = getattr(args, flag)
     return settings
@@ -257,21 +274,107 @@ def _calibration_source(args: argparse.Namespace) -> Any:
     return _text_source(args, args.calibration_data, "--calibration-data")
 
 
+def _local_hf_config(args: argparse.Namespace, model: str, gguf_file: str | None = None) -> Any:
+    """The transformers config of a local model folder, read from its config.json alone; None
+    for a hub id, a GGUF file or a config transformers cannot read (loading then says why)."""
+    directory = Path(model).expanduser()
+    if gguf_file is not None or not (directory / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory, trust_remote_code=args.trust_remote_code)
+    except Exception:
+        return None
+
+
+def _max_positions(hf_config: Any) -> int | None:
+    """A model config's max_position_embeddings (GPT-2's n_positions too), or None."""
+    value = getattr(hf_config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def _fit_seq_len(args: argparse.Namespace, settings: Any, limit: int | None, model: str) -> Any:
+    """`settings` (a config with a seq_len) with sequences `model` can take: a --seq-len above
+    its positions is refused (the manifest would record lengths that never ran; silently cut,
+    they did before), a default above them shrinks to them."""
+    if limit is None or settings.seq_len <= limit:
+        return settings
+    if "seq_len" in settings.model_fields_set:
+        flag = "--seq-len" if args.seq_len is not None else "seq_len (from --config)"
+        raise UserInputError(
+            f"{flag} {settings.seq_len} exceeds the {limit} positions {model} takes "
+            f"(max_position_embeddings); use --seq-len {limit} or less"
+        )
+    return settings.model_copy(update={"seq_len": limit})
+
+
+def _fit_calibration(args: argparse.Namespace, config: Any, limit: int | None) -> Any:
+    """`config` with calibration windows the model can take (see _fit_seq_len)."""
+    settings = getattr(config, "calibration", None)
+    if settings is None:
+        return config
+    fitted = _fit_seq_len(args, settings, limit, args.model)
+    return config if fitted is settings else config.model_copy(update={"calibration": fitted})
+
+
+def _refuse_output_inside(output: str | None, flag: str, inputs: Sequence[str | None]) -> None:
+    """Refuse, before any work, a report folder inside (or around) a local input model, or one
+    that cannot be created (a file in the way), as check_output_dir does for saved models."""
+    if not output:
+        return
+    from .errors import OutputExistsError
+    from .paths import check_writable_parent, refuse_inside_inputs
+
+    local = [path for path in inputs if path and Path(path).expanduser().exists()]
+    target = Path(output).expanduser().resolve()
+    try:
+        refuse_inside_inputs(target, local)
+        if target.exists() and not target.is_dir():
+            raise OutputExistsError(f"{target} is a file; give a folder for the reports")
+        check_writable_parent(target)
+    except UserInputError as exc:
+        raise type(exc)(f"{flag}: {exc}") from None
+
+
+def _check_eval_tokens(tokens: Any, config: Any, model: Any, source: str | None) -> None:
+    """Refuse a text too short for one perplexity window: a perplexity over a handful of tokens
+    measures nothing, yet it would be printed like any other."""
+    if tokens is None or not config.perplexity.enabled:
+        return
+    from .errors import DataError
+    from .evaluation.perplexity import max_positions
+
+    window = config.perplexity.window
+    limit = max_positions(model)
+    capped = limit is not None and limit < window
+    if capped:
+        window = limit
+    count = int(tokens.numel())
+    if count < window:
+        why = f" (--window capped at the model's {limit} positions)" if capped else ""
+        raise DataError(
+            f"{source} has {count} tokens, fewer than one perplexity window of {window}{why}; "
+            f"give at least {window} tokens of text, a smaller --window, or --no-perplexity"
+        )
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
 def _progress(args: argparse.Namespace) -> bool:
-    return not args.quiet and sys.stderr.isatty()
+    """Report progress unless -q: a bar in a terminal, INFO log lines otherwise (see progress)."""
+    return not args.quiet
 
 
 def _library_progress(args: argparse.Namespace) -> None:
-    """Hide transformers' own bars (e.g. "Loading weights") whenever ours are hidden.
+    """Hide transformers' own bars (e.g. "Loading weights") unless stderr is a terminal.
 
     transformers draws them on stderr even when it is not a terminal, so `-q` or a redirected
     stderr would otherwise get progress-bar noise around the one-line error.
     """
-    if not _progress(args):
+    if args.quiet or not sys.stderr.isatty():
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
@@ -288,10 +391,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     config = _eval_config(args)
     data_cfg = _data_config(args)
+    _refuse_output_inside(args.output, "--output", [args.model, args.reference])
     # Read the text before loading the model: a bad path fails in a second, not a minute.
     docs = read_documents(data_cfg) if data_cfg else None
     loaded = _load(args, args.model)
     tokens = tokenize_documents(docs, loaded.tokenizer, add_bos=data_cfg.add_bos) if docs else None
+    _check_eval_tokens(tokens, config, loaded.model, args.eval_data)
     reference = _load(args, args.reference, with_tokenizer=False).model if args.reference else None
     report = evaluate(
         loaded.model,
@@ -324,11 +429,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     config = _eval_config(args)
     data_cfg = _data_config(args)
+    _refuse_output_inside(args.report_dir, "--report-dir", [args.original, *args.compressed])
     docs = read_documents(data_cfg) if data_cfg else None
     original = _load(args, args.original)
     tokens = (
         tokenize_documents(docs, original.tokenizer, add_bos=data_cfg.add_bos) if docs else None
     )
+    _check_eval_tokens(tokens, config, original.model, args.eval_data)
     progress = _progress(args)
     reports = [
         evaluate(
@@ -422,6 +529,15 @@ _QUANT_SWITCHES = (
 )
 # --X / --no-X pairs: None (not given) keeps the method's default.
 _QUANT_TOGGLES = ("act_order", "static_groups", "clip_search", "true_sequential")
+_QUANT_OPTIONS: Options = (
+    ("--bits", "bits"),
+    ("--group-size", "group_size"),
+    *((_flag(attr), key) for attr, key, _ in _QUANT_SWITCHES),
+    ("--bits-override", "bits_overrides"),
+    *((_flag(attr), key) for attr, key in _QUANT_FLAGS if key != "bits"),
+    *((_flag(key), key) for key in _QUANT_TOGGLES),
+    ("--smoothquant-alpha", "smoothquant_alpha"),
+)
 
 
 def _stage_data(args: argparse.Namespace, stage_type: str) -> dict[str, Any]:
@@ -435,22 +551,121 @@ def _stage_data(args: argparse.Namespace, stage_type: str) -> dict[str, Any]:
     return data
 
 
-def _add_calibration_flags(args: argparse.Namespace, data: dict[str, Any]) -> None:
+# Which flag set which config key: {("calibration", "seq_len"): "--seq-len", ...}, so that a
+# validation error speaks of the flag the user typed rather than of the recipe key behind it.
+GivenFlags = dict[tuple[Any, ...], str]
+# (flag, top-level config key) of every method option a verb has, to say which ones a method takes.
+Options = Sequence[tuple[str, str]]
+
+
+def _method_class(union: Any, method: Any) -> Any:
+    """The config class of `method` in a discriminated union such as QuantizeConfig, or None."""
+    for cls in typing.get_args(typing.get_args(union)[0]):
+        if method in typing.get_args(cls.model_fields["method"].annotation):
+            return cls
+    return None
+
+
+def _method_flags(cls: Any, options: Options) -> list[str]:
+    """The flags of `options` that a method's config takes (targets and ignore go unsaid)."""
+    if cls is None:
+        return []
+    flags = [
+        flag
+        for flag, key in options
+        if key in cls.model_fields and key not in ("targets", "ignore")
+    ]
+    if "calibration" in cls.model_fields:
+        flags.append("--calibration-data with its flags")
+    return list(dict.fromkeys(flags))
+
+
+def _add_calibration_flags(
+    args: argparse.Namespace, data: dict[str, Any], given: GivenFlags, union: Any
+) -> None:
+    """The calibration flags, into the stage's calibration settings. A method that takes no
+    calibration (rtn, bf16, ...) warns that they are ignored rather than refusing to run."""
+    named = [_flag(attr) for attr, _ in _CALIBRATION_FLAGS if getattr(args, attr) is not None]
+    method = data.get("method")
+    cls = _method_class(union, method)
+    if cls is not None and "calibration" not in cls.model_fields:
+        if args.calibration_data:
+            named.insert(0, "--calibration-data")
+        if named:
+            _warn(f"--method {method} needs no calibration data; ignoring {', '.join(named)}")
+        return
     calibration = _calibration_settings(args, data.get("calibration"))
     if calibration:
         data["calibration"] = calibration
+    for attr, key in _CALIBRATION_FLAGS:
+        if getattr(args, attr) is not None:
+            given[("calibration", key)] = _flag(attr)
 
 
-def _validate_stage(union: Any, data: dict[str, Any], args: argparse.Namespace) -> Any:
+def _pydantic_message(item: Any) -> str:
+    message = str(item["msg"]).removeprefix("Value error, ")
+    if len(message) > 1 and message[1].islower():
+        message = message[0].lower() + message[1:]
+    return message
+
+
+def _flag_errors(
+    error: Any, data: dict[str, Any], given: GivenFlags, cls: Any, options: Options
+) -> str | None:
+    """A validation error as one line about the flags that caused it, e.g. `--bits does not
+    apply to --method bf16; ...`; None when a problem comes from the --config file, which is
+    then reported in the file's own terms."""
+    method = data.get("method")
+    foreign: list[str] = []
+    problems: list[str] = []
+    for item in error.errors():
+        if str(item["type"]).startswith("union_tag"):
+            return None
+        loc = tuple(item["loc"])
+        if loc and loc[0] == method:
+            loc = loc[1:]  # the discriminated union's tag, which nobody typed
+        if not loc:  # a rule across keys (a model validator): its message names them
+            problems.append(_pydantic_message(item))
+            continue
+        prefixes = (loc[:n] for n in range(len(loc), 0, -1))
+        flag = next((given[prefix] for prefix in prefixes if prefix in given), None)
+        if flag is None:
+            return None
+        if item["type"] == "extra_forbidden":
+            foreign.append(flag)
+        else:
+            value = item.get("input")
+            shown = f" {value}" if isinstance(value, int | float | str) else ""
+            problems.append(f"{flag}{shown}: {_pydantic_message(item)}")
+    if foreign:
+        foreign = list(dict.fromkeys(foreign))
+        takes = _method_flags(cls, options)
+        verb = "does" if len(foreign) == 1 else "do"
+        text = f"{', '.join(foreign)} {verb} not apply to --method {method}"
+        text += f"; it takes {', '.join(takes)}" if takes else ", which takes no options"
+        problems.insert(0, text)
+    return "; ".join(problems)
+
+
+def _validate_stage(
+    union: Any,
+    data: dict[str, Any],
+    args: argparse.Namespace,
+    given: GivenFlags | None = None,
+    options: Options = (),
+) -> Any:
     from pydantic import TypeAdapter, ValidationError
 
-    from .config import CompressionConfig, format_validation_error
+    from .config import format_validation_error
 
     try:
         return TypeAdapter(union).validate_python(data)
     except ValidationError as exc:
-        # Report paths as the user wrote them (flags map to these keys).
-        message = format_validation_error(exc, CompressionConfig, args.config or "options")
+        cls = _method_class(union, data.get("method"))
+        message = _flag_errors(exc, data, given or {}, cls, options)
+        if message is None:
+            # Report paths as the user wrote them in the --config file.
+            message = format_validation_error(exc, union, args.config or "options")
         raise ConfigError(message) from None
 
 
@@ -486,6 +701,7 @@ def _save_outcome(
         source=args.model,
         tags=tags,
         steps=outcome.steps,
+        plain_transformers=not str(getattr(outcome, "format", "")).endswith("sparse-bitmask"),
     )
     saved = save_model(
         outcome.model,
@@ -500,30 +716,59 @@ def _save_outcome(
     return saved, sum(p.stat().st_size for p in weight_files(saved))
 
 
+# (report key, label, format) for the per-layer columns a method may report, in print order.
+_LAYER_COLUMNS = (
+    ("sparsity", "sparsity", "{:.2%}"),
+    ("rel_error", "rel error", "{:.4f}"),
+    ("sqnr_db", "SQNR", "{:.1f} dB"),
+    ("weight_sqnr_db", "weight SQNR", "{:.1f} dB"),
+    ("input_absmax", "input absmax", "{:.3g}"),
+)
+
+
+def _layer_row(row: dict[str, Any]) -> str:
+    """One line of the worst-layers table from whichever measurements the method reported."""
+    cells = [f"  {row.get('name', '?'):<48}"]
+    for key, label, fmt in _LAYER_COLUMNS:
+        value = row.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            cells.append(f"{label} {fmt.format(value)}")
+    return "  ".join(cells)
+
+
 def _quant_config(args: argparse.Namespace) -> Any:
     from .config import QuantizeConfig
 
     data = _stage_data(args, "quantize")
-    for flag, key in _QUANT_FLAGS:
-        if getattr(args, flag) is not None:
-            data[key] = getattr(args, flag)
-    for flag, key, value in _QUANT_SWITCHES:
-        if getattr(args, flag):
-            data[key] = value
+    given: GivenFlags = {}
+
+    def put(key: str, value: Any, flag: str) -> None:
+        data[key] = value
+        given[(key,)] = flag
+
+    for attr, key in _QUANT_FLAGS:
+        if getattr(args, attr) is not None:
+            put(key, getattr(args, attr), _flag(attr))
+    for attr, key, value in _QUANT_SWITCHES:
+        if getattr(args, attr):
+            put(key, value, _flag(attr))
     for key in _QUANT_TOGGLES:
-        if getattr(args, key) is not None:
-            data[key] = getattr(args, key)
+        value = getattr(args, key)
+        if value is not None:
+            put(key, value, _flag(key if value else f"no_{key}"))
     if args.group_size is not None:
-        data["group_size"] = args.group_size or None
+        put("group_size", args.group_size or None, "--group-size")
     if args.smoothquant_alpha is not None:
         try:
-            data["smoothquant_alpha"] = _optional_float(args.smoothquant_alpha)
+            alpha = _optional_float(args.smoothquant_alpha)
         except argparse.ArgumentTypeError as exc:
             raise UserInputError(f"--smoothquant-alpha: {exc}") from None
+        put("smoothquant_alpha", alpha, "--smoothquant-alpha")
     if args.bits_override:
-        data["bits_overrides"] = {**data.get("bits_overrides", {}), **dict(args.bits_override)}
-    _add_calibration_flags(args, data)
-    return _validate_stage(QuantizeConfig, data, args)
+        overrides = {**data.get("bits_overrides", {}), **dict(args.bits_override)}
+        put("bits_overrides", overrides, "--bits-override")
+    _add_calibration_flags(args, data, given, QuantizeConfig)
+    return _validate_stage(QuantizeConfig, data, args, given, _QUANT_OPTIONS)
 
 
 def _layer_reduction_config(args: argparse.Namespace) -> Any:
@@ -539,16 +784,28 @@ def _layer_reduction_config(args: argparse.Namespace) -> Any:
     return validate_dict(LayerReductionConfig, data, "options")
 
 
-def _local_num_layers(model: str) -> int | None:
-    """The block count from a local model folder's config.json, or None when there is none."""
+def _local_num_layers(hf_config: Any) -> int | None:
+    """The block count of a local model's config (see _local_hf_config), or None."""
     from .arch import num_layers
 
-    config_file = Path(model).expanduser() / "config.json"
-    if not config_file.is_file():
-        return None
-    from transformers import AutoConfig
+    return None if hf_config is None else num_layers(hf_config)
 
-    return num_layers(AutoConfig.from_pretrained(config_file.parent))
+
+def _meta_model(args: argparse.Namespace, hf_config: Any) -> Any:
+    """The model a config describes, built on the meta device (shapes only, no memory and no
+    weights read), or None when it cannot be built that way (loading then checks the model)."""
+    if hf_config is None or getattr(hf_config, "quantization_config", None):
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                hf_config, trust_remote_code=args.trust_remote_code
+            )
+    except Exception:
+        return None
 
 
 def cmd_reduce_layers(args: argparse.Namespace) -> int:
@@ -566,13 +823,17 @@ def cmd_reduce_layers(args: argparse.Namespace) -> int:
         )
     protect = [args.model] if Path(args.model).expanduser().exists() else []
     out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
-    total = _local_num_layers(args.model)
+    hf_config = _local_hf_config(args, args.model, args.gguf_file)
+    total = _local_num_layers(hf_config)
     if total is not None:
         # Bad indices or counts fail here, before the weights are loaded.
         removal_count(total, config)
+    if data_cfg is not None:
+        config = _fit_calibration(args, config, _max_positions(hf_config))
     loaded = _load(args, args.model)
     calibration = None
     if data_cfg is not None:
+        config = _fit_calibration(args, config, _max_positions(loaded.model.config))
         calibration = model_calibration_samples(
             loaded.model, data_cfg, loaded.tokenizer, config.calibration
         )
@@ -607,7 +868,7 @@ def cmd_reduce_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .compression.quantization.api import model_calibration_samples, quantize
+    from .compression.quantization.api import check_quantize, model_calibration_samples, quantize
     from .compression.quantization.base import get_method
     from .models import check_output_dir
 
@@ -616,13 +877,29 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     protect = [args.model] if Path(args.model).expanduser().exists() else []
     out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
     data_cfg = None
-    if args.calibration_data:
+    if info.needs_calibration:
+        if not args.calibration_data:
+            raise UserInputError(f"method {config.method!r} needs --calibration-data")
         data_cfg = _text_source(args, args.calibration_data, "--calibration-data")
-    elif info.needs_calibration:
-        raise UserInputError(f"method {config.method!r} needs --calibration-data")
+    # A local model's config.json is enough to refuse windows longer than its positions and
+    # group sizes that do not divide its layers, before any weights are read.
+    hf_config = _local_hf_config(args, args.model, args.gguf_file)
+    if data_cfg is not None:
+        config = _fit_calibration(args, config, _max_positions(hf_config))
+    meta = _meta_model(args, hf_config) if info.check is not None else None
+    if meta is not None:
+        try:
+            check_quantize(meta, config)
+        except SwissKnifeError:
+            raise
+        except Exception as exc:  # a check that needs real tensors: it runs after loading
+            logger.debug("shape check on the meta model skipped: %s", exc)
     loaded = _load(args, args.model)
+    # Hub ids and GGUF files: the same checks on the loaded model, before tokenising any text.
+    check_quantize(loaded.model, config)
     calibration = None
-    if data_cfg is not None and info.needs_calibration:
+    if data_cfg is not None:
+        config = _fit_calibration(args, config, _max_positions(loaded.model.config))
         calibration = model_calibration_samples(
             loaded.model, data_cfg, loaded.tokenizer, config.calibration
         )
@@ -663,8 +940,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if worst:
         print(f"worst layers ({outcome.report.get('sensitivity_kind', 'error')}):")
         for row in worst:
-            sqnr = row.get("sqnr_db")
-            print(f"  {row['name']:<48} rel error {row['rel_error']:.4f}  SQNR {sqnr:.1f} dB")
+            print(_layer_row(row))
     print(f"saved to {saved}")
     return 0
 
@@ -716,30 +992,60 @@ _SCHEDULE_FLAGS = (
 )
 
 
+def _check_sparsity_pattern(args: argparse.Namespace) -> None:
+    """Refuse --sparsity beside an --pattern N:M that fixes another sparsity (1 - N/M)."""
+    parts = (args.pattern or "").split(":")
+    if args.sparsity is None or len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        return  # nothing to compare, or a malformed pattern the config explains
+    n, m = (int(p) for p in parts)
+    implied = 1.0 - n / m
+    if 0 < n < m and abs(args.sparsity - implied) > 1e-3:
+        raise UserInputError(
+            f"--sparsity {args.sparsity:g} contradicts --pattern {n}:{m}, which zeroes {m - n} "
+            f"of every {m} weights (sparsity {implied:.4g}); drop --sparsity, or give "
+            f"--sparsity {implied:.4g}"
+        )
+
+
 def _prune_config(args: argparse.Namespace) -> Any:
     from .config import PruneConfig
 
     data = _stage_data(args, "prune")
-    for flag, key in _PRUNE_FLAGS:
-        if getattr(args, flag) is not None:
-            data[key] = getattr(args, flag)
+    given_flags: GivenFlags = {}
+    if "pattern" in getattr(_method_class(PruneConfig, data["method"]), "model_fields", {}):
+        _check_sparsity_pattern(args)
+    for attr, key in _PRUNE_FLAGS:
+        if getattr(args, attr) is not None:
+            data[key] = getattr(args, attr)
+            given_flags[(key,)] = _flag(attr)
     if args.true_sequential:
         data["true_sequential"] = True
+        given_flags[("true_sequential",)] = "--true-sequential"
     schedule = dict(data.get("schedule") or {})
     given = [option for flag, _, option in _SCHEDULE_FLAGS if getattr(args, flag) is not None]
     if given and not schedule and args.gradual_steps is None:
         raise UserInputError(
             f"{', '.join(given)} configure(s) gradual pruning: add --gradual-steps N"
         )
-    for flag, key, _ in _SCHEDULE_FLAGS:
+    for flag, key, option in _SCHEDULE_FLAGS:
         if getattr(args, flag) is not None:
             schedule[key] = getattr(args, flag)
+            given_flags[("schedule", key)] = option
+    if given:
+        given_flags[("schedule",)] = ", ".join(given)
     if args.seed is not None and schedule:
         schedule["seed"] = args.seed
     if schedule:
         data["schedule"] = schedule
-    _add_calibration_flags(args, data)
-    return _validate_stage(PruneConfig, data, args)
+    _add_calibration_flags(args, data, given_flags, PruneConfig)
+    return _validate_stage(PruneConfig, data, args, given_flags, _PRUNE_OPTIONS)
+
+
+_PRUNE_OPTIONS: Options = (
+    *((_flag(attr), key) for attr, key in _PRUNE_FLAGS),
+    ("--true-sequential", "true_sequential"),
+    ("--gradual-steps", "schedule"),
+)
 
 
 def _check_prunable_dir(path: str) -> None:
@@ -765,6 +1071,25 @@ def _check_prunable_dir(path: str) -> None:
         )
 
 
+def _warn_unused_calibration(
+    args: argparse.Namespace, config: Any, reason: str | None, *, trains: bool
+) -> None:
+    """Say so when calibration flags are given to a pruning config that reads no calibration
+    text (magnitude without OWL, structured by weight magnitude)."""
+    if reason is not None:
+        return
+    named = [_flag(attr) for attr, _ in _CALIBRATION_FLAGS if getattr(args, attr) is not None]
+    if args.calibration_data and not (trains and not args.train_data):
+        named.insert(0, "--calibration-data")  # not the fine-tuning text either
+    if trains:
+        named = [flag for flag in named if flag != "--seed"]  # it seeds the fine-tuning
+    if named:
+        how = " with --importance magnitude" if config.method == "structured" else ""
+        _warn(
+            f"--method {config.method}{how} needs no calibration data; ignoring {', '.join(named)}"
+        )
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .compression.pruning import prune
     from .compression.pruning.api import calibration_reason
@@ -778,7 +1103,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     protect = [args.model] if Path(args.model).expanduser().exists() else []
     out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
     calib_cfg = None
-    if args.calibration_data:
+    if args.calibration_data and reason is not None:
         calib_cfg = _text_source(args, args.calibration_data, "--calibration-data")
     elif reason is not None:
         raise UserInputError(f"{reason} needs --calibration-data")
@@ -788,12 +1113,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "a gradual schedule fine-tunes between steps and needs --train-data "
             "(or --calibration-data)"
         )
+    _warn_unused_calibration(args, config, reason, trains=schedule is not None)
     train_cfg = _text_source(args, train_source, "--train-data") if schedule else None
     _check_prunable_dir(args.model)
+    if calib_cfg is not None:
+        hf_config = _local_hf_config(args, args.model, args.gguf_file)
+        config = _fit_calibration(args, config, _max_positions(hf_config))
     loaded = _load(args, args.model)
     max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
     calibration = None
-    if calib_cfg is not None and reason is not None:
+    if calib_cfg is not None:
+        config = _fit_calibration(args, config, max_positions)
         calibration = calibration_samples(
             calib_cfg, loaded.tokenizer, config.calibration, max_positions=max_positions
         )
@@ -844,10 +1174,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if worst:
         print(f"worst layers ({report.get('sensitivity_kind', 'error')}):")
         for row in worst:
-            print(
-                f"  {row['name']:<48} sparsity {row['sparsity']:.2%}  "
-                f"rel error {row['rel_error']:.4f}"
-            )
+            print(_layer_row(row))
     for note in outcome.steps[1:]:
         print(f"note: {note}")
     print(f"saved to {saved}")
@@ -958,6 +1285,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
     config = _distill_config(args)
     if config.train_data is None:
         raise UserInputError("give --train-data (or train_data: in --config)")
+    _refuse_output_inside(args.output_dir, "--output-dir", [args.teacher, args.student])
+    # Sequences longer than the models' positions: refused from config.json before any loading.
+    for path, gguf in ((args.teacher, args.gguf_file), (args.student, None)):
+        if path:
+            limit = _max_positions(_local_hf_config(args, path, gguf))
+            config = _fit_seq_len(args, config, limit, path)
     # Read the text before loading any model: a bad path fails in a second, not a minute.
     train_docs = read_documents(config.train_data)
     eval_docs = read_documents(config.eval_data) if config.eval_data else None
@@ -970,6 +1303,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.student:
         # --gguf-file names the teacher's file, not the student's.
         student = _load(argparse.Namespace(**{**vars(on_cpu), "gguf_file": None}), args.student)
+    for path, loaded in ((args.teacher, teacher), (args.student, student)):
+        if loaded is not None:
+            config = _fit_seq_len(args, config, _max_positions(loaded.model.config), path)
 
     def tokens(docs: list[str], add_bos: bool) -> Any:
         return tokenize_documents(docs, teacher.tokenizer, add_bos=add_bos)
@@ -1043,6 +1379,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         resume=not args.no_resume,
         overwrite=args.overwrite,
         progress=_progress(args),
+        extra_inputs=[args.recipe],
     )
     if args.json:
         _print_json(
@@ -1081,12 +1418,66 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if not args.recipe:
         raise UserInputError("give a recipe file to validate, or --schema")
     recipe = load_recipe(args.recipe)
+    missing = _missing_inputs(recipe)
+    if missing and args.strict:
+        raise UserInputError(f"{args.recipe}: " + "; ".join(missing))
+    for problem in missing:
+        _warn(f"{args.recipe}: {problem}")
     if args.json:
-        _print_json({"valid": True, "stages": [s.type for s in recipe.stages]})
+        stages = [s.type for s in recipe.stages]
+        _print_json({"valid": True, "stages": stages, "missing_inputs": missing})
     else:
-        stages = " -> ".join(s.type for s in recipe.stages) or "no stages"
-        print(f"{args.recipe}: valid ({recipe.model.path}; {stages})")
+        stages_text = " -> ".join(s.type for s in recipe.stages) or "no stages"
+        print(f"{args.recipe}: valid ({recipe.model.path}; {stages_text})")
     return 0
+
+
+def _missing_model(path: str, gguf_file: str | None, revision: str | None) -> str | None:
+    """Why a recipe's model cannot be found from here, or None (found, or a hub id to fetch)."""
+    from .sources import hub_cached, hub_offline, looks_like_local_path
+
+    local = Path(path).expanduser()
+    if local.exists():
+        if gguf_file and not (local / gguf_file).is_file():
+            return f"GGUF file {gguf_file!r} not found in {path}"
+        return None
+    if looks_like_local_path(path):
+        return f"model path {path} does not exist"
+    if hub_offline() and not hub_cached(
+        path, filename=gguf_file or "config.json", revision=revision
+    ):
+        return f"model {path!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set"
+    return None
+
+
+def _missing_inputs(recipe: Any) -> list[str]:
+    """The model and local data files a recipe names that do not exist (no weights are read)."""
+    from .sources import is_local_data_source
+
+    model = recipe.model
+    problems = [_missing_model(model.path, model.gguf_file, model.revision)]
+    sources = [("data.eval", recipe.data.eval), ("data.calibration", recipe.data.calibration)]
+    references = [("evaluation.bleu.references", recipe.evaluation.bleu.references)]
+    for index, stage in enumerate(recipe.stages):
+        where = f"stages[{index}]"
+        for key in ("train_data", "eval_data"):
+            sources.append((f"{where}.{key}", getattr(stage, key, None)))
+        for key in ("teacher", "student"):
+            other = getattr(stage, key, None)
+            if isinstance(other, str) and other not in ("original", "current"):
+                problem = _missing_model(other, None, None)
+                problems.append(f"{where}.{key}: {problem}" if problem else None)
+        evaluation = getattr(stage, "evaluation", None)
+        if evaluation is not None:
+            references.append((f"{where}.evaluation.bleu.references", evaluation.bleu.references))
+    for where, data in sources:
+        source = getattr(data, "source", None)
+        if source and is_local_data_source(source) and not Path(source).expanduser().exists():
+            problems.append(f"{where}: data file {source} does not exist")
+    for where, reference in references:
+        if reference and not Path(reference).expanduser().exists():
+            problems.append(f"{where}: file {reference} does not exist")
+    return [problem for problem in problems if problem]
 
 
 def cmd_device_info(args: argparse.Namespace) -> int:
@@ -1130,8 +1521,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the usage block is what --help is for."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="swiss-knife",
         description="Make large language models small, and measure what it cost.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1146,10 +1544,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"swiss-knife {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str, ex: str) -> Any:
@@ -1500,11 +1898,22 @@ def build_parser() -> argparse.ArgumentParser:
         "Check a recipe without loading any weights, or print the recipe JSON Schema.",
         """
         swiss-knife validate configs/pipeline.yaml
+        swiss-knife validate configs/pipeline.yaml --strict   # missing files are errors
         swiss-knife validate --schema > recipe.schema.json
+
+        A model path or data file that does not exist is reported as a `warning:` line on
+        stderr, and the exit code stays 0 when the recipe itself is valid (samples name
+        placeholder paths); --strict makes it an error (exit 2).
         """,
     )
     p.add_argument("recipe", nargs="?", help="recipe file (.yaml or .json)")
     p.add_argument("--schema", action="store_true", help="print the recipe JSON Schema")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse (exit 2) a recipe whose model or data files do not exist; without it they "
+        "are warnings",
+    )
     _add_output_options(p)
 
     p = add(
@@ -1546,9 +1955,34 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+# Operating-system errors that mean the user named a path we cannot use: bad input, not a crash.
+_PATH_ERRNOS = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "the file system is read-only",
+    errno.EEXIST: "it already exists",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "it is a folder, not a file",
+    errno.ENOENT: "no such file or folder",
+    errno.ENAMETOOLONG: "the name is too long",
+}
+
+
+def _path_error(exc: OSError) -> str | None:
+    """One sentence for an OSError about a user's path, or None for any other OSError."""
+    reason = _PATH_ERRNOS.get(exc.errno or -1)
+    if reason is None or not exc.filename:
+        return None
+    path = exc.filename if isinstance(exc.filename, str) else os.fsdecode(exc.filename)
+    return f"cannot use {path}: {reason}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a one-line usage error: already printed
+        return exc.code if isinstance(exc.code, int) else 2
     verbose = getattr(args, "verbose", False)
     _setup_logging(verbose, getattr(args, "quiet", False))
     try:
@@ -1563,6 +1997,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if verbose:
+            logger.exception("failed")
+        path_message = _path_error(exc)
+        if path_message is None:
+            print(
+                f"error: {type(exc).__name__}: {exc} (run with -v for the traceback)",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"error: {path_message}", file=sys.stderr)
+        return 2
     except Exception as exc:
         if verbose:
             logger.exception("unexpected failure")

@@ -96,8 +96,13 @@ class SpeedConfig(StrictModel):
     )
     prompt_len: int = Field(default=128, ge=1)
     new_tokens: int = Field(default=32, ge=1)
-    warmup: int = Field(default=1, ge=0)
-    repeats: int = Field(default=3, ge=1)
+    warmup: int = Field(default=1, ge=0, description="Untimed runs before the timed ones.")
+    repeats: int = Field(
+        default=3,
+        ge=1,
+        description="Timed runs; reports show their median [min–max], and a ratio needs at "
+        "least 2 on both sides to be judged against the noise (3 or more recommended).",
+    )
 
 
 class AgreementConfig(StrictModel):
@@ -377,7 +382,8 @@ class _UnstructuredPruneConfig(PruneBase):
     save_format: Literal["dense", "sparse-bitmask"] = Field(
         default="dense",
         description="dense: zeros in a normal checkpoint; sparse-bitmask: compressed-tensors "
-        "sparse bitmask (smaller on disk, loads with from_pretrained).",
+        "sparse bitmask (smaller on disk; loads with swiss_knife.load_model, not a plain "
+        "from_pretrained).",
     )
     schedule: GradualSchedule | None = Field(
         default=None, description="Gradual pruning with fine-tuning (needs training text)."
@@ -388,6 +394,32 @@ class _UnstructuredPruneConfig(PruneBase):
         default_factory=CalibrationSettings,
         description="Calibration windows (wanda, sparsegpt, and the OWL allocation of any method).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sparsity_from_pattern(cls, data: Any) -> Any:
+        # An N:M pattern fixes the sparsity at 1 - N/M: a different sparsity beside it is a
+        # contradiction, not a setting to ignore, and the resolved config records the real one.
+        if not isinstance(data, dict) or not isinstance(data.get("pattern"), str):
+            return data
+        parts = data["pattern"].split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            return data  # the field validator explains the format
+        n, m = (int(p) for p in parts)
+        if not 0 < n < m:
+            return data
+        implied = 1.0 - n / m
+        given = data.get("sparsity")
+        if isinstance(given, int | float) and not isinstance(given, bool):
+            if abs(given - implied) > 1e-3:
+                raise ValueError(
+                    f"sparsity {given:g} contradicts pattern '{n}:{m}', which zeroes {m - n} of "
+                    f"every {m} weights (sparsity {implied:.4g}); drop sparsity or set it to "
+                    f"{implied:.4g}"
+                )
+        elif given is not None:
+            return data  # not a number: the field reports it
+        return {**data, "sparsity": implied}
 
     @field_validator("pattern")
     @classmethod
@@ -847,9 +879,12 @@ def _unwrap(annotation: Any) -> list[Any]:
     return []
 
 
-def _model_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseModel] | None:
-    """Walk an error location down the config classes to the model that owns its last key."""
-    current: list[type[BaseModel]] = [root]
+def _model_at(root: Any, loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """Walk an error location down the config classes to the model that owns its last key.
+
+    `root` is a config class or a (discriminated) union of them, such as `QuantizeConfig`.
+    """
+    current: list[type[BaseModel]] = _unwrap(root)
     for part in loc:
         if isinstance(part, int):
             continue
@@ -870,7 +905,7 @@ def _model_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseMod
     return current[0] if current else None
 
 
-def format_validation_error(error: ValidationError, root: type[BaseModel], source: str) -> str:
+def format_validation_error(error: ValidationError, root: Any, source: str) -> str:
     lines = [f"{source}: {error.error_count()} problem(s):"]
     for item in error.errors():
         loc = tuple(item["loc"])
@@ -894,7 +929,10 @@ def format_validation_error(error: ValidationError, root: type[BaseModel], sourc
                 if isinstance(tag, str)
             )
             message = f"missing key {key!r}" + (f"; one of: {', '.join(tags)}" if tags else "")
+        message = message.removeprefix("Value error, ")
         lines.append(f"  - {_format_loc(loc)}: {message}")
+    if len(lines) == 2:  # one problem: one line
+        return f"{source}: {lines[1].removeprefix('  - ')}"
     return "\n".join(lines)
 
 
@@ -923,8 +961,22 @@ def read_config_file(path: str | Path) -> Any:
         if p.suffix.lower() == ".json":
             return json.loads(text)
         return yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot parse: {exc}".replace("\n", " ")) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{p}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: {_yaml_problem(exc)}") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: where, and what the parser expected."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = f"{context}, {problem}" if context else problem
+    if "could not determine a constructor" in what:
+        what = f"{what} (tags that build Python objects are refused: YAML is loaded safely)"
+    return f"not valid YAML: {where}{what}"
 
 
 def load_config(path: str | Path, cls: type[T]) -> T:

@@ -20,11 +20,10 @@ import torch
 
 from .config import DataConfig
 from .errors import DataError, MissingDependencyError
+from .sources import DATA_SUFFIXES as ALL_SUFFIXES
+from .sources import is_local_data_source as is_local_source
 
 logger = logging.getLogger(__name__)
-
-TEXT_SUFFIXES = (".txt", ".md", ".text", ".raw")
-ALL_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet", ".csv")
 
 
 def _decode(path: Path, encoding: str) -> str:
@@ -164,13 +163,6 @@ def _read_hf_dataset(spec: str, cfg: DataConfig) -> list[str]:
         # Datasets such as WikiText store one line per row; the usual evaluation joins them.
         return ["\n".join(texts)]
     return [d for t in texts for d in split_documents(t, cfg.split_documents)]
-
-
-def is_local_source(source: str) -> bool:
-    path = Path(source).expanduser()
-    return (
-        path.exists() or source.startswith(("/", ".", "~")) or path.suffix.lower() in ALL_SUFFIXES
-    )
 
 
 def read_documents(cfg: DataConfig | str) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import CompressionConfig, validate_dict
-from .errors import MissingDependencyError
+from .errors import MissingDependencyError, OutputExistsError
 from .evaluation.compare import comparison_rows
 from .evaluation.report import terminal_table, write_reports
 from .models import build_manifest, load_model, read_manifest, render_model_card, save_model
@@ -224,6 +224,16 @@ def demo_variants(quick: bool) -> list[tuple[str, list[dict[str, Any]]]]:
     return variants
 
 
+def stage_summary(stage: Any) -> str:
+    """A stage in a few words for the log: "quantize gptq", "prune sparsegpt 2:4", ..."""
+    words = [stage.type]
+    for field in ("method", "dtype", "pattern", "bits"):
+        value = getattr(stage, field, None)
+        if value is not None and not isinstance(value, bool):
+            words.append(f"{value}-bit" if field == "bits" else str(getattr(value, "value", value)))
+    return " ".join(words)
+
+
 def demo_recipes(
     output_dir: Path, *, quick: bool
 ) -> tuple[list[tuple[str, CompressionConfig]], list[str]]:
@@ -258,7 +268,9 @@ def demo_recipes(
                                 "batch_sizes": [1] if quick else [1, 4],
                                 "prompt_len": 64 if quick else 128,
                                 "new_tokens": 8 if quick else 32,
-                                "repeats": 1 if quick else 3,
+                                # Three runs even when quick: one timing has no spread, and
+                                # a ratio of two single runs on a busy machine is noise.
+                                "repeats": 3,
                             },
                             "agreement": {"window": 512, "max_windows": 2 if quick else 8},
                         },
@@ -283,6 +295,11 @@ def run_demo(
     """Evaluate SmolLM2-135M, make bf16 / GPTQ 4-bit / int8 versions, compare; return a summary."""
     out = Path(output_dir).resolve()
     if overwrite and (out / "runs").is_dir():
+        if read_manifest(out / "model-fp32") is None:
+            raise OutputExistsError(
+                f"{out} does not look like a demo folder (no model-fp32 written by the demo); "
+                "--overwrite replaces only an earlier demo's results, so choose another directory"
+            )
         # The unpacked model and the text are kept: they do not depend on any setting.
         shutil.rmtree(out / "runs")
         for stale in out.glob("report.*"):
@@ -294,7 +311,9 @@ def run_demo(
     reports = []
     resumed: list[str] = []
     models: list[str] = []
-    for name, recipe in recipes:
+    for number, (name, recipe) in enumerate(recipes, start=1):
+        stages = ", then ".join(stage_summary(s) for s in recipe.stages)
+        logger.info("demo %d/%d: making %s (%s)", number, len(recipes), name, stages)
         result = run_recipe(recipe, out / "runs" / name, resume=True, progress=progress)
         reports.extend(result.reports)
         resumed.extend(f"{name}/{r}" for r in result.resumed_stages)

@@ -26,10 +26,17 @@ from .device import library_versions, resolve_device
 from .errors import ModelLoadError, UserInputError
 from .paths import MANIFEST_NAME, replace_dir, work_dir
 from .paths import check_output_dir as check_output_dir
+from .sources import (
+    PICKLE_SUFFIXES,
+    WEIGHT_SUFFIXES,
+    hub_cached,
+    hub_host,
+    hub_offline,
+    hub_reachable,
+)
+from .sources import looks_like_local_path as _looks_like_local_path
 
 logger = logging.getLogger(__name__)
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -62,16 +69,6 @@ def dtype_name(dtype: torch.dtype) -> str:
         if value == dtype:
             return name
     return str(dtype).replace("torch.", "")
-
-
-def _looks_like_local_path(source: str) -> bool:
-    # Hub ids are `name` or `org/name`; anything else that is not on disk was meant as a path.
-    return (
-        source.startswith(("/", ".", "~"))
-        or source.count("/") > 1
-        or source.endswith(WEIGHT_SUFFIXES)
-        or "\\" in source
-    )
 
 
 def _has_weights(directory: Path) -> bool:
@@ -162,6 +159,10 @@ def load_model(
         kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_file, dequantize=True)
     elif directory is not None and any(directory.glob("*.safetensors")):
         kwargs["use_safetensors"] = True
+    elif directory is not None:
+        _warn_pickle(directory, source)
+    if directory is None and _hub_unavailable(source, gguf_file, spec.revision):
+        kwargs["local_files_only"] = True  # cached: load it without asking the hub
     device = resolve_device(spec.device)
     try:
         if directory is not None and not gguf_file and _is_sparse_bitmask(directory):
@@ -185,11 +186,52 @@ def load_model(
             tok_kwargs["gguf_file"] = gguf_file
         if spec.revision:
             tok_kwargs["revision"] = spec.revision
+        if kwargs.get("local_files_only"):
+            tok_kwargs["local_files_only"] = True
         try:
             tokenizer = AutoTokenizer.from_pretrained(target, **tok_kwargs)
         except Exception as exc:
             logger.warning("no tokenizer loaded for %s: %s", source, str(exc).splitlines()[0])
     return LoadedModel(model, tokenizer, source, directory, gguf_file, device)
+
+
+def _warn_pickle(directory: Path, source: str) -> None:
+    """Say so when a model's weights are a Python pickle rather than safetensors."""
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        return
+    logger.warning(
+        "%s holds its weights as a pickle file (%s), not safetensors; it is loaded with "
+        "torch.load(weights_only=True), which reads tensors only and runs no code from it. "
+        "Save a safetensors copy once: swiss-knife quantize %s --method bf16 --output-dir NEW "
+        "(or, keeping the precision, AutoModelForCausalLM.from_pretrained(%r)"
+        ".save_pretrained(NEW) in Python)",
+        source,
+        ", ".join(pickles),
+        source,
+        source,
+    )
+
+
+def _hub_unavailable(repo_id: str, gguf_file: str | None, revision: str | None) -> bool:
+    """Fail at once when a hub id cannot be fetched: offline (HF_HUB_OFFLINE) or unreachable,
+    and not in the local cache. True when the hub is unreachable but the model is cached."""
+    offline = hub_offline()
+    if not offline and hub_reachable():
+        return False
+    filename = gguf_file or "config.json"
+    if hub_cached(repo_id, filename=filename, revision=revision):
+        return True
+    why = (
+        "offline mode is on (HF_HUB_OFFLINE)"
+        if offline
+        else f"{hub_host()[0]} cannot be reached (this machine looks offline)"
+    )
+    raise ModelLoadError(
+        f"cannot fetch {repo_id!r} from the Hugging Face hub: {why}, and it is not in the local "
+        "Hugging Face cache; download the model elsewhere and pass its local directory or "
+        ".gguf file"
+    )
 
 
 def _is_sparse_bitmask(directory: Path) -> bool:
@@ -351,8 +393,13 @@ def render_model_card(
     tags: Iterable[str],
     steps: Iterable[str],
     metrics_table: str | None = None,
+    plain_transformers: bool = True,
 ) -> str:
-    """A model card with Hugging Face metadata (base_model, tags) and the measured results."""
+    """A model card with Hugging Face metadata (base_model, tags) and the measured results.
+
+    `plain_transformers=False` (the sparse-bitmask layout) tells readers to load the folder with
+    Swiss Knife, since transformers cannot decompress it.
+    """
     import yaml
 
     meta: dict[str, Any] = {
@@ -375,9 +422,19 @@ def render_model_card(
         "## Use",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
-        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+        *(
+            [
+                "from transformers import AutoModelForCausalLM, AutoTokenizer",
+                'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+                'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+            ]
+            if plain_transformers
+            else [
+                "import swiss_knife  # the sparse-bitmask weights are decompressed on load",
+                'loaded = swiss_knife.load_model("path/to/this/folder")',
+                "model, tokenizer = loaded.model, loaded.tokenizer",
+            ]
+        ),
         "```",
         "",
         f"The full recipe and library versions are in `{MANIFEST_NAME}`.",

@@ -371,7 +371,8 @@ def _recipe_data_paths(recipe: CompressionConfig) -> list[str]:
     return [d.source for d in sources if isinstance(d, DataConfig)]
 
 
-def _prepare_output(recipe: CompressionConfig, out: Path, resume: bool, overwrite: bool) -> None:
+def _check_output(recipe: CompressionConfig, out: Path, resume: bool, overwrite: bool) -> bool:
+    """Refuse an output folder this run may not use, writing nothing; True if it must be cleared."""
     recipe_file = out / "recipe.yaml"
     if out.exists() and any(out.iterdir()):
         if overwrite:
@@ -379,8 +380,8 @@ def _prepare_output(recipe: CompressionConfig, out: Path, resume: bool, overwrit
                 raise OutputExistsError(
                     f"{out} is not empty and holds no Swiss Knife run; refusing to delete it"
                 )
-            shutil.rmtree(out)
-        elif not resume:
+            return True
+        if not resume:
             raise OutputExistsError(
                 f"output directory {out} is not empty; pass --overwrite to start again"
             )
@@ -397,11 +398,18 @@ def _prepare_output(recipe: CompressionConfig, out: Path, resume: bool, overwrit
                     f"{out} holds a run of another model ({previous.get('model', {}).get('path')}); "
                     "choose another --output-dir or pass --overwrite"
                 )
+    return False
+
+
+def _start_output(recipe: CompressionConfig, out: Path, clear: bool) -> None:
+    """Clear an earlier run (when asked and allowed) and record this run's recipe."""
+    if clear:
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".recipe.", dir=out)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         yaml.safe_dump(config_to_dict(recipe), handle, sort_keys=False)
-    os.replace(tmp, recipe_file)
+    os.replace(tmp, out / "recipe.yaml")
 
 
 def _evaluate(
@@ -429,17 +437,22 @@ def _evaluate(
 
 
 def _stage_card(
-    recipe: CompressionConfig, steps: list[str], reports: list[EvaluationReport]
+    recipe: CompressionConfig,
+    steps: list[str],
+    reports: list[EvaluationReport],
+    manifest: dict[str, Any],
 ) -> str:
     """The model card; `reports` are this stage's measurement, after the baseline if any."""
     table = markdown_table(comparison_rows(reports)) if reports else None
     tags = [s.type for s in recipe.stages if s.type != "evaluate"]
+    saved_format = str(manifest.get("stage_report", {}).get("format", ""))
     return render_model_card(
         title=f"{Path(recipe.model.path).name} (Swiss Knife)",
         source=recipe.model.path,
         tags=tags,
         steps=steps,
         metrics_table=table,
+        plain_transformers=not saved_format.endswith("sparse-bitmask"),
     )
 
 
@@ -473,10 +486,11 @@ def run_recipe(
     check_writable_parent(out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output path {out} exists and is a file")
-    _prepare_output(recipe, out, resume, overwrite)
+    clear = _check_output(recipe, out, resume, overwrite)
 
     torch.manual_seed(recipe.seed)
-    loaded = load_model(recipe.model)
+    loaded = load_model(recipe.model)  # a model that cannot load leaves the output untouched
+    _start_output(recipe, out, clear)
     state = PipelineState(recipe, loaded, loaded.model, out, progress)
     evaluation = recipe.evaluation
     reports: list[EvaluationReport] = []
@@ -564,7 +578,7 @@ def run_recipe(
                 overwrite=True,
                 protect=protect,
                 manifest=manifest,
-                model_card=_stage_card(recipe, steps, []),  # results added once measured
+                model_card=_stage_card(recipe, steps, [], manifest),  # results added once measured
                 writer=outcome.writer,
             )
             final_dir = stage_dir
@@ -583,7 +597,7 @@ def run_recipe(
         }
         _write_json_atomic(stage_dir / "swiss_knife.json", manifest)
         baseline = [reports[0]] if recipe.evaluate_original else []
-        card = _stage_card(recipe, steps, [*baseline, report])
+        card = _stage_card(recipe, steps, [*baseline, report], manifest)
         fd, tmp = tempfile.mkstemp(prefix=".README.", dir=stage_dir)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(card)

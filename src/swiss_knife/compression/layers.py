@@ -95,13 +95,24 @@ def explicit_indices(total: int, config: LayerReductionConfig) -> list[int]:
     """The config's explicit indices, normalised to 0..total-1, sorted, checked."""
     assert config.layers is not None
     indices: set[int] = set()
+    named: dict[int, int] = {}  # block -> the index that first named it
     for index in config.layers:
         if not -total <= index < total:
             raise UserInputError(
                 f"layer index {index} is out of range for a {total}-layer model "
                 f"(valid: 0..{total - 1}, or negative from the end)"
             )
-        indices.add(index % total)
+        block = index % total
+        if block in named:
+            # Removing a block "twice" would silently remove fewer blocks than listed.
+            if named[block] == index:
+                raise UserInputError(f"layer {index} is listed twice; list each block once")
+            raise UserInputError(
+                f"layers {named[block]} and {index} both name block {block} of the "
+                f"{total}-layer model (negative indices count from the end); list each block once"
+            )
+        named[block] = index
+        indices.add(block)
     if len(indices) >= total:
         raise UserInputError(f"cannot remove all {total} layers; at least one must remain")
     protected = [

@@ -35,7 +35,6 @@ from typing import Any
 
 import sacrebleu
 import torch
-from tqdm import tqdm
 
 from swiss_knife.errors import DataError, UserInputError
 from swiss_knife.evaluation.perplexity import (
@@ -45,6 +44,7 @@ from swiss_knife.evaluation.perplexity import (
     model_device,
     vocab_size,
 )
+from swiss_knife.progress import track
 
 #: How many (prompt, reference, output) triples BleuResult keeps for inspection.
 NUM_SAMPLES = 3
@@ -144,7 +144,7 @@ def agreement(
     positions = 0
     kl_max_window = 0.0
     with eval_mode(reference), eval_mode(model):
-        for batch in tqdm(batches, desc="agreement", unit="batch", disable=not progress):
+        for batch in track(batches, "agreement", unit="batch", enabled=progress):
             input_ids = torch.stack([stream[b:e] for b, e in batch])  # (batch, seq)
             ref_logits = reference(input_ids=input_ids.to(ref_device), use_cache=False).logits
             model_logits = model(input_ids=input_ids.to(model_device_), use_cache=False).logits
@@ -263,7 +263,7 @@ def bleu(
             tokenizer.pad_token = tokenizer.eos_token
         with eval_mode(model):
             starts = range(0, len(pair_list), batch_size)
-            for start in tqdm(starts, desc="bleu", unit="batch", disable=not progress):
+            for start in track(starts, "bleu", unit="batch", enabled=progress):
                 prompts = [p for p, _ in pair_list[start : start + batch_size]]
                 encoded = tokenizer(prompts, return_tensors="pt", padding=True)
                 input_ids = encoded["input_ids"].to(device)  # (batch, prompt_len)

@@ -41,9 +41,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from swiss_knife.errors import DataError, UserInputError
+from swiss_knife.progress import track
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ def perplexity(
     count = 0
     with eval_mode(model):
         batches = _batches(to_run, batch_size)
-        for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+        for batch in track(batches, "perplexity", unit="batch", enabled=progress):
             input_ids = torch.stack([stream[b:e] for b, e, _ in batch])  # (batch, seq)
             logits = model(input_ids=input_ids, use_cache=False).logits  # (batch, seq, vocab)
             for row, (begin, end, target_len) in enumerate(batch):

@@ -2,6 +2,10 @@
 
 The HTML draws its bar charts as inline SVG, so the report is one file with no dependency and
 no network access needed to view it.
+
+Every timing is shown as ``median [min–max]`` over its repeats, a speed ratio whose two ranges
+overlap as ``within noise`` (see ``compare``), and every report says how it measured: repeats,
+the system load average around the timings, and how memory was attributed to each model.
 """
 
 from __future__ import annotations
@@ -13,14 +17,45 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .compare import COLUMNS, Column, comparison_rows, format_value, visible_columns
+from .compare import (
+    BUSY_LOAD,
+    COLUMNS,
+    WITHIN_NOISE,
+    Column,
+    comparison_rows,
+    format_cell,
+    machine_busy,
+    visible_columns,
+)
 from .evaluate import EvaluationReport
+from .speed import load_average
+
+
+def legend(rows: list[dict[str, Any]]) -> str | None:
+    """How to read the timing and ratio cells, when the table has any."""
+    columns = visible_columns(rows)
+    if not any(c.spread or c.noise for c in columns):
+        return None
+    repeats = sorted({r["speed_repeats"] for r in rows if r.get("speed_repeats") is not None})
+    runs = "/".join(str(n) for n in repeats) or "the"
+    text = (
+        f"Timings: median [min–max] of {runs} timed runs. A speed ratio reads "
+        f"'{WITHIN_NOISE}' when the two models' [min, max] ranges overlap: that difference is "
+        "not a measured speed-up."
+    )
+    shown = [c.noise for c in columns if c.noise]
+    if any(r.get("speed_ratio_busy") and any(r.get(k) is False for k in shown) for r in rows[1:]):
+        text += (
+            f" '(busy)': the load average was above {BUSY_LOAD:g} per CPU while one of the two "
+            "was timed, so even a ratio beyond the ranges may be the load changing between them."
+        )
+    return text
 
 
 def terminal_table(rows: list[dict[str, Any]]) -> str:
     columns = visible_columns(rows)
     cells = [[c.title for c in columns]]
-    cells += [[format_value(row.get(c.key), c.fmt) for c in columns] for row in rows]
+    cells += [[format_cell(row, c) for c in columns] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = []
     for index, row in enumerate(cells):
@@ -31,6 +66,9 @@ def terminal_table(rows: list[dict[str, Any]]) -> str:
         lines.append("  ".join(parts))
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))
+    note = legend(rows)
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
 
 
@@ -39,12 +77,25 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     out = ["| " + " | ".join(c.title for c in columns) + " |"]
     out.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|")
     for row in rows:
-        out.append("| " + " | ".join(format_value(row.get(c.key), c.fmt) for c in columns) + " |")
+        out.append("| " + " | ".join(format_cell(row, c) for c in columns) + " |")
     return "\n".join(out)
+
+
+def _load_text(load: Any) -> str:
+    return "/".join(f"{v:.2f}" for v in load) if load else "unknown"
+
+
+def _ms_range(timing: dict[str, Any], fmt: str = ".2f") -> str:
+    text = format(timing["median_ms"], fmt)
+    low, high = timing.get("min_ms"), timing.get("max_ms")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low == low:
+        text += f" [{low:{fmt}}–{high:{fmt}}]"
+    return text
 
 
 def _measurement_notes(reports: list[EvaluationReport]) -> list[str]:
     notes = []
+    memory_method = None
     for r in reports:
         ppl = r.metrics.get("perplexity")
         if ppl:
@@ -55,11 +106,38 @@ def _measurement_notes(reports: list[EvaluationReport]) -> list[str]:
         speed = r.metrics.get("speed")
         if speed and speed.get("batches"):
             b = speed["batches"][0]
-            notes.append(
+            text = (
                 f"{r.name}: speed on {speed['device']} with {speed['threads']} threads, batch "
                 f"{b['batch_size']}, prompt {b['prompt_len']}, {b['new_tokens']} new tokens, "
-                f"median of {speed['repeats']} after {speed['warmup']} warm-up"
+                f"{speed['repeats']} timed runs after {speed['warmup']} warm-up: prefill "
+                f"{_ms_range(b['prefill'], '.1f')} ms, decode "
+                f"{_ms_range(b['decode_per_token'])} ms/token (median [min–max])"
             )
+            if "load_avg_before" in speed:
+                cpus = speed.get("cpu_count")
+                text += (
+                    f"; load average (1/5/15 min) {_load_text(speed['load_avg_before'])} "
+                    f"before, {_load_text(speed.get('load_avg_after'))} after"
+                    + (f", on {cpus} CPUs" if cpus else "")
+                )
+                if machine_busy(speed):
+                    text += " (a busy machine: expect noisy timings)"
+            notes.append(text)
+        memory = r.metrics.get("memory")
+        if memory and "model_peak_bytes" in memory:
+            notes.append(
+                f"{r.name}: peak memory {memory['model_peak_bytes'] / 1e6:.0f} MB = weights "
+                f"and buffers {(memory['parameter_bytes'] + memory['buffer_bytes']) / 1e6:.0f} "
+                f"MB + {memory['increase_bytes'] / 1e6:.0f} MB while running"
+            )
+            memory_method = memory_method or memory.get("note")
+        elif memory:
+            memory_method = memory_method or (
+                "peak memory = weights and buffers + the increase of "
+                f"{memory.get('method', 'memory')} over its value when the evaluation began"
+            )
+    if memory_method:
+        notes.append(memory_method)
     return notes
 
 
@@ -71,6 +149,9 @@ def markdown_report(
     if reports and reports[0].eval_data:
         lines += [f"Evaluation text: {reports[0].eval_data}", ""]
     lines += [markdown_table(rows), ""]
+    note = legend(rows)
+    if note:
+        lines += [note, ""]
     lines += (
         [
             f"Baseline: `{rows[0]['name']}`. Ratios (x) are baseline / model: above 1 is "
@@ -83,11 +164,17 @@ def markdown_report(
     for r in reports:
         speed = r.metrics.get("speed")
         if speed and len(speed.get("batches", [])) > 1:
-            lines += [f"### Throughput of {r.name}", "", "| batch | prefill tok/s | decode tok/s |"]
-            lines.append("|---:|---:|---:|")
+            lines += [
+                f"### Throughput of {r.name}",
+                "",
+                "| batch | prefill ms [min–max] | prefill tok/s | decode ms/tok [min–max] "
+                "| decode tok/s |",
+            ]
+            lines.append("|---:|---:|---:|---:|---:|")
             for b in speed["batches"]:
                 lines.append(
-                    f"| {b['batch_size']} | {b['prefill_tokens_per_s']:.1f} | "
+                    f"| {b['batch_size']} | {_ms_range(b['prefill'], '.1f')} | "
+                    f"{b['prefill_tokens_per_s']:.1f} | {_ms_range(b['decode_per_token'])} | "
                     f"{b['decode_tokens_per_s']:.1f} |"
                 )
             lines.append("")
@@ -98,7 +185,8 @@ def markdown_report(
 
 
 def _svg_bars(rows: list[dict[str, Any]], column: Column) -> str:
-    values = [(str(r["name"]), float(r[column.key])) for r in rows if r.get(column.key) is not None]
+    kept = [r for r in rows if r.get(column.key) is not None]
+    values = [(str(r["name"]), float(r[column.key])) for r in kept]
     if not values:
         return ""
     width, bar_h, gap, label_w = 640, 22, 8, 180
@@ -109,7 +197,7 @@ def _svg_bars(rows: list[dict[str, Any]], column: Column) -> str:
         f'role="img" aria-label="{html.escape(column.title)}">',
         f'<text x="0" y="14" font-size="13" font-weight="bold">{html.escape(column.title)}</text>',
     ]
-    for i, (name, value) in enumerate(values):
+    for i, ((name, value), row) in enumerate(zip(values, kept, strict=True)):
         y = 24 + i * (bar_h + gap)
         w = max(1.0, (width - label_w - 90) * value / top)
         parts.append(
@@ -117,7 +205,7 @@ def _svg_bars(rows: list[dict[str, Any]], column: Column) -> str:
             f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar_h}" '
             f'fill="{"#888" if i == 0 else "#3b7dd8"}"/>'
             f'<text x="{label_w + w + 6:.1f}" y="{y + 15}" font-size="12">'
-            f"{format_value(value, column.fmt)}</text>"
+            f"{html.escape(format_cell(row, column))}</text>"
         )
     parts.append("</svg>")
     return "".join(parts)
@@ -128,9 +216,7 @@ def html_report(reports: list[EvaluationReport], title: str, notes: list[str] | 
     columns = visible_columns(rows)
     head = "".join(f"<th>{html.escape(c.title)}</th>" for c in columns)
     body = "".join(
-        "<tr>"
-        + "".join(f"<td>{html.escape(format_value(r.get(c.key), c.fmt))}</td>" for c in columns)
-        + "</tr>"
+        "<tr>" + "".join(f"<td>{html.escape(format_cell(r, c))}</td>" for c in columns) + "</tr>"
         for r in rows
     )
     charts = [
@@ -158,7 +244,8 @@ tr:first-child td {{ background: #f3f3f3; }}
 <body><h1>{html.escape(title)}</h1>
 {data_line}
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<p>The first row is the baseline. Ratios (x) are baseline / model: above 1 is smaller or faster.</p>
+<p>The first row is the baseline. Ratios (x) are baseline / model: above 1 is smaller or faster.
+{html.escape(legend(rows) or "")}</p>
 <div class="charts">{"".join(charts)}</div>
 <h2>How this was measured</h2><ul>{notes_html}</ul>
 </body></html>
@@ -190,6 +277,9 @@ def write_reports(
     data = {
         "title": title,
         "notes": notes or [],
+        # The timings' own load averages are in each report's speed metrics.
+        "load_avg_at_write": load_average(),
+        "cpu_count": os.cpu_count(),
         "rows": comparison_rows(reports),
         "reports": [r.to_dict() for r in reports],
     }

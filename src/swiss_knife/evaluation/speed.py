@@ -20,14 +20,18 @@ token ids from a seeded generator, so runs are reproducible and independent of a
 
 Timings use ``time.perf_counter``; on CUDA, ``torch.cuda.synchronize`` brackets each timed region
 because kernels are launched asynchronously. ``warmup`` untimed repeats come first (allocator
-warm-up, kernel selection, lazy initialisation). The median and the 10th/90th percentiles over
-``repeats`` are reported; throughput is derived from the median. The number of intra-op CPU threads
-is recorded because CPU timings depend on it heavily.
+warm-up, kernel selection, lazy initialisation). The median, the minimum and maximum (and the
+10th/90th percentiles) over ``repeats`` are reported with every sample, so a report can show the
+spread of each timing and tell a real difference from noise (see ``compare.timing_ratio``);
+throughput is derived from the median. The number of intra-op CPU threads and the system load
+average before and after the runs are recorded because CPU timings depend on both heavily: on a
+loaded machine another process's work lands inside the timed regions.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,10 +39,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from swiss_knife.errors import UserInputError
 from swiss_knife.evaluation.perplexity import eval_mode, max_positions, model_device, vocab_size
+from swiss_knife.progress import Progress
+
+#: Timed repeats by default: the fewest that show a spread (min, median, max).
+DEFAULT_REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,9 @@ class Timing:
     p10_ms: float
     p90_ms: float
     repeats: int
+    min_ms: float = float("nan")
+    max_ms: float = float("nan")
+    samples_ms: list[float] = field(default_factory=list)
 
     @classmethod
     def from_samples(cls, samples_ms: Sequence[float]) -> Timing:
@@ -58,6 +68,9 @@ class Timing:
             p10_ms=float(np.percentile(values, 10)),
             p90_ms=float(np.percentile(values, 90)),
             repeats=len(values),
+            min_ms=float(values.min()),
+            max_ms=float(values.max()),
+            samples_ms=[round(float(v), 4) for v in values],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,6 +103,11 @@ class SpeedResult:
     warmup: int
     repeats: int
     batches: list[BatchSpeed] = field(default_factory=list)
+    #: 1, 5 and 15-minute system load averages before and after the runs (None where the OS
+    #: has none), next to the number of CPUs: a load near or above it means shared cores.
+    load_avg_before: list[float] | None = None
+    load_avg_after: list[float] | None = None
+    cpu_count: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +133,15 @@ def _cache_keyword(model: torch.nn.Module) -> str:
 def _returned_cache(output: Any) -> Any:
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def load_average() -> list[float] | None:
+    """The system's 1, 5 and 15-minute load averages, or None where the OS does not keep them."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except (AttributeError, OSError):
+        return None
+    return [round(one, 2), round(five, 2), round(fifteen, 2)]
 
 
 def _sync(device: torch.device) -> None:
@@ -164,7 +191,7 @@ def measure_speed(
     prompt_len: int = 128,
     new_tokens: int = 32,
     warmup: int = 1,
-    repeats: int = 3,
+    repeats: int = DEFAULT_REPEATS,
     seed: int = 0,
     progress: bool = False,
 ) -> SpeedResult:
@@ -192,19 +219,23 @@ def measure_speed(
     generator = torch.Generator().manual_seed(seed)
 
     results: list[BatchSpeed] = []
-    with eval_mode(model):
-        for batch in tqdm(sizes, desc="speed", unit="batch size", disable=not progress):
+    load_before = load_average()
+    runs = Progress("speed", total=len(sizes) * (warmup + repeats), unit="run", enabled=progress)
+    with eval_mode(model), runs:
+        for batch in sizes:
             # Generated on the CPU generator so the prompts do not depend on the device.
             prompt = torch.randint(0, vocab, (batch, prompt_len), generator=generator)
             prompt = prompt.to(device)  # (batch, prompt_len)
             for _ in range(warmup):
                 _one_run(model, prompt, new_tokens, cache_kw, device)
+                runs.update()
             prefill_ms: list[float] = []
             decode_ms: list[float] = []
             for _ in range(repeats):
                 prefill_s, decode_s = _one_run(model, prompt, new_tokens, cache_kw, device)
                 prefill_ms.append(prefill_s * 1e3)
                 decode_ms.append(decode_s * 1e3 / new_tokens)
+                runs.update()
             prefill = Timing.from_samples(prefill_ms)
             decode = Timing.from_samples(decode_ms)
             results.append(
@@ -226,4 +257,7 @@ def measure_speed(
         warmup=warmup,
         repeats=repeats,
         batches=results,
+        load_avg_before=load_before,
+        load_avg_after=load_average(),
+        cpu_count=os.cpu_count(),
     )

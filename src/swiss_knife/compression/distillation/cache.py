@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm import tqdm
 
+from ...progress import track
 from .losses import TopKLogits
 
 logger = logging.getLogger(__name__)
@@ -73,8 +73,8 @@ def compute_topk(
     was_training = teacher.training
     teacher.eval()
     try:
-        for start in tqdm(
-            range(0, train.shape[0], batch_size), desc="teacher top-k", disable=not progress
+        for start in track(
+            range(0, train.shape[0], batch_size), "teacher top-k", unit="batch", enabled=progress
         ):
             input_ids = train[start : start + batch_size].to(device)  # (batch, seq)
             with autocast():

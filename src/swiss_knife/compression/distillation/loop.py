@@ -49,11 +49,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from swiss_knife.config import DistillConfig, config_to_dict
 from swiss_knife.errors import UserInputError
 from swiss_knife.models import build_manifest, render_model_card, save_model
+from swiss_knife.progress import Progress
 
 from .data import BatchOrder, PackedData
 from .losses import DistillationLoss, TopKLogits
@@ -518,12 +518,12 @@ def train(accelerator: Any, job: TrainingJob) -> DistillResult:
     if has_eval and state.step == 0:
         run_eval()  # the starting point: the best checkpoint is never worse than no training
 
-    bar = tqdm(
+    bar = Progress(
+        "distill",
         total=job.total_steps,
         initial=state.step,
-        desc="distill",
         unit="step",
-        disable=not (job.progress and main),
+        enabled=job.progress and main,
     )
     sums: dict[str, Tensor] = {}
     window_steps, window_seconds = 0, 0.0
@@ -592,7 +592,7 @@ def train(accelerator: Any, job: TrainingJob) -> DistillResult:
                 }
                 if state.last_eval_perplexity is not None:
                     postfix["eval_ppl"] = f"{state.last_eval_perplexity:.3f}"
-                bar.set_postfix(postfix, refresh=False)
+                bar.set_postfix(postfix)
                 sums, window_steps, window_seconds = {}, 0, 0.0
             bar.update(1)
 

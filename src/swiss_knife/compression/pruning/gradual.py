@@ -90,7 +90,7 @@ def finetune_masked(
     of them at seeded random positions. Returns the loss of every step. The model is left in
     eval mode; `teacher` (if any) is only run forward.
     """
-    from tqdm.auto import tqdm
+    from swiss_knife.progress import track
 
     if steps == 0:
         return []
@@ -110,7 +110,7 @@ def finetune_masked(
     model.train()
     try:
         with torch.enable_grad():
-            for _ in tqdm(range(steps), desc=description, unit="step", disable=not progress):
+            for _ in track(range(steps), description, unit="step", enabled=progress):
                 rows = torch.randint(0, windows.shape[0], (batch_size,), generator=generator)
                 batch = windows[rows].to(device)  # (batch, seq_len)
                 if teacher is None:

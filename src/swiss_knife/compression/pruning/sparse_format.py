@@ -11,22 +11,31 @@ The layout is the one compressed-tensors' ``BitmaskCompressor`` wrote and read u
 - ``name.shape``: int64 ``[rows, cols]``,
 
 and ``config.json`` carries ``quantization_config = {"quant_method": "compressed-tensors",
-"sparsity_config": {"format": "sparse-bitmask", "global_sparsity", "sparsity_structure",
-"targets", "ignore"}}``. On disk a weight at sparsity ``s`` takes ``(1 - s) x dtype size + 1/8``
-bytes per weight instead of the dtype size: 0.53x at 50 % in fp32, 0.56x in bf16.
+"version", "sparsity_config": {"format": "sparse-bitmask", "global_sparsity",
+"sparsity_structure", "targets", "ignore", "registry_requires_subclass"}}``, the sparsity block
+being compressed-tensors' own ``BitmaskConfig`` dumped as ``ModelCompressor`` wrote it. On disk a
+weight at sparsity ``s`` takes ``(1 - s) x dtype size + 1/8`` bytes per weight instead of the
+dtype size: 0.53x at 50 % in fp32, 0.56x in bf16.
 
-Loading, with the library versions this project pins (transformers 5.24, compressed-tensors 0.20):
-**a plain ``AutoModelForCausalLM.from_pretrained`` cannot load this layout.** compressed-tensors
-0.15 removed every sparse compressor (vllm-project/compressed-tensors#610; llm-compressor now
-saves sparse models dense, llm-compressor#2452) and transformers raised its minimum to 0.15 and
-dropped the ``sparsity_config`` path (huggingface/transformers#46342). transformers 5.24 then
-ignores ``sparsity_config``, finds no ``weight`` for the compressed layers, initialises them
-randomly and only warns. `load_sparse_bitmask` (and `swiss_knife.models.load_model`, which detects
-the layout) decompresses the tensors and builds the model with ``from_pretrained(None,
+**A plain ``AutoModelForCausalLM.from_pretrained`` cannot load this layout** with the versions
+this project supports (transformers >= 5, which needs compressed-tensors >= 0.15).
+compressed-tensors 0.15 removed every sparse compressor (only the ``BitmaskConfig`` class is left;
+``ModelCompressor.update_config`` now writes ``"sparsity_config": {}``;
+vllm-project/compressed-tensors#610, llm-compressor#2452) and transformers dropped its
+``sparsity_config`` path with it (huggingface/transformers#46342): ``CompressedTensorsConfig``
+swallows the block unread, finds no ``weight`` for the compressed layers, initialises them
+randomly and only warns. No setting in ``config.json`` makes transformers decompress the tensors,
+and none that keeps this a compressed-tensors config makes it refuse them. So the tensors go to ``sparse-bitmask.safetensors``, not ``model.safetensors``: a plain
+``from_pretrained`` then fails with "no file named model.safetensors" instead of returning a model
+with random layers (the name cannot be matched by a ``variant`` either, which would read
+``model.<variant>.safetensors``). On a stack of the compressed-tensors <= 0.14 era, renaming the
+file to ``model.safetensors`` gives exactly what llm-compressor wrote.
+
+`load_sparse_bitmask` (and `swiss_knife.models.load_model`, which detects the layout from
+``config.json``) decompresses the tensors and builds the model with ``from_pretrained(None,
 config=..., state_dict=...)``, so the result is an ordinary dense transformers model equal to the
-one saved. Older stacks (compressed-tensors <= 0.14 with a transformers of that era) decompress it
-in ``from_pretrained`` themselves. Save with ``save_format: dense`` for a checkpoint that loads
-anywhere.
+one saved; it also reads the checkpoints earlier versions wrote to ``model.safetensors``. Save with
+``save_format: dense`` for a checkpoint that loads anywhere.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from torch import Tensor
 
 from swiss_knife.compression.quantization.compressed_tensors_format import (
     QUANT_METHOD,
+    WEIGHTS_NAME,
     tied_duplicates,
     write_checkpoint,
 )
@@ -53,6 +63,8 @@ if TYPE_CHECKING:
 SPARSE_FORMAT = "sparse-bitmask"
 # The per-module tensor names the layout uses instead of `weight`.
 PARTS = ("compressed", "bitmask", "row_offsets", "shape")
+# Not `model.safetensors`: transformers would load that and leave the compressed layers random.
+SPARSE_WEIGHTS_NAME = "sparse-bitmask.safetensors"
 
 # ----------------------------------------------------------------------------- tensors
 
@@ -114,8 +126,12 @@ def sparsity_config_dict(
 
     Targets are the class names of the compressed modules; every other module of those classes
     (usually ``lm_head``) is listed in ``ignore``, as llm-compressor wrote it. ``global_sparsity``
-    is the fraction of zeros over all the model's parameters.
+    is the fraction of zeros over all the model's parameters. The ``sparsity_config`` block is
+    compressed-tensors' own ``BitmaskConfig``, validated and dumped by it.
     """
+    import compressed_tensors
+    from compressed_tensors.config import BitmaskConfig
+
     names = set(compressed)
     modules = dict(model.named_modules())
     classes = sorted({type(modules[name]).__name__ for name in names})
@@ -127,15 +143,17 @@ def sparsity_config_dict(
     params = {id(p): p for p in model.parameters()}.values()
     total = sum(p.numel() for p in params)
     zeros = sum(p.numel() - int(torch.count_nonzero(p)) for p in params)
+    sparsity = BitmaskConfig(
+        global_sparsity=zeros / max(total, 1),
+        sparsity_structure=structure,
+        targets=classes,
+        ignore=ignore,
+    )
+    assert sparsity.format == SPARSE_FORMAT
     return {
         "quant_method": QUANT_METHOD,
-        "sparsity_config": {
-            "format": SPARSE_FORMAT,
-            "global_sparsity": zeros / max(total, 1),
-            "sparsity_structure": structure,
-            "targets": classes,
-            "ignore": ignore,
-        },
+        "version": compressed_tensors.__version__,
+        "sparsity_config": sparsity.model_dump(),
     }
 
 
@@ -162,14 +180,20 @@ def save_sparse_bitmask(
     *,
     structure: str = "unstructured",
 ) -> Path:
-    """Write ``config.json``, ``generation_config.json`` and ``model.safetensors`` with the
-    listed modules' weights bitmask-compressed. Tokenizer files are the caller's."""
+    """Write ``config.json``, ``generation_config.json`` and ``sparse-bitmask.safetensors`` with
+    the listed modules' weights bitmask-compressed. Tokenizer files are the caller's.
+
+    The weights are deliberately not in ``model.safetensors`` (module docstring): a plain
+    ``from_pretrained`` must fail on this folder rather than load random layers from it.
+    """
     names = list(compressed)
     if not names:
         raise UserInputError("nothing to compress: no module names given")
     tensors = sparse_state_dict(model, names)
     qconfig = sparsity_config_dict(model, names, structure=structure)
-    return write_checkpoint(model, qconfig, tensors, directory)
+    directory = write_checkpoint(model, qconfig, tensors, directory)
+    (directory / WEIGHTS_NAME).replace(directory / SPARSE_WEIGHTS_NAME)
+    return directory
 
 
 # ----------------------------------------------------------------------------- loading
@@ -190,6 +214,9 @@ def is_sparse_bitmask_checkpoint(directory: str | Path) -> bool:
 
 
 def _weight_files(directory: Path) -> list[Path]:
+    if (directory / SPARSE_WEIGHTS_NAME).is_file():
+        return [directory / SPARSE_WEIGHTS_NAME]
+    # Checkpoints written before the rename, and llm-compressor's, use the usual names.
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         shards = json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()
@@ -254,6 +281,7 @@ def load_sparse_bitmask(directory: str | Path, **kwargs: Any) -> Any:
 
 __all__ = [
     "SPARSE_FORMAT",
+    "SPARSE_WEIGHTS_NAME",
     "bitmask_compress",
     "bitmask_decompress",
     "decompressed_state_dict",

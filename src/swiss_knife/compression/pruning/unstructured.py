@@ -76,11 +76,11 @@ NO_SPEEDUP = (
 )
 SPARSE_LOAD_NOTE = (
     "Saved in the compressed-tensors sparse-bitmask layout (non-zero values + a 1-bit mask per "
-    "weight): load it with swiss_knife.load_model or "
-    "swiss_knife.compression.pruning.sparse_format.load_sparse_bitmask; a plain "
-    "AutoModelForCausalLM.from_pretrained cannot load it with transformers 5.x and "
-    "compressed-tensors >= 0.15, which dropped sparse decompression (it would initialise the "
-    "pruned layers randomly); save_format dense loads anywhere"
+    "weight) in sparse-bitmask.safetensors: load it with swiss_knife.load_model or "
+    "swiss_knife.compression.pruning.sparse_format.load_sparse_bitmask. A plain "
+    "AutoModelForCausalLM.from_pretrained refuses this folder (no model.safetensors): "
+    "transformers 5.x with compressed-tensors >= 0.15 dropped sparse decompression and would "
+    "initialise the pruned layers randomly; save_format dense loads anywhere"
 )
 
 Masks = dict[str, Tensor]

@@ -41,22 +41,49 @@ def calibration_samples(
     *,
     max_positions: int | None = None,
 ) -> torch.Tensor:
-    """Seeded calibration windows (num_samples, seq_len) from a text source."""
-    seq_len = settings.seq_len
-    if max_positions is not None and seq_len > max_positions:
-        logger.warning(
-            "calibration seq_len %d exceeds the model's %d positions; using %d",
-            seq_len,
-            max_positions,
-            max_positions,
-        )
-        seq_len = max_positions
+    """Seeded calibration windows (num_samples, seq_len) from a text source.
+
+    A seq_len above the model's `max_position_embeddings` is refused when it was asked for (the
+    windows would not be what the recipe records); the default (512) shrinks to the limit.
+    """
+    seq_len = fit_seq_len(settings, max_positions)
     stream = load_token_stream(source, tokenizer)
     if stream.numel() < seq_len:
         raise DataError(
             f"calibration text has {stream.numel()} tokens, fewer than one window of {seq_len}"
         )
     return sample_calibration(stream, settings.num_samples, seq_len, settings.seed)
+
+
+def fit_seq_len(settings: CalibrationSettings, max_positions: int | None) -> int:
+    """The calibration window length for a model taking `max_positions` tokens (None: any)."""
+    seq_len = settings.seq_len
+    if max_positions is None or seq_len <= max_positions:
+        return seq_len
+    if "seq_len" in settings.model_fields_set:
+        raise UserInputError(
+            f"calibration seq_len {seq_len} exceeds the {max_positions} positions the model "
+            f"takes (max_position_embeddings); use a seq_len of at most {max_positions}"
+        )
+    logger.info("calibration windows of %d tokens, the model's position limit", max_positions)
+    return max_positions
+
+
+def check_quantize(model: nn.Module, config: Any) -> None:
+    """Refuse, from the model's shapes alone, what `quantize` would refuse about them (a group
+    size that does not divide a layer's width, ...): the model may sit on the meta device."""
+    info = get_method(str(getattr(config, "method", None)))
+    _refuse_quantized(model)
+    if info.check is not None:
+        info.check(model, config)
+
+
+def _refuse_quantized(model: nn.Module) -> None:
+    already = is_quantized(model)
+    if already is not None:
+        raise UserInputError(
+            f"the model is already quantized ({already}); start from the float checkpoint"
+        )
 
 
 def model_calibration_samples(
@@ -88,11 +115,7 @@ def quantize(
         raise UserInputError(
             f"method {method!r} takes a {info.config_class.__name__}, got {type(config).__name__}"
         )
-    already = is_quantized(model)
-    if already is not None:
-        raise UserInputError(
-            f"the model is already quantized ({already}); start from the float checkpoint"
-        )
+    _refuse_quantized(model)
     if info.needs_calibration:
         if calibration is None:
             raise UserInputError(

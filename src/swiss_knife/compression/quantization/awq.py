@@ -986,4 +986,8 @@ def _apply_awq(model: nn.Module, config: AWQConfig, ctx: QuantizeContext) -> Qua
     )
 
 
-apply = register_method("awq", AWQConfig, needs_calibration=True)(_apply_awq)
+def _check(model: nn.Module, config: AWQConfig) -> None:
+    plan_awq_grids(model, config)
+
+
+apply = register_method("awq", AWQConfig, needs_calibration=True, check=_check)(_apply_awq)

@@ -47,6 +47,8 @@ class QuantizationOutcome:
 
 
 MethodFn = Callable[[nn.Module, Any, QuantizeContext], QuantizationOutcome]
+# Checks a config against a model's shapes only (it may sit on the meta device): no weights read.
+CheckFn = Callable[[nn.Module, Any], None]
 
 
 @dataclass(frozen=True)
@@ -56,22 +58,27 @@ class MethodInfo:
     apply: MethodFn
     needs_calibration: bool
     description: str
+    check: CheckFn | None = None  # the problems `apply` would refuse, found from shapes alone
 
 
 _METHODS: dict[str, MethodInfo] = {}
 
 
 def register_method(
-    name: str, config_class: type, *, needs_calibration: bool
+    name: str, config_class: type, *, needs_calibration: bool, check: CheckFn | None = None
 ) -> Callable[[MethodFn], MethodFn]:
-    """Register a quantization method; a second registration of a name is an error."""
+    """Register a quantization method; a second registration of a name is an error.
+
+    `check(model, config)` raises what `apply` would refuse about the model's shapes (a group
+    size that does not divide a layer); it runs before any weights are read or text tokenised.
+    """
 
     def decorator(fn: MethodFn) -> MethodFn:
         if name in _METHODS:
             raise ValueError(f"quantization method {name!r} is already registered")
         doc = (config_class.__doc__ or "").strip().splitlines()
         _METHODS[name] = MethodInfo(
-            name, config_class, fn, needs_calibration, doc[0] if doc else ""
+            name, config_class, fn, needs_calibration, doc[0] if doc else "", check
         )
         return fn
 

@@ -44,10 +44,6 @@ from swiss_knife.errors import UserInputError
 MIN_BITS = 2
 MAX_BITS = 8
 
-# Group sizes proposed when a requested size does not divide a layer's width: the powers of two
-# that quantized kernels (vLLM's Marlin/Machete) and most checkpoints use.
-_CANDIDATE_GROUP_SIZES = (16, 32, 64, 128, 256, 512, 1024)
-
 
 def check_bits(bits: int) -> None:
     """Raise `UserInputError` unless `bits` is an integer in [2, 8]."""
@@ -62,8 +58,16 @@ def level_range(bits: int) -> tuple[int, int]:
 
 
 def fitting_group_sizes(in_features: int) -> list[int]:
-    """Power-of-two group sizes (16..1024) that divide ``in_features`` into at least two groups."""
-    return [g for g in _CANDIDATE_GROUP_SIZES if g < in_features and in_features % g == 0]
+    """Group sizes that split ``in_features`` into at least two whole groups.
+
+    The one rule the format has is that a group size divides the width (`check_group_size`;
+    packing pads the words itself). The powers of two among the divisors are listed, being what
+    quantized kernels (vLLM's Marlin/Machete) and most checkpoints use; a width with none (an
+    odd one) gets all its divisors. Empty for a prime width: only per-channel scales fit.
+    """
+    divisors = [g for g in range(2, in_features // 2 + 1) if in_features % g == 0]
+    powers = [g for g in divisors if g & (g - 1) == 0]
+    return powers or divisors
 
 
 def check_group_size(in_features: int, group_size: int | None) -> None:

@@ -281,5 +281,9 @@ def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> Q
     )
 
 
-register_method("rtn", RTNConfig, needs_calibration=False)(_apply_rtn)
-register_method("gptq", GPTQConfig, needs_calibration=True)(_apply_gptq)
+def _check(model: nn.Module, config: RTNConfig | GPTQConfig) -> None:
+    plan_grids(model, config)
+
+
+register_method("rtn", RTNConfig, needs_calibration=False, check=_check)(_apply_rtn)
+register_method("gptq", GPTQConfig, needs_calibration=True, check=_check)(_apply_gptq)
