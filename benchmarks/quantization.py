@@ -15,8 +15,10 @@ Two real models, each saved once as a dense fp32 checkpoint that every tool star
   channel here; for the other layers (64 inputs) that is the same grid as groups of 64.
 
 Methods: Swiss Knife's ``quantize(model, Config, calibration=ids)`` for every registered method
-(bf16; RTN, GPTQ and AWQ at 4 bits in several settings; bitsandbytes NF4 and LLM.int8; torchao
-int8 weight-only and W8A8 dynamic; static W8A8 with SmoothQuant; RTN at 8 bits), and the peers:
+(bf16; RTN, GPTQ and AWQ at 4 bits in several settings; HQQ at 4 bits beside the same asymmetric
+grid rounded to nearest (HQQ with 0 steps), on stories260K also in groups of 32 and 64 with
+``down_proj`` left in float; bitsandbytes NF4 and LLM.int8; torchao int8 weight-only and W8A8
+dynamic; static W8A8 with SmoothQuant; RTN at 8 bits), and the peers:
 llm-compressor GPTQ and RTN (W4, symmetric, same groups; ``benchmarks/_llmc_quantize.py`` in its
 own virtual environment ``.benchmarks-llmc``, created on first use, because llm-compressor pins
 its own transformers) and bitsandbytes NF4 through transformers' ``BitsAndBytesConfig`` defaults.
@@ -34,7 +36,9 @@ How it is measured
   the JSON output and the details.
 * Evaluation runs in this process on the *saved* checkpoint, reloaded with ``load_model`` (plain
   ``from_pretrained``), so every row measures what a user of that folder gets, and llm-compressor's
-  output is scored by the same code: perplexity by ``swiss_knife.evaluation.perplexity.perplexity``
+  output is scored by the same code (asymmetric compressed-tensors checkpoints, HQQ's, which a
+  plain ``from_pretrained`` cannot load under compressed-tensors 0.18 to 0.20, are reloaded with
+  ``CompressedTensorsConfig(dequantize=True)`` through ``load_compressed``, and say so): perplexity by ``swiss_knife.evaluation.perplexity.perplexity``
   (non-overlapping 512-token windows), prefill and decode speed by ``measure_speed`` (batch 1,
   random 128-token prompt, 32 greedy steps, median of the repeats after a warm-up), size by
   ``model_size`` (weight files on disk). Bits per weight divide the weight-file bits by the fp32
@@ -48,6 +52,7 @@ Usage::
     python benchmarks/quantization.py                 # both models, full sample counts
     python benchmarks/quantization.py --quick         # stories260K only, small counts (smoke)
     python benchmarks/quantization.py --skip-llmc     # without llm-compressor
+    python benchmarks/quantization.py --only HQQ --section hqq   # a subset, in its own section
 
 The tables and the PASS/FAIL list of the floors are printed and written between the
 ``quantization`` markers of benchmarks/RESULTS.md (unless ``--no-write``).
@@ -154,6 +159,7 @@ class Row:
 
 def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
     """Every configuration run on ``case``, baseline first, in table order."""
+    from swiss_knife.compression.quantization.hqq import HQQConfig
     from swiss_knife.config import (
         AWQConfig,
         BnB4bitConfig,
@@ -229,6 +235,7 @@ def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
             ),
         ),
         ours(f"AWQ W4 {grid}", "4-bit", AWQConfig(bits=4, group_size=g, calibration=calib), "awq"),
+        *hqq_rows(case, ours, HQQConfig),
         ours("bitsandbytes NF4 (double quant, bf16 compute)", "4-bit NF4", BnB4bitConfig()),
         ours("RTN W8 per-channel", "int8 weight-only", RTNConfig(bits=8, group_size=None)),
         ours(
@@ -253,6 +260,36 @@ def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
     return rows
 
 
+def hqq_rows(case: Case, ours: Callable[..., Variant], hqq: Any) -> list[Variant]:
+    """HQQ W4 on the case's grid, each beside its own start: the same asymmetric grid rounded to
+    nearest (HQQ with 0 steps; RTN itself refuses asymmetric grids, which a plain
+    `from_pretrained` cannot load). stories260K also gets groups of 32 and 64, with its
+    172-wide down_proj left in float (no such group size divides 172)."""
+    settings: list[tuple[int | None, list[str], str]] = [(case.group_size, ["lm_head"], "")]
+    if case.key == "stories260k":
+        dense = ["lm_head", "re:.*down_proj"]
+        settings += [(32, dense, " (down_proj in float)"), (64, dense, " (down_proj in float)")]
+    rows = []
+    for g, ignore, suffix in settings:
+        grid = f"g{g}" if g else "per-channel"
+        main = g == case.group_size
+        rows += [
+            ours(
+                f"HQQ W4 {grid}{suffix}",
+                "4-bit",
+                hqq(bits=4, group_size=g, ignore=ignore),
+                "hqq" if main else "",
+            ),
+            ours(
+                f"HQQ W4 {grid}{suffix}, 0 steps (= RTN asymmetric min/max)",
+                "4-bit",
+                hqq(bits=4, group_size=g, ignore=ignore, iterations=0),
+                "rtn_asym" if main else "",
+            ),
+        ]
+    return rows
+
+
 # --------------------------------------------------------------------------------------------
 # Data and the dense checkpoints
 
@@ -271,9 +308,8 @@ class Prepared:
 
 def prepare_smollm2(case: Case, workdir: Path) -> Prepared:
     """Dequantise the GGUF once, save it as dense fp32, tokenise WikiText-2 test and valid."""
-    from swiss_knife.compression.quantization.api import calibration_samples
     from swiss_knife.config import CalibrationSettings, DataConfig
-    from swiss_knife.data import load_token_stream
+    from swiss_knife.data import calibration_samples, load_token_stream
     from swiss_knife.demo import demo_model_path
     from swiss_knife.models import load_model, save_model
 
@@ -541,6 +577,24 @@ def worker_main(spec_file: Path) -> None:
 # Evaluation (in this process, on the saved checkpoint)
 
 
+def asymmetric_compressed(path: Path) -> bool:
+    """Whether ``path`` is a compressed-tensors checkpoint with an asymmetric integer grid
+    (HQQ): transformers loads those with ``CompressedTensorsConfig(dequantize=True)`` only,
+    a plain ``from_pretrained`` fails on their packed zero points."""
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    qconfig = config.get("quantization_config") or {}
+    if qconfig.get("quant_method") != "compressed-tensors":
+        return False
+    groups = (qconfig.get("config_groups") or {}).values()
+    return any((group.get("weights") or {}).get("symmetric") is False for group in groups)
+
+
+ASYMMETRIC_NOTE = (
+    "reloaded with `CompressedTensorsConfig(dequantize=True)` (`load_compressed`): a plain "
+    "`from_pretrained` fails on asymmetric zero points under compressed-tensors 0.18 to 0.20"
+)
+
+
 def evaluate_checkpoint(
     path: Path, tokens: torch.Tensor, case: Case, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -550,7 +604,14 @@ def evaluate_checkpoint(
     from swiss_knife.evaluation.speed import measure_speed
     from swiss_knife.models import load_model
 
-    model = load_model(str(path), dtype="auto", device="cpu", with_tokenizer=False).model
+    if asymmetric_compressed(path):
+        from swiss_knife.compression.quantization.compressed_tensors_format import (
+            load_compressed,
+        )
+
+        model = load_compressed(path).eval()
+    else:
+        model = load_model(str(path), dtype="auto", device="cpu", with_tokenizer=False).model
     try:
         ppl = perplexity(model, tokens, window=case.seq_len, batch_size=args.eval_batch_size)
         speed = measure_speed(
@@ -705,6 +766,8 @@ def run_case(
             )
             path = out
         log(f"[{case.key}] evaluating: {name}")
+        if asymmetric_compressed(path):
+            row.notes.append(ASYMMETRIC_NOTE)
         try:
             measured = evaluate_checkpoint(path, prepared.eval_tokens, case, args)
         except Exception as exc:  # a checkpoint that does not reload is a result too
@@ -799,6 +862,14 @@ def floors(rows: list[Row]) -> list[tuple[str, bool | None, str]]:
             out.append((check, row.ppl < rtn.ppl, f"{row.ppl:.3f} vs {rtn.ppl:.3f}"))
         else:
             out.append((check, None, missing(name, "RTN")))
+    # Floor 2b: HQQ better than the same asymmetric grid rounded to nearest (its start).
+    hqq, rtn_asym = by_role(rows, "hqq"), by_role(rows, "rtn_asym")
+    check = "HQQ W4 ppl < RTN W4 on the same asymmetric grid (HQQ with 0 steps)"
+    if hqq and rtn_asym:
+        assert hqq.ppl and rtn_asym.ppl
+        out.append((check, hqq.ppl < rtn_asym.ppl, f"{hqq.ppl:.3f} vs {rtn_asym.ppl:.3f}"))
+    else:
+        out.append((check, None, missing("HQQ", "HQQ with 0 steps")))
     # Floor 3: int8 weight methods within 1% of fp32 (weight-only ones; W8A8 listed for info).
     for row in rows:
         if row.variant.family not in ("int8 weight-only", "W8A8"):
@@ -949,7 +1020,7 @@ def case_section(case: Case, rows: list[Row], prepared: Prepared, params: int) -
     return "\n".join(lines)
 
 
-NOTE_WORDS = ("left dense", "computes in bf16")
+NOTE_WORDS = ("left dense", "computes in bf16", "weight SQNR")
 
 
 def notes(rows: list[Row]) -> list[str]:
@@ -1061,6 +1132,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-write", dest="write", action="store_false", help="do not update RESULTS.md"
     )
+    parser.add_argument(
+        "--section",
+        default=None,
+        metavar="NAME",
+        help="write to a section of its own in RESULTS.md (markers quantization-NAME) instead "
+        "of the full quantization section: for a subset run with --only and no --reuse",
+    )
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -1138,9 +1216,12 @@ def main(argv: list[str] | None = None) -> int:
         "targets `Linear`, ignore `lm_head`, its defaults otherwise (GPTQ: actorder static = "
         "activation order with static groups, dampening 0.01, block 128; min-max scales).",
     ]
+    title = "## Quantization: Swiss Knife vs llm-compressor and bitsandbytes"
+    if args.section:
+        title = f"## Quantization, subset `{args.section}`: the rows `--only` selected"
     section = "\n".join(
         [
-            "## Quantization: Swiss Knife vs llm-compressor and bitsandbytes",
+            title,
             "",
             "Produced by `benchmarks/quantization.py` (its docstring explains the method).",
             "",
@@ -1172,7 +1253,11 @@ def main(argv: list[str] | None = None) -> int:
             for case, rows, _, _ in results
         ]
         args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    if args.write:
+    if args.write and args.section:
+        name = f"quantization-{args.section}"
+        write_section(section, f"<!-- {name}:start -->", f"<!-- {name}:end -->")
+        print(f"\nwrote the {name} section of {RESULTS}")
+    elif args.write:
         write_section(section)
         print(f"\nwrote the quantization section of {RESULTS}")
     failed = [

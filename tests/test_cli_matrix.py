@@ -23,11 +23,9 @@ from swiss_knife.cli import main as cli_main
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 CALIBRATION = ["--num-samples", "4", "--seq-len", "32"]
-# Flags a method needs on the three-block, 32-wide test model (defaults are sized for real models).
+# Flags a method needs on the three-block, 32-wide test model (defaults are sized for real models);
+# every method with a group size also gets one that divides the model's widths.
 EXTRA: dict[tuple[str, str], list[str]] = {
-    ("quantize", "rtn"): ["--bits", "4", "--group-size", "16"],
-    ("quantize", "gptq"): ["--bits", "4", "--group-size", "16"],
-    ("quantize", "awq"): ["--bits", "4", "--group-size", "16"],
     ("quantize", "4bit"): ["--compute-dtype", "fp32"],
     ("prune", "structured"): ["--mlp-ratio", "0.5", "--importance", "magnitude"],
     ("reduce-layers", "importance"): ["--num-layers-to-remove", "1"],
@@ -50,6 +48,15 @@ def _prune_rows() -> list[tuple[str, bool]]:
     from swiss_knife.compression.pruning.base import get_method, method_names
 
     return [(name, get_method(name).needs_calibration) for name in method_names()]
+
+
+def _config_fields(verb: str, method: str) -> set[str]:
+    from swiss_knife import registry
+
+    kind = verb.replace("-", "_")
+    if kind == "reduce_layers":
+        return set()
+    return set(registry.get(kind, method).config_class.model_fields)
 
 
 def _selection_rows() -> list[tuple[str, bool]]:
@@ -124,6 +131,8 @@ def test_every_method_in_every_output_mode(
     out = workspace["root"] / f"{verb}-{method}-{mode}"
     args: list[Any] = [verb, workspace["model"], method_flag(verb), method, "--output-dir", out]
     args += EXTRA.get((verb, method), [])
+    if "group_size" in _config_fields(verb, method):
+        args += ["--group-size", "16"]
     if needs_data:
         args += ["--calibration-data", workspace["text"], *CALIBRATION]
     if mode == "json":

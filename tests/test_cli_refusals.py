@@ -303,8 +303,8 @@ def test_a_flag_foreign_to_the_method_names_the_flags_it_takes(
         *("--output-dir", out),
     )
     assert line.startswith(
-        "error: --damp, --threshold do not apply to --method rtn; it takes --bits, --group-size, "
-        "--asymmetric, --bits-override, --clip-search"
+        "error: --threshold, --damp do not apply to --method rtn; it takes --bits, "
+        "--group-size, --symmetric, --bits-override, --clip-search"
     )
     assert "--calibration-data" not in line  # rtn is data-free
 

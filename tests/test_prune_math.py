@@ -15,7 +15,8 @@ import numpy
 import pytest
 import torch
 
-from swiss_knife.compression.pruning.gradual import distillation_kl, sparsity_schedule
+from swiss_knife.compression.distillation.losses import ForwardKL
+from swiss_knife.compression.pruning.gradual import sparsity_schedule
 from swiss_knife.compression.pruning.masks import (
     global_topk_masks,
     layer_topk_mask,
@@ -392,15 +393,16 @@ def test_cubic_and_linear_schedules() -> None:
         sparsity_schedule(0.5, 0)
 
 
-def test_distillation_kl() -> None:
+def test_gradual_distillation_loss() -> None:
+    # Gradual pruning distils with `ForwardKL` over every position: T^2 KL(teacher || student).
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 11, generator=generator)
-    assert float(distillation_kl(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(ForwardKL(2.0)(logits, logits)) == pytest.approx(0.0, abs=1e-6)
     other = torch.randn(2, 5, 11, generator=generator)
     t = 3.0
     p = torch.softmax(other / t, dim=-1)
     expected = (p * (p.log() - torch.log_softmax(logits / t, dim=-1))).sum(-1).mean() * t**2
-    assert float(distillation_kl(logits, other, t)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(ForwardKL(t)(logits, other)) == pytest.approx(float(expected), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- bitmask

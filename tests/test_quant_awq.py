@@ -331,7 +331,7 @@ def test_group_size_is_checked_before_any_work() -> None:
         run_awq(model, calibration(), group_size=64)
     message = str(info.value)
     assert "model.layers.0.mlp.down_proj" in message and "96 inputs" in message
-    assert "fitting group sizes: 2, 4, 8, 16, 32" in message
+    assert "fitting group sizes 2, 4, 8, 16, 32" in message
     assert all(torch.equal(p, state[name]) for name, p in model.named_parameters())
 
 

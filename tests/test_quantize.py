@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_llama
-from swiss_knife.compression.quantization.api import calibration_samples, is_quantized, quantize
+from swiss_knife.compression.quantization.api import quantize
 from swiss_knife.compression.quantization.base import get_method, method_names, register_method
 from swiss_knife.config import (
     AWQConfig,
@@ -35,8 +35,9 @@ from swiss_knife.config import (
     StaticInt8Config,
     validate_dict,
 )
+from swiss_knife.data import calibration_samples
 from swiss_knife.errors import UnsupportedArchitectureError, UserInputError
-from swiss_knife.models import save_model
+from swiss_knife.models import is_quantized, save_model
 
 CAL = CalibrationSettings(num_samples=8, seq_len=32, batch_size=4)
 

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "CastConfig": "config",
-    "CompressionConfig": "config",
+    "CompressionConfig": "recipe",
     "DataConfig": "config",
     "DistillConfig": "config",
     "EvaluationConfig": "config",
@@ -24,7 +24,7 @@ _EXPORTS = {
     "LayerReductionConfig": "config",
     "ModelSpec": "config",
     "load_config": "config",
-    "load_recipe": "config",
+    "load_recipe": "recipe",
     "save_config": "config",
     "load_model": "models",
     "save_model": "models",
@@ -103,7 +103,6 @@ if TYPE_CHECKING:
     from .compression.layers import reduce_layers
     from .config import (
         CastConfig,
-        CompressionConfig,
         DataConfig,
         DistillConfig,
         EvaluateStageConfig,
@@ -111,12 +110,13 @@ if TYPE_CHECKING:
         LayerReductionConfig,
         ModelSpec,
         load_config,
-        load_recipe,
         save_config,
     )
     from .data import load_token_stream, read_documents, sample_calibration, token_windows
     from .device import device_info, resolve_device
     from .errors import SwissKnifeError, UserInputError
-    from .evaluation import EvaluationReport, evaluate, write_reports
+    from .evaluation.evaluate import EvaluationReport, evaluate
+    from .evaluation.report import write_reports
     from .models import LoadedModel, cast_model, load_model, save_model
     from .pipeline import register_stage, run_recipe
+    from .recipe import CompressionConfig, load_recipe

@@ -170,21 +170,29 @@ class HessianObserver:
 
 
 class ChannelNormObserver:
-    """Per-input-channel activation statistics of one linear: Wanda's norms, AWQ's |x| means."""
+    """Per-input-channel activation statistics of one linear: Wanda's norms, AWQ's |x| means.
 
-    def __init__(self) -> None:
+    ``abs_mean=False`` keeps the squared norms alone (Wanda, OWL), skipping a pass over the
+    inputs and an (in_features,) buffer that those never read.
+    """
+
+    def __init__(self, *, abs_mean: bool = True) -> None:
         self._sq_norm: Tensor | None = None
         self._abs_mean: Tensor | None = None
+        self._track_abs_mean = abs_mean
         self.count = 0
 
     def update(self, inp: Tensor) -> None:
         """Fold in inputs of shape (tokens, in_features)."""
-        if self._sq_norm is None or self._abs_mean is None:
+        if self._sq_norm is None:
             features = inp.shape[-1]
             self._sq_norm = torch.zeros(features, dtype=torch.float32, device=inp.device)
-            self._abs_mean = torch.zeros(features, dtype=torch.float32, device=inp.device)
-        self._sq_norm, _ = accumulate_channel_sq_norm(self._sq_norm, self.count, inp)
-        self._abs_mean, self.count = accumulate_channel_abs_mean(self._abs_mean, self.count, inp)
+            if self._track_abs_mean:
+                self._abs_mean = torch.zeros(features, dtype=torch.float32, device=inp.device)
+        count = self.count
+        self._sq_norm, self.count = accumulate_channel_sq_norm(self._sq_norm, count, inp)
+        if self._abs_mean is not None:
+            self._abs_mean, _ = accumulate_channel_abs_mean(self._abs_mean, count, inp)
 
     @property
     def sq_norm(self) -> Tensor:
@@ -202,6 +210,8 @@ class ChannelNormObserver:
     def abs_mean(self) -> Tensor:
         """AWQ's mean |x| per input channel, (in_features,)."""
         if self._abs_mean is None:
+            if not self._track_abs_mean:
+                raise RuntimeError("this ChannelNormObserver keeps no |x| means (abs_mean=False)")
             raise RuntimeError("ChannelNormObserver has seen no inputs")
         return self._abs_mean
 

@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, registry
+from .cli_flags import Option, add_method_options, collect, method_options
 from .errors import ConfigError, SwissKnifeError, UserInputError
 
 logger = logging.getLogger("swiss_knife")
@@ -140,10 +141,7 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_compression_options(parser: argparse.ArgumentParser, verb: str, users: str) -> None:
-    """Targets, calibration text and model loading: shared by quantize and prune."""
-    g = parser.add_argument_group("targets")
-    g.add_argument("--targets", type=_comma_strings, help=f"patterns to {verb} (default Linear)")
-    g.add_argument("--ignore", type=_comma_strings, help="patterns to skip (default lm_head)")
+    """Calibration text and model loading: shared by quantize and prune."""
     _add_calibration_options(parser, f"calibration ({users})", default_samples=128)
     _add_model_options(parser)
     _add_output_options(parser)
@@ -478,68 +476,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _quant_method_names() -> list[str]:
-    """Methods named by the recipe configs (no torch import, so --help stays fast)."""
-    import typing
-
-    from .config import QuantizeConfig
-
-    union = typing.get_args(QuantizeConfig)[0]
-    names: list[str] = []
-    for cls in typing.get_args(union):
-        names.extend(typing.get_args(cls.model_fields["method"].annotation))
-    return names
-
-
-def _bits_override(text: str) -> tuple[str, int]:
-    pattern, sep, bits = text.rpartition("=")
-    if not sep or not pattern:
-        raise argparse.ArgumentTypeError(f"expected PATTERN=BITS, got {text!r}")
-    try:
-        return pattern, int(bits)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bits must be an integer in {text!r}") from None
-
-
-def _optional_float(text: str) -> float | None:
-    if text.lower() in ("none", "off", "null"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
-
-
-# (flag attribute, config key) pairs copied into the method's config when given.
-_QUANT_FLAGS = (
-    ("bits", "bits"),
-    ("damp", "damp"),
-    ("block_size", "block_size"),
-    ("grid", "grid"),
-    ("threshold", "threshold"),
-    ("quant_type", "quant_type"),
-    ("compute_dtype", "compute_dtype"),
-    ("targets", "targets"),
-    ("ignore", "ignore"),
-)
-_QUANT_SWITCHES = (
-    ("asymmetric", "symmetric", False),
-    ("no_double_quant", "double_quant", False),
-    ("weight_only", "weight_only", True),
-)
-# --X / --no-X pairs: None (not given) keeps the method's default.
-_QUANT_TOGGLES = ("act_order", "static_groups", "clip_search", "true_sequential")
-_QUANT_OPTIONS: Options = (
-    ("--bits", "bits"),
-    ("--group-size", "group_size"),
-    *((_flag(attr), key) for attr, key, _ in _QUANT_SWITCHES),
-    ("--bits-override", "bits_overrides"),
-    *((_flag(attr), key) for attr, key in _QUANT_FLAGS if key != "bits"),
-    *((_flag(key), key) for key in _QUANT_TOGGLES),
-    ("--smoothquant-alpha", "smoothquant_alpha"),
-)
-
-
 def _stage_data(args: argparse.Namespace, stage_type: str) -> dict[str, Any]:
     """The --config file's mapping (if any), with the stage type and --method applied."""
     data = _config_file(args)
@@ -737,38 +673,13 @@ def _layer_row(row: dict[str, Any]) -> str:
 
 
 def _quant_config(args: argparse.Namespace) -> Any:
-    from .config import QuantizeConfig
+    from .recipe import QuantizeConfig
 
+    options = method_options("quantize")
     data = _stage_data(args, "quantize")
-    given: GivenFlags = {}
-
-    def put(key: str, value: Any, flag: str) -> None:
-        data[key] = value
-        given[(key,)] = flag
-
-    for attr, key in _QUANT_FLAGS:
-        if getattr(args, attr) is not None:
-            put(key, getattr(args, attr), _flag(attr))
-    for attr, key, value in _QUANT_SWITCHES:
-        if getattr(args, attr):
-            put(key, value, _flag(attr))
-    for key in _QUANT_TOGGLES:
-        value = getattr(args, key)
-        if value is not None:
-            put(key, value, _flag(key if value else f"no_{key}"))
-    if args.group_size is not None:
-        put("group_size", args.group_size or None, "--group-size")
-    if args.smoothquant_alpha is not None:
-        try:
-            alpha = _optional_float(args.smoothquant_alpha)
-        except argparse.ArgumentTypeError as exc:
-            raise UserInputError(f"--smoothquant-alpha: {exc}") from None
-        put("smoothquant_alpha", alpha, "--smoothquant-alpha")
-    if args.bits_override:
-        overrides = {**data.get("bits_overrides", {}), **dict(args.bits_override)}
-        put("bits_overrides", overrides, "--bits-override")
+    given: GivenFlags = collect(args, options, data)
     _add_calibration_flags(args, data, given, QuantizeConfig)
-    return _validate_stage(QuantizeConfig, data, args, given, _QUANT_OPTIONS)
+    return _validate_stage(QuantizeConfig, data, args, given, _pairs(options))
 
 
 def _layer_reduction_config(args: argparse.Namespace) -> Any:
@@ -810,7 +721,7 @@ def _meta_model(args: argparse.Namespace, hf_config: Any) -> Any:
 
 def cmd_reduce_layers(args: argparse.Namespace) -> int:
     from .compression.layers import reduce_layers, removal_count
-    from .compression.quantization.api import model_calibration_samples
+    from .data import model_calibration_samples
     from .models import check_output_dir
 
     config = _layer_reduction_config(args)
@@ -868,8 +779,9 @@ def cmd_reduce_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .compression.quantization.api import check_quantize, model_calibration_samples, quantize
+    from .compression.quantization.api import check_quantize, quantize
     from .compression.quantization.base import get_method
+    from .data import model_calibration_samples
     from .models import check_output_dir
 
     config = _quant_config(args)
@@ -877,7 +789,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     protect = [args.model] if Path(args.model).expanduser().exists() else []
     out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
     data_cfg = None
-    if info.needs_calibration:
+    if info.needs_data(config):
         if not args.calibration_data:
             raise UserInputError(f"method {config.method!r} needs --calibration-data")
         data_cfg = _text_source(args, args.calibration_data, "--calibration-data")
@@ -945,107 +857,49 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prune_method_names() -> list[str]:
-    """Methods named by the recipe configs (no torch import, so --help stays fast); the pruning
-    registry is keyed on the same configs (a test checks they agree)."""
-    import typing
-
-    from .config import PruneConfig
-
-    union = typing.get_args(PruneConfig)[0]
-    names: list[str] = []
-    for cls in typing.get_args(union):
-        names.extend(typing.get_args(cls.model_fields["method"].annotation))
-    return names
-
-
-# (flag attribute, config key) pairs copied into the pruning config when given.
-_PRUNE_FLAGS = (
-    ("sparsity", "sparsity"),
-    ("pattern", "pattern"),
-    ("allocation", "allocation"),
-    ("owl_lambda", "owl_lambda"),
-    ("owl_threshold", "owl_threshold"),
-    ("scope", "scope"),
-    ("save_format", "save_format"),
-    ("damp", "damp"),
-    ("block_size", "block_size"),
-    ("refit_iterations", "refit_iterations"),
-    ("targets", "targets"),
-    ("ignore", "ignore"),
-    ("mlp_ratio", "mlp_ratio"),
-    ("head_ratio", "head_ratio"),
-    ("hidden_ratio", "hidden_ratio"),
-    ("importance", "importance"),
-    ("round_to", "round_to"),
-)
-# (flag attribute, schedule key, option) for the gradual schedule.
-_SCHEDULE_FLAGS = (
-    ("gradual_steps", "steps", "--gradual-steps"),
-    ("schedule_kind", "kind", "--schedule"),
-    ("finetune_steps", "finetune_steps", "--finetune-steps"),
-    ("learning_rate", "learning_rate", "--learning-rate"),
-    ("train_batch_size", "batch_size", "--train-batch-size"),
-    ("train_seq_len", "seq_len", "--train-seq-len"),
-    ("teacher", "teacher", "--teacher"),
-    ("temperature", "temperature", "--temperature"),
-)
-
-
 def _check_sparsity_pattern(args: argparse.Namespace) -> None:
     """Refuse --sparsity beside an --pattern N:M that fixes another sparsity (1 - N/M)."""
-    parts = (args.pattern or "").split(":")
-    if args.sparsity is None or len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    sparsity = getattr(args, "opt_sparsity", None)
+    parts = (getattr(args, "opt_pattern", None) or "").split(":")
+    if sparsity is None or len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
         return  # nothing to compare, or a malformed pattern the config explains
     n, m = (int(p) for p in parts)
     implied = 1.0 - n / m
-    if 0 < n < m and abs(args.sparsity - implied) > 1e-3:
+    if 0 < n < m and abs(sparsity - implied) > 1e-3:
         raise UserInputError(
-            f"--sparsity {args.sparsity:g} contradicts --pattern {n}:{m}, which zeroes {m - n} "
+            f"--sparsity {sparsity:g} contradicts --pattern {n}:{m}, which zeroes {m - n} "
             f"of every {m} weights (sparsity {implied:.4g}); drop --sparsity, or give "
             f"--sparsity {implied:.4g}"
         )
 
 
 def _prune_config(args: argparse.Namespace) -> Any:
-    from .config import PruneConfig
+    from .recipe import PruneConfig
 
+    options = method_options("prune")
     data = _stage_data(args, "prune")
-    given_flags: GivenFlags = {}
     if "pattern" in getattr(_method_class(PruneConfig, data["method"]), "model_fields", {}):
         _check_sparsity_pattern(args)
-    for attr, key in _PRUNE_FLAGS:
-        if getattr(args, attr) is not None:
-            data[key] = getattr(args, attr)
-            given_flags[(key,)] = _flag(attr)
-    if args.true_sequential:
-        data["true_sequential"] = True
-        given_flags[("true_sequential",)] = "--true-sequential"
-    schedule = dict(data.get("schedule") or {})
-    given = [option for flag, _, option in _SCHEDULE_FLAGS if getattr(args, flag) is not None]
-    if given and not schedule and args.gradual_steps is None:
+    had_schedule = bool(data.get("schedule"))
+    given: GivenFlags = collect(args, options, data)
+    # The fine-tuning options configure a gradual schedule, which --gradual-steps switches on.
+    nested = [o for o in options if o.nested_under is not None and o.path in given]
+    if nested and not had_schedule and ("schedule", "steps") not in given:
+        named = ", ".join(given[o.path] for o in nested)
         raise UserInputError(
-            f"{', '.join(given)} configure(s) gradual pruning: add --gradual-steps N"
+            f"{named} configure(s) gradual pruning: add {nested[0].nested_under} N"
         )
-    for flag, key, option in _SCHEDULE_FLAGS:
-        if getattr(args, flag) is not None:
-            schedule[key] = getattr(args, flag)
-            given_flags[("schedule", key)] = option
-    if given:
-        given_flags[("schedule",)] = ", ".join(given)
-    if args.seed is not None and schedule:
-        schedule["seed"] = args.seed
-    if schedule:
-        data["schedule"] = schedule
-    _add_calibration_flags(args, data, given_flags, PruneConfig)
-    return _validate_stage(PruneConfig, data, args, given_flags, _PRUNE_OPTIONS)
+    if "schedule" in data:
+        given[("schedule",)] = ", ".join(v for k, v in given.items() if k[0] == "schedule")
+        if args.seed is not None:
+            data["schedule"]["seed"] = args.seed
+    _add_calibration_flags(args, data, given, PruneConfig)
+    return _validate_stage(PruneConfig, data, args, given, _pairs(options))
 
 
-_PRUNE_OPTIONS: Options = (
-    *((_flag(attr), key) for attr, key in _PRUNE_FLAGS),
-    ("--true-sequential", "true_sequential"),
-    ("--gradual-steps", "schedule"),
-)
+def _pairs(options: list[Option]) -> Options:
+    """(option, top-level config key) pairs, for 'it takes ...' messages."""
+    return [(o.flag, o.path[0]) for o in options if o.nested_under is None]
 
 
 def _check_prunable_dir(path: str) -> None:
@@ -1093,8 +947,7 @@ def _warn_unused_calibration(
 def cmd_prune(args: argparse.Namespace) -> int:
     from .compression.pruning import prune
     from .compression.pruning.api import calibration_reason
-    from .compression.quantization.api import calibration_samples
-    from .data import load_token_stream
+    from .data import calibration_samples, load_token_stream
     from .models import check_output_dir
 
     config = _prune_config(args)
@@ -1240,6 +1093,7 @@ def _layer_map(text: str) -> list[list[int]]:
 
 def _distill_config(args: argparse.Namespace) -> Any:
     from .config import DistillConfig, validate_dict
+    from .recipe import stage_class
 
     data = _config_file(args)
     data["type"] = "distill"
@@ -1268,7 +1122,10 @@ def _distill_config(args: argparse.Namespace) -> Any:
                 "split_documents": args.split_documents,
                 "add_bos": not args.no_bos,
             }
-    return validate_dict(DistillConfig, data, args.config or "distill options")
+    # The distill stage class: a --config file may be written as a recipe stage (type: distill).
+    return validate_dict(
+        stage_class("distill", DistillConfig), data, args.config or "distill options"
+    )
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -1366,10 +1223,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .config import load_recipe
     from .evaluation.compare import comparison_rows
     from .evaluation.report import terminal_table
     from .pipeline import run_recipe
+    from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     _library_progress(args)
@@ -1410,7 +1267,7 @@ def cmd_create_configs(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .config import load_recipe, recipe_schema
+    from .recipe import load_recipe, recipe_schema
 
     if args.schema:
         _print_json(recipe_schema())
@@ -1614,56 +1471,11 @@ def build_parser() -> argparse.ArgumentParser:
         """,
     )
     p.add_argument("model", help="hub id, local directory or .gguf file")
-    p.add_argument("--method", choices=_quant_method_names(), help="quantization method")
+    p.add_argument("--method", choices=registry.names("quantize"), help="quantization method")
     p.add_argument("--output-dir", required=True, help="where the quantized checkpoint goes")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
     p.add_argument("--config", metavar="FILE", help="a quantization config (.yaml/.json)")
-    g = p.add_argument_group("integer grids (rtn, gptq, awq)")
-    g.add_argument("--bits", type=int, help="bits per weight, 2-8 (default 4)")
-    g.add_argument("--group-size", type=int, help="inputs sharing a scale; 0 = per channel")
-    g.add_argument("--asymmetric", action="store_true", help="use a zero point")
-    g.add_argument(
-        "--bits-override",
-        type=_bits_override,
-        action="append",
-        metavar="PATTERN=BITS",
-        help="mixed precision, e.g. 're:.*down_proj=8' (repeatable; first match wins)",
-    )
-    g.add_argument(
-        "--clip-search",
-        action=argparse.BooleanOptionalAction,
-        help="search clipping ranges (default: on for gptq and awq, off for rtn)",
-    )
-    g.add_argument(
-        "--act-order",
-        action=argparse.BooleanOptionalAction,
-        help="gptq: activation order (default on)",
-    )
-    g.add_argument(
-        "--static-groups",
-        action=argparse.BooleanOptionalAction,
-        help="gptq: fix group scales first (default on)",
-    )
-    g.add_argument("--damp", type=float, help="gptq: Hessian dampening (default 0.01)")
-    g.add_argument("--block-size", type=int, help="gptq: columns per lazy update (default 128)")
-    g.add_argument(
-        "--true-sequential",
-        action=argparse.BooleanOptionalAction,
-        help="gptq: observe each sub-layer group after quantizing the ones before it "
-        "(default off: a block at once)",
-    )
-    g.add_argument("--grid", type=int, help="awq: points of the scale search (default 20)")
-    g = p.add_argument_group("bitsandbytes (8bit, 4bit), torchao (dynamic), static int8")
-    g.add_argument("--threshold", type=float, help="8bit: outlier threshold (default 6.0)")
-    g.add_argument("--quant-type", choices=["nf4", "fp4"], help="4bit: data type (default nf4)")
-    g.add_argument("--no-double-quant", action="store_true", help="4bit: plain block scales")
-    g.add_argument("--compute-dtype", choices=["fp32", "fp16", "bf16"], help="4bit: compute dtype")
-    g.add_argument("--weight-only", action="store_true", help="dynamic: int8 weights only")
-    g.add_argument(
-        "--smoothquant-alpha",
-        metavar="ALPHA",
-        help="static: SmoothQuant strength 0-1, or 'none' (default 0.5)",
-    )
+    add_method_options(p, "quantize", "method options ([methods] that take each; from the configs)")
     _add_compression_options(p, "quantize", "gptq, awq, static")
 
     p = add(
@@ -1727,66 +1539,15 @@ def build_parser() -> argparse.ArgumentParser:
         """,
     )
     p.add_argument("model", help="hub id, local directory or .gguf file")
-    p.add_argument("--method", choices=_prune_method_names(), help="pruning method")
+    p.add_argument("--method", choices=registry.names("prune"), help="pruning method")
     p.add_argument("--output-dir", required=True, help="where the pruned checkpoint goes")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
     p.add_argument("--config", metavar="FILE", help="a pruning config (.yaml/.json)")
     p.add_argument(
         "--show-layers", type=int, default=5, metavar="N", help="worst layers to print (default 5)"
     )
-    g = p.add_argument_group("unstructured and N:M (magnitude, wanda, sparsegpt)")
-    g.add_argument(
-        "--sparsity", type=float, help="fraction of weights zeroed, in [0, 1) (default 0.5)"
-    )
-    g.add_argument("--pattern", metavar="N:M", help="keep N of every M inputs, e.g. 2:4 or 4:8")
-    g.add_argument(
-        "--allocation", choices=["uniform", "owl"], help="per-layer sparsity (default uniform)"
-    )
-    g.add_argument("--owl-lambda", type=float, help="owl: max deviation from the mean (0.08)")
-    g.add_argument("--owl-threshold", type=float, help="owl: outlier if > T x mean score (5)")
-    g.add_argument("--scope", choices=["layer", "global"], help="magnitude: ranking scope")
-    g.add_argument("--damp", type=float, help="sparsegpt: Hessian dampening (default 0.01)")
-    g.add_argument("--block-size", type=int, help="sparsegpt: columns per update (default 128)")
-    g.add_argument(
-        "--refit-iterations",
-        type=int,
-        help="sparsegpt: conjugate-gradient steps re-fitting the kept weights once the mask is "
-        "chosen (default 5; 0: the paper's SparseGPT)",
-    )
-    g.add_argument(
-        "--true-sequential",
-        action="store_true",
-        help="wanda/sparsegpt: observe each sub-layer group after pruning the ones before it",
-    )
-    g.add_argument(
-        "--save-format",
-        choices=["dense", "sparse-bitmask"],
-        help="dense zeros (loads anywhere; default) or compressed-tensors sparse bitmask",
-    )
-    g = p.add_argument_group("gradual pruning (fine-tunes between steps)")
-    g.add_argument("--gradual-steps", type=int, metavar="N", help="pruning steps to the target")
-    g.add_argument(
-        "--schedule", dest="schedule_kind", choices=["cubic", "linear"], help="sparsity curve"
-    )
-    g.add_argument("--finetune-steps", type=int, metavar="K", help="AdamW steps after each step")
-    g.add_argument("--learning-rate", type=float, help="fine-tuning learning rate (5e-5)")
-    g.add_argument("--train-batch-size", type=int, help="windows per fine-tuning step (4)")
-    g.add_argument("--train-seq-len", type=int, help="tokens per fine-tuning window (256)")
-    g.add_argument("--train-data", metavar="SOURCE", help="fine-tuning text (default: calibration)")
-    g.add_argument(
-        "--teacher",
-        choices=["none", "original"],
-        help="original: distil from the unpruned model (KL on logits); none: LM loss",
-    )
-    g.add_argument("--temperature", type=float, help="distillation temperature (default 2)")
-    g = p.add_argument_group("structured (removes heads and channels)")
-    g.add_argument("--mlp-ratio", type=float, help="fraction of MLP channels removed (0.25)")
-    g.add_argument("--head-ratio", type=float, help="fraction of attention heads removed (0)")
-    g.add_argument("--hidden-ratio", type=float, help="fraction of hidden channels removed (0)")
-    g.add_argument(
-        "--importance", choices=["activation", "magnitude"], help="channel ranking (activation)"
-    )
-    g.add_argument("--round-to", type=int, help="keep widths a multiple of this (default 1)")
+    p.add_argument("--train-data", metavar="SOURCE", help="fine-tuning text (default: calibration)")
+    add_method_options(p, "prune", "method options ([methods] that take each; from the configs)")
     _add_compression_options(p, "prune", "wanda, sparsegpt, owl, structured")
 
     p = add(

@@ -1,4 +1,6 @@
-"""Typed, validated configs: one per stage, and `CompressionConfig`, a recipe of stages.
+"""Typed, validated configs shared by every part: models, data, evaluation, calibration, and the
+bases that method configs extend. Each method's own config lives in its module beside its math and
+registration; `swiss_knife.recipe` builds the recipe (`CompressionConfig`) from the registry.
 
 Every config is a frozen pydantic model that rejects unknown keys, so a typo in a recipe is an
 error that names the closest valid key instead of a silently ignored setting. YAML and JSON are two
@@ -14,6 +16,7 @@ import difflib
 import json
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union
 
@@ -25,6 +28,23 @@ from .errors import ConfigError
 DTypeName = Literal["auto", "fp32", "fp16", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 DocumentSplit = Literal["none", "paragraph", "line"]
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a config field appears on the command line: a marker in its `Annotated` metadata.
+
+    Options are derived from config fields (swiss_knife.cli_flags); a marker only refines one.
+    """
+
+    name: str | None = None  # the option, if not --field-name
+    none: tuple[str, ...] = ()  # words that mean None, e.g. ("0", "-1") for a group size
+    metavar: str | None = None
+    aliases: tuple[
+        tuple[str, Any], ...
+    ] = ()  # extra switches setting a value: ("--asymmetric", False)
+    skip: bool = False  # not an option (set from another flag)
+    switch: str | None = None  # on a nested config: the field whose option turns it on
 
 
 class StrictModel(BaseModel):
@@ -189,10 +209,9 @@ class CalibrationSettings(StrictModel):
     )
 
 
-class QuantizeBase(StageBase):
+class QuantizeBase(StrictModel):
     """Fields every quantization method shares: which modules it touches."""
 
-    type: Literal["quantize"] = "quantize"
     targets: list[str] = Field(
         default_factory=lambda: ["Linear", "Conv1D"],
         description="Module names, class names or 're:<regex>' (full match) to quantize.",
@@ -202,134 +221,30 @@ class QuantizeBase(StageBase):
     )
 
 
-class HalfPrecisionConfig(QuantizeBase):
-    """fp16 / bf16: cast every floating-point weight (targets do not apply)."""
-
-    method: Literal["fp16", "bf16"]
-
-
-class BnB8bitConfig(QuantizeBase):
-    """bitsandbytes LLM.int8 (Dettmers et al. 2022): int8 weights, fp16 outlier columns."""
-
-    method: Literal["8bit"] = "8bit"
-    threshold: float = Field(
-        default=6.0, ge=0.0, description="Activation magnitude above which a column stays fp16."
-    )
-
-
-class BnB4bitConfig(QuantizeBase):
-    """bitsandbytes 4-bit (QLoRA, Dettmers et al. 2023): NF4 or FP4 blocks of 64 weights."""
-
-    method: Literal["4bit"] = "4bit"
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = Field(default=True, description="Quantize the block scales too.")
-    compute_dtype: Literal["fp32", "fp16", "bf16"] = "bf16"
-
-
-class DynamicInt8Config(QuantizeBase):
-    """torchao int8: int8 weights; activations quantized per token at run time (or kept float)."""
-
-    method: Literal["dynamic"] = "dynamic"
-    weight_only: bool = Field(
-        default=False, description="Keep activations in float (int8 weight-only)."
-    )
-
-
-class StaticInt8Config(QuantizeBase):
-    """int8 weights and int8 activations with scales calibrated on data (W8A8 static)."""
-
-    method: Literal["static"] = "static"
-    smoothquant_alpha: float | None = Field(
-        default=0.5,
-        ge=0.0,
-        le=1.0,
-        description="SmoothQuant migration strength; null disables smoothing.",
-    )
-    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
-
-
-class _IntWeightConfig(QuantizeBase):
+class IntWeightConfig(QuantizeBase):
     bits: int = Field(default=4, ge=2, le=8, description="Bits per weight.")
-    group_size: int | None = Field(
+    group_size: Annotated[int | None, Flag(none=("0", "-1", "none"))] = Field(
         default=128, ge=2, description="Input channels sharing a scale; null: one per row."
     )
-    symmetric: bool = Field(default=True, description="No zero point (symmetric grid).")
-    bits_overrides: dict[str, Annotated[int, Field(ge=2, le=8)]] = Field(
+    symmetric: Annotated[bool, Flag(aliases=(("--asymmetric", False),))] = Field(
+        default=True, description="No zero point (symmetric grid)."
+    )
+    bits_overrides: Annotated[
+        dict[str, Annotated[int, Field(ge=2, le=8)]],
+        Flag(name="--bits-override", metavar="PATTERN=BITS"),
+    ] = Field(
         default_factory=dict,
-        description="Per-pattern bits for mixed precision, e.g. {'re:.*down_proj': 8}.",
+        description="Per-pattern bits for mixed precision, e.g. 're:.*down_proj=8' (repeatable; "
+        "the first matching pattern wins).",
     )
 
-
-class RTNConfig(_IntWeightConfig):
-    """Round-to-nearest weight-only quantization, optionally with a clipping-range search."""
-
-    method: Literal["rtn"] = "rtn"
-    clip_search: bool = Field(default=False, description="Search the range that minimises error.")
-
-
-class GPTQConfig(_IntWeightConfig):
-    """GPTQ (Frantar et al. 2022): second-order weight-only quantization on calibration data."""
-
-    method: Literal["gptq"] = "gptq"
-    # The defaults are the most accurate settings measured on SmolLM2-135M W4 g64
-    # (benchmarks/RESULTS.md, quantization): activation order with static groups and an
-    # error-minimising clip range, every linear of a block observed in one pass.
-    act_order: bool = Field(default=True, description="Quantize columns by decreasing H diag.")
-    static_groups: bool = Field(
-        default=True, description="Fix group scales before the updates (needed with act_order)."
-    )
-    damp: float = Field(default=0.01, gt=0.0, lt=1.0, description="Hessian dampening.")
-    block_size: int = Field(default=128, ge=1, description="Columns updated together.")
-    true_sequential: bool = Field(
-        default=False,
-        description="Observe q/k/v, o, MLP-in and MLP-out in turn, each group seeing the "
-        "quantized groups before it (up to 4 passes per block instead of 1).",
-    )
-    clip_search: bool = Field(
-        default=True, description="Search the clipping range per group (MSE, as in AWQ)."
-    )
-    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
-
-    @model_validator(mode="after")
-    def _act_order_export(self) -> GPTQConfig:
-        if self.act_order and self.group_size is not None and not self.static_groups:
-            raise ValueError(
-                "act_order with groups needs static_groups: true (the saved format needs "
-                "contiguous groups)"
-            )
-        return self
-
-
-class AWQConfig(_IntWeightConfig):
-    """AWQ (Lin et al. 2023): activation-aware channel scales, folded into the previous op."""
-
-    method: Literal["awq"] = "awq"
-    grid: int = Field(default=20, ge=2, description="Points of the scale-exponent search.")
-    clip_search: bool = Field(default=True, description="Search the clipping range per group.")
-    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
-
-
-QuantizeConfig = Annotated[
-    Union[  # noqa: UP007
-        HalfPrecisionConfig,
-        BnB8bitConfig,
-        BnB4bitConfig,
-        DynamicInt8Config,
-        StaticInt8Config,
-        RTNConfig,
-        GPTQConfig,
-        AWQConfig,
-    ],
-    Field(discriminator="method"),
-]
 
 # ---------------------------------------------------------------------------- pruning stages
 
 
-class PruneBase(StageBase):
+class PruneBase(StrictModel):
     """Fields every pruning method shares: which linears it touches."""
 
-    type: Literal["prune"] = "prune"
     targets: list[str] = Field(
         default_factory=lambda: ["Linear", "Conv1D"],
         description="Module names, class names or 're:<regex>' (full match) to prune.",
@@ -342,24 +257,30 @@ class PruneBase(StageBase):
 class GradualSchedule(StrictModel):
     """Raise sparsity in steps, fine-tuning on text between steps with the masks held fixed."""
 
-    steps: int = Field(default=4, ge=1, description="Pruning steps up to the final sparsity.")
-    kind: Literal["cubic", "linear"] = Field(
+    steps: Annotated[int, Flag(name="--gradual-steps", metavar="N")] = Field(
+        default=4, ge=1, description="Pruning steps up to the final sparsity."
+    )
+    kind: Annotated[Literal["cubic", "linear"], Flag(name="--schedule")] = Field(
         default="cubic", description="Sparsity curve (cubic: Zhu & Gupta 2017)."
     )
     finetune_steps: int = Field(default=50, ge=0, description="Optimizer steps after each step.")
-    learning_rate: float = Field(default=5e-5, gt=0.0)
-    batch_size: int = Field(default=4, ge=1)
-    seq_len: int = Field(default=256, ge=8)
+    learning_rate: float = Field(default=5e-5, gt=0.0, description="Fine-tuning learning rate.")
+    batch_size: Annotated[int, Flag(name="--train-batch-size")] = Field(
+        default=4, ge=1, description="Windows per fine-tuning step."
+    )
+    seq_len: Annotated[int, Flag(name="--train-seq-len")] = Field(
+        default=256, ge=8, description="Tokens per fine-tuning window."
+    )
     teacher: Literal["none", "original"] = Field(
         default="none",
         description="'original': distil from the unpruned model (KL on logits) while fine-tuning; "
         "'none': plain language-model loss.",
     )
-    temperature: float = Field(default=2.0, gt=0.0)
-    seed: int = 0
+    temperature: float = Field(default=2.0, gt=0.0, description="Distillation temperature.")
+    seed: Annotated[int, Flag(skip=True)] = 0  # on the command line: --seed
 
 
-class _UnstructuredPruneConfig(PruneBase):
+class UnstructuredPruneConfig(PruneBase):
     sparsity: float = Field(
         default=0.5, ge=0.0, lt=1.0, description="Fraction of each targeted weight set to zero."
     )
@@ -385,7 +306,7 @@ class _UnstructuredPruneConfig(PruneBase):
         "sparse bitmask (smaller on disk; loads with swiss_knife.load_model, not a plain "
         "from_pretrained).",
     )
-    schedule: GradualSchedule | None = Field(
+    schedule: Annotated[GradualSchedule | None, Flag(switch="steps")] = Field(
         default=None, description="Gradual pruning with fine-tuning (needs training text)."
     )
     # On the base class because OWL's outlier pre-pass needs activations for every method,
@@ -435,7 +356,7 @@ class _UnstructuredPruneConfig(PruneBase):
         return f"{n}:{m}"
 
     @model_validator(mode="after")
-    def _owl_needs_free_sparsity(self) -> _UnstructuredPruneConfig:
+    def _owl_needs_free_sparsity(self) -> UnstructuredPruneConfig:
         if self.allocation == "owl" and self.pattern is not None:
             raise ValueError(
                 f"allocation 'owl' varies the sparsity per layer, but pattern {self.pattern!r} "
@@ -458,26 +379,7 @@ class _UnstructuredPruneConfig(PruneBase):
         return self.sparsity if nm is None else 1.0 - nm[0] / nm[1]
 
 
-class MagnitudePruneConfig(_UnstructuredPruneConfig):
-    """Magnitude pruning: zero the smallest |W|, per layer (or globally across layers)."""
-
-    method: Literal["magnitude"] = "magnitude"
-    scope: Literal["layer", "global"] = Field(
-        default="layer", description="Rank weights within each layer or across all targets."
-    )
-
-    @model_validator(mode="after")
-    def _global_is_unstructured(self) -> MagnitudePruneConfig:
-        if self.scope == "global" and (self.pattern is not None or self.allocation != "uniform"):
-            chosen = f"pattern {self.pattern}" if self.pattern else f"allocation {self.allocation}"
-            raise ValueError(
-                f"scope 'global' lets one ranking across all layers decide each layer's sparsity, "
-                f"which {chosen} would override; use scope 'layer' with it"
-            )
-        return self
-
-
-class _CalibratedPruneConfig(_UnstructuredPruneConfig):
+class CalibratedPruneConfig(UnstructuredPruneConfig):
     """Methods that prune each block from its calibration activations, block after block."""
 
     true_sequential: bool = Field(
@@ -487,76 +389,9 @@ class _CalibratedPruneConfig(_UnstructuredPruneConfig):
     )
 
 
-class WandaPruneConfig(_CalibratedPruneConfig):
-    """Wanda (Sun et al. 2023): zero the smallest |W_ij| * ||X_j|| per output row."""
-
-    method: Literal["wanda"] = "wanda"
-
-
-class SparseGPTPruneConfig(_CalibratedPruneConfig):
-    """SparseGPT (Frantar & Alistarh 2023): second-order pruning that updates kept weights."""
-
-    method: Literal["sparsegpt"] = "sparsegpt"
-    damp: float = Field(default=0.01, gt=0.0, lt=1.0, description="Hessian dampening.")
-    block_size: int = Field(default=128, ge=1, description="Columns pruned together.")
-    refit_iterations: int = Field(
-        default=5,
-        ge=0,
-        le=1000,
-        description="Conjugate-gradient steps that re-fit each layer's kept weights to its "
-        "calibration inputs once SparseGPT has chosen the mask (0: the paper's algorithm).",
-    )
-
-    @field_validator("calibration", mode="after")
-    @classmethod
-    def _auto_precision(cls, value: CalibrationSettings) -> CalibrationSettings:
-        # SparseGPT's default precision is `auto` (bf16 block passes where bf16 is native): its
-        # fp32 Hessians from bf16-rounded activations gave the same perplexity as fp32 passes in
-        # about 0.6x the time (benchmarks/RESULTS.md). An explicit precision is kept as given.
-        if "precision" in value.model_fields_set:
-            return value
-        return value.model_copy(update={"precision": "auto"})
-
-
-class StructuredPruneConfig(PruneBase):
-    """Remove whole attention heads and MLP channels, shrinking every layer alike."""
-
-    method: Literal["structured"] = "structured"
-    mlp_ratio: float = Field(
-        default=0.25, ge=0.0, lt=1.0, description="Fraction of MLP intermediate channels removed."
-    )
-    head_ratio: float = Field(
-        default=0.0,
-        ge=0.0,
-        lt=1.0,
-        description="Fraction of attention heads removed (whole key/value groups under GQA).",
-    )
-    hidden_ratio: float = Field(
-        default=0.0, ge=0.0, lt=1.0, description="Fraction of hidden (embedding) channels removed."
-    )
-    importance: Literal["activation", "magnitude"] = Field(
-        default="activation",
-        description="activation: mean activation magnitude on calibration text (Minitron/FLAP); "
-        "magnitude: weight norms, data-free.",
-    )
-    round_to: int = Field(
-        default=1, ge=1, description="Keep widths a multiple of this (e.g. 8 or 64 for kernels)."
-    )
-    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
-
-
-PruneConfig = Annotated[
-    Union[  # noqa: UP007
-        MagnitudePruneConfig, WandaPruneConfig, SparseGPTPruneConfig, StructuredPruneConfig
-    ],
-    Field(discriminator="method"),
-]
-
-
-class LayerReductionConfig(StageBase):
+class LayerReductionConfig(StrictModel):
     """Drop whole transformer blocks, chosen by importance, index or position."""
 
-    type: Literal["reduce_layers"] = "reduce_layers"
     num_layers_to_remove: int | None = Field(default=None, ge=1)
     num_layers_to_keep: int | None = Field(default=None, ge=1)
     layers: list[int] | None = Field(
@@ -654,7 +489,7 @@ class DistillLossConfig(StrictModel):
     )
 
 
-class DistillConfig(StageBase):
+class DistillConfig(StrictModel):
     """Knowledge distillation: train a student to match a teacher, in one loop on accelerate.
 
     In a recipe the teacher is the recipe's original model (`teacher: original`, default) or the
@@ -664,7 +499,6 @@ class DistillConfig(StageBase):
     `distill` command take the models directly and ignore `teacher` and `student`.
     """
 
-    type: Literal["distill"] = "distill"
     teacher: str = Field(
         default="original",
         description="Recipes: 'original' (the recipe's model), 'current' (the model entering "
@@ -765,68 +599,6 @@ class DistillConfig(StageBase):
         return self.loss.alpha < 1.0 or self.loss.hidden_weight > 0.0
 
 
-# Stage configs are a discriminated union on `type` (quantize nests another on `method`); each
-# later stage issue adds its config here.
-StageConfig = Annotated[
-    Union[  # noqa: UP007
-        CastConfig,
-        EvaluateStageConfig,
-        QuantizeConfig,
-        PruneConfig,
-        LayerReductionConfig,
-        DistillConfig,
-    ],
-    Field(discriminator="type"),
-]
-
-
-class DataSources(StrictModel):
-    eval: DataConfig | None = Field(default=None, description="Text for perplexity and agreement.")
-    calibration: DataConfig | None = Field(
-        default=None, description="Text for calibration-based methods (defaults to eval data)."
-    )
-
-    @field_validator("eval", "calibration", mode="before")
-    @classmethod
-    def _source_shorthand(cls, value: Any) -> Any:
-        return {"source": value} if isinstance(value, str) else value
-
-
-class CompressionConfig(StrictModel):
-    """A recipe: a model, its data, and an ordered list of stages, evaluated after each."""
-
-    version: Literal[1] = 1
-    model: ModelSpec
-    data: DataSources = Field(default_factory=DataSources)
-    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    evaluate_original: bool = Field(
-        default=True, description="Evaluate the input model first, as the baseline."
-    )
-    stages: list[StageConfig] = Field(default_factory=list)
-    output_dir: str | None = Field(default=None, description="Where stage outputs and reports go.")
-    seed: int = 0
-
-    @field_validator("model", mode="before")
-    @classmethod
-    def _model_shorthand(cls, value: Any) -> Any:
-        return {"path": value} if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _unique_stage_names(self) -> CompressionConfig:
-        seen: set[str] = set()
-        for index, stage in enumerate(self.stages):
-            name = stage_name(stage, index)
-            if name in seen:
-                raise ValueError(f"stage name {name!r} is used twice; names must be unique")
-            seen.add(name)
-        return self
-
-
-def stage_name(stage: StageBase, index: int) -> str:
-    """The folder name of a stage: its explicit name, or NN-type."""
-    return stage.name or f"{index:02d}-{getattr(stage, 'type', 'stage')}"
-
-
 # --------------------------------------------------------------------------- loading and saving
 
 T = TypeVar("T", bound=BaseModel)
@@ -844,8 +616,14 @@ def _tags(cls: type[BaseModel]) -> set[Any]:
     }
 
 
+def _stage_classes() -> list[Any]:
+    from .recipe import StageConfig  # built from the method registry
+
+    return _unwrap(StageConfig)
+
+
 def _stage_tags() -> set[Any]:
-    return set().union(*(_tags(cls) for cls in _unwrap(StageConfig)))
+    return set().union(*(_tags(cls) for cls in _stage_classes()))
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:
@@ -923,7 +701,7 @@ def format_validation_error(error: ValidationError, root: Any, source: str) -> s
             key = str(item.get("ctx", {}).get("discriminator", "")).strip("'")
             tags = sorted(
                 str(tag)
-                for cls in _unwrap(StageConfig)
+                for cls in _stage_classes()
                 if loc and loc[-1] in _tags(cls) and key in cls.model_fields
                 for tag in _tags(cls) - {loc[-1]}
                 if isinstance(tag, str)
@@ -983,11 +761,6 @@ def load_config(path: str | Path, cls: type[T]) -> T:
     return validate_dict(cls, read_config_file(path), str(path))
 
 
-def load_recipe(path: str | Path) -> CompressionConfig:
-    """Load and validate a recipe file without touching any weights."""
-    return load_config(path, CompressionConfig)
-
-
 def config_to_dict(config: BaseModel) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
@@ -1003,19 +776,32 @@ def save_config(config: BaseModel, path: str | Path) -> None:
     p.write_text(text, encoding="utf-8")
 
 
-def recipe_schema() -> dict[str, Any]:
-    """The JSON Schema of a recipe, for editor autocompletion."""
-    schema = CompressionConfig.model_json_schema()
-    # The shorthands the validators accept (`model: PATH`, `data: {eval: FILE}`) are valid too,
-    # so an editor must not flag the shipped samples that use them.
-    schema["properties"]["model"] = {
-        "anyOf": [schema["properties"]["model"], {"type": "string"}],
-        "description": "A ModelSpec, or just its path.",
-    }
-    for field in schema["$defs"]["DataSources"]["properties"].values():
-        field["anyOf"].insert(1, {"type": "string"})
-    for key in ("train_data", "eval_data"):
-        schema["$defs"]["DistillConfig"]["properties"][key]["anyOf"].insert(1, {"type": "string"})
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "Swiss Knife recipe"
-    return schema
+# Names that moved: the recipe types live in swiss_knife.recipe (built from the registry), and each
+# method's config in its own module. Old imports from here keep working.
+_RECIPE_NAMES = {
+    "CompressionConfig",
+    "DataSources",
+    "PruneConfig",
+    "QuantizeConfig",
+    "StageConfig",
+    "load_recipe",
+    "recipe_schema",
+    "stage_name",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("__"):  # the import system probes __path__ and friends
+        raise AttributeError(name)
+    if name in _RECIPE_NAMES:
+        from . import recipe
+
+        return getattr(recipe, name)
+    from . import registry
+
+    registry.load_builtins()
+    for kind in registry.KINDS:
+        for cls in registry.config_classes(kind):
+            if cls.__name__ == name:
+                return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,6 +3,9 @@
 Sources: local .txt, .jsonl/.json (a chosen field), .parquet, .csv, a folder of text files, or a
 Hugging Face dataset given as `name[:config[:split]]`. Every document starts with BOS (when the
 tokenizer has one and `add_bos` is on), so perplexities match the usual reporting conventions.
+
+Calibration data for every verb (quantize, prune, reduce-layers) and the recipe runner comes from
+`calibration_samples` / `model_calibration_samples`: seeded windows cut to what the model takes.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import Any
 
 import torch
 
-from .config import DataConfig
-from .errors import DataError, MissingDependencyError
+from .config import CalibrationSettings, DataConfig
+from .errors import DataError, MissingDependencyError, UserInputError
 from .sources import DATA_SUFFIXES as ALL_SUFFIXES
 from .sources import is_local_data_source as is_local_source
 
@@ -256,3 +259,58 @@ def sample_calibration(
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seq_len + 1, (num_samples,), generator=generator)
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])  # (n, seq_len)
+
+
+def fit_seq_len(settings: CalibrationSettings, max_positions: int | None) -> int:
+    """The calibration window length for a model taking `max_positions` tokens (None: any)."""
+    seq_len = settings.seq_len
+    if max_positions is None or seq_len <= max_positions:
+        return seq_len
+    if "seq_len" in settings.model_fields_set:
+        raise UserInputError(
+            f"calibration seq_len {seq_len} exceeds the {max_positions} positions the model "
+            f"takes (max_position_embeddings); use a seq_len of at most {max_positions}"
+        )
+    logger.info("calibration windows of %d tokens, the model's position limit", max_positions)
+    return max_positions
+
+
+def calibration_samples(
+    source: DataConfig | str,
+    tokenizer: Any,
+    settings: CalibrationSettings,
+    *,
+    max_positions: int | None = None,
+) -> torch.Tensor:
+    """Seeded calibration windows (num_samples, seq_len) from a text source.
+
+    A seq_len above the model's `max_position_embeddings` is refused when it was asked for (the
+    windows would not be what the recipe records); the default (512) shrinks to the limit.
+    """
+    seq_len = fit_seq_len(settings, max_positions)
+    stream = load_token_stream(source, tokenizer)
+    if stream.numel() < seq_len:
+        raise DataError(
+            f"calibration text has {stream.numel()} tokens, fewer than one window of {seq_len}"
+        )
+    return sample_calibration(stream, settings.num_samples, seq_len, settings.seed)
+
+
+def check_calibration(calibration: torch.Tensor | None, reason: str) -> None:
+    """Refuse calibration data that is missing or not token windows; `reason` names what needs
+    it, in words (``"method 'gptq'"``)."""
+    if calibration is None:
+        raise UserInputError(
+            f"{reason} needs calibration data: pass --calibration-data "
+            "(or data.calibration in a recipe)"
+        )
+    if calibration.dtype != torch.long or calibration.dim() != 2 or calibration.numel() == 0:
+        raise UserInputError("calibration must be a non-empty LongTensor (num_samples, seq_len)")
+
+
+def model_calibration_samples(
+    model: torch.nn.Module, source: DataConfig | str, tokenizer: Any, settings: CalibrationSettings
+) -> torch.Tensor:
+    """`calibration_samples` with windows no longer than the model's position limit."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return calibration_samples(source, tokenizer, settings, max_positions=limit)

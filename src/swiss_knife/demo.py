@@ -19,12 +19,13 @@ import sysconfig
 from pathlib import Path
 from typing import Any
 
-from .config import CompressionConfig, validate_dict
+from .config import validate_dict
 from .errors import MissingDependencyError, OutputExistsError
 from .evaluation.compare import comparison_rows
 from .evaluation.report import terminal_table, write_reports
 from .models import build_manifest, load_model, read_manifest, render_model_card, save_model
 from .pipeline import run_recipe
+from .recipe import CompressionConfig
 
 logger = logging.getLogger(__name__)
 

@@ -262,6 +262,20 @@ def _detach_gguf_quantizer(model: Any, source: str) -> None:
         del model.config.quantization_config
 
 
+def is_quantized(model: nn.Module) -> str | None:
+    """The quantization method a model already carries, or None for a float model.
+
+    Quantizing it again, or pruning it, would rewrite integers as if they were float weights.
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        return str(getattr(model, "quantization_method", None) or "quantized")
+    qconfig = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qconfig:
+        method = qconfig.get("quant_method") if isinstance(qconfig, dict) else None
+        return str(method or getattr(qconfig, "quant_method", "quantized"))
+    return None
+
+
 def cast_model(model: nn.Module, config: CastConfig | str) -> nn.Module:
     """Cast every floating-point parameter and saved buffer to fp16, bf16 or fp32, in place.
 

@@ -32,14 +32,12 @@ import yaml
 
 from .config import (
     CastConfig,
-    CompressionConfig,
     DataConfig,
     DistillConfig,
     EvaluateStageConfig,
     EvaluationConfig,
     LayerReductionConfig,
     config_to_dict,
-    stage_name,
 )
 from .data import load_token_stream
 from .errors import ConfigError, OutputExistsError, UserInputError
@@ -56,6 +54,7 @@ from .models import (
     save_model,
 )
 from .paths import check_writable_parent, refuse_inside_inputs
+from .recipe import CompressionConfig, stage_name
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ def _run_cast(state: PipelineState, stage: CastConfig) -> StageOutcome:
 def _stage_calibration(state: PipelineState, stage: Any, reason: str | None) -> Any:
     """The stage's calibration windows from data.calibration (or data.eval), or None when
     `reason` (why the stage needs them) is None."""
-    from .compression.quantization.api import calibration_samples
+    from .data import calibration_samples
 
     if reason is None:
         return None
@@ -156,7 +155,7 @@ def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
     from .compression.quantization.api import quantize
     from .compression.quantization.base import get_method
 
-    needs = get_method(stage.method).needs_calibration
+    needs = get_method(stage.method).needs_data(stage)
     calibration = _stage_calibration(state, stage, f"method {stage.method!r}" if needs else None)
     outcome = quantize(
         state.model,
@@ -200,7 +199,7 @@ def _run_prune(state: PipelineState, stage: Any) -> StageOutcome:
 @register_stage("reduce_layers")
 def _run_reduce_layers(state: PipelineState, stage: LayerReductionConfig) -> StageOutcome:
     from .compression.layers import reduce_layers
-    from .compression.quantization.api import model_calibration_samples
+    from .data import model_calibration_samples
 
     recipe = state.recipe
     source = recipe.data.calibration or recipe.data.eval

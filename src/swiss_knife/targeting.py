@@ -45,7 +45,7 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from swiss_knife.arch import get_arch, get_blocks
-from swiss_knife.errors import UserInputError
+from swiss_knife.errors import UnsupportedArchitectureError, UserInputError
 
 T = TypeVar("T")
 
@@ -232,6 +232,19 @@ def resolve_targets(
         )
     # `selected` was filled pattern by pattern; return it in model order instead.
     return {name: module for name, module in modules if name in selected}
+
+
+def resolve_linear_targets(model: nn.Module, spec: TargetSpec, why: str) -> dict[str, nn.Linear]:
+    """`resolve_targets` for a method that handles ``nn.Linear`` only: a targeted GPT-2 style
+    Conv1D is refused before any work, `why` saying what cannot take it."""
+    targets = resolve_targets(model, spec)
+    conv1d = [name for name, module in targets.items() if not isinstance(module, nn.Linear)]
+    if conv1d:
+        raise UnsupportedArchitectureError(
+            f"{len(conv1d)} targeted layer(s) are GPT-2 style Conv1D (e.g. {conv1d[0]}); {why}. "
+            "Supported: Llama, Mistral, Qwen2/3, Gemma, Phi-3, OPT and GPT-NeoX style models"
+        )
+    return {name: module for name, module in targets.items() if isinstance(module, nn.Linear)}
 
 
 def _example_names(modules: list[tuple[str, nn.Module]]) -> str:

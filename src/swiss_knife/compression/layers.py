@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import registry
 from ..arch import drop_blocks, get_arch, get_blocks
 from ..calibration import block_io_scores
 from ..config import LayerReductionConfig
@@ -264,3 +265,11 @@ def reduce_layers(
         "seconds": round(time.perf_counter() - started, 3),
     }
     return LayerReductionOutcome(model=model, removed=removed, steps=steps, report=report)
+
+
+registry.register(
+    "reduce_layers",
+    "reduce_layers",
+    LayerReductionConfig,
+    needs_calibration=lambda c: c.layers is None and c.selection == "importance",
+)(reduce_layers)

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from swiss_knife import registry
 from swiss_knife.arch import hidden_size, num_layers
 from swiss_knife.config import DataConfig, DistillConfig, config_to_dict
 from swiss_knife.data import load_token_stream
@@ -346,3 +347,6 @@ def distill(
     result = train(accelerator, job)
     result.kept_blocks = kept
     return result
+
+
+registry.register("distill", "distill", DistillConfig, needs_calibration=False)(distill)

@@ -10,7 +10,7 @@ as `accelerate launch` and its config decide. One optimizer step is::
             accelerator.backward(loss)
     clip gradients; optimizer.step(); scheduler.step(); optimizer.zero_grad()
 
-then, every N steps: a metrics line, held-out perplexity (early stopping, the best student
+(`optimizer_step`, which gradual pruning's fine-tuning runs too), then, every N steps: a metrics line, held-out perplexity (early stopping, the best student
 saved), a checkpoint. The student and the learned hidden-state projections train together as
 one module (`StudentWithLoss`) so that DDP/FSDP wrap and synchronise both.
 
@@ -36,16 +36,18 @@ of each sequence, exactly as `swiss_knife.evaluation.perplexity` does with `wind
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +61,8 @@ from .data import BatchOrder, PackedData
 from .losses import DistillationLoss, TopKLogits
 
 logger = logging.getLogger(__name__)
+
+Batch = TypeVar("Batch")
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_STATE = "swiss_knife_distill.json"
@@ -436,6 +440,46 @@ def _teacher_forward(
     return out.logits, (tuple(out.hidden_states) if hidden else None)  # (batch, seq, vocab)
 
 
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Iterable[Batch],
+    loss_fn: Callable[[Batch], tuple[Tensor, dict[str, Tensor]]],
+    *,
+    backward: Callable[[Tensor], Any] = Tensor.backward,
+    accumulate: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+    clip_grad_norm: Callable[[], Tensor] | None = None,
+    after_backward: Callable[[], None] | None = None,
+    after_update: Callable[[], None] | None = None,
+) -> tuple[list[dict[str, Tensor]], float | None]:
+    """One optimizer step: forward, loss and backward on every micro-batch (their gradients add
+    up), then clip, update, and clear the gradients (to None).
+
+    `loss_fn(batch)` runs the forward pass and returns the loss and its named terms. `backward`
+    is `loss.backward()` unless given (the distillation loop passes `accelerator.backward`, which
+    scales for accumulation and mixed precision); each micro-batch runs inside `accumulate()`
+    (`accelerator.accumulate(module)`: gradients sync on the last one only). `after_backward`
+    runs once the gradients are complete (gradual pruning zeroes those of pruned weights),
+    `clip_grad_norm()` clips them and returns their norm, `after_update` runs after
+    `optimizer.step()` (the LR scheduler; gradual pruning re-applies its masks). Gradients must
+    be clear on entry. Returns each micro-batch's loss and terms, detached, and the gradient norm
+    (None without clipping).
+    """
+    records: list[dict[str, Tensor]] = []
+    for batch in micro_batches:
+        with accumulate():
+            loss, parts = loss_fn(batch)
+            backward(loss)
+        records.append({"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}})
+    if after_backward is not None:
+        after_backward()
+    grad_norm = float(clip_grad_norm()) if clip_grad_norm is not None else None
+    optimizer.step()
+    if after_update is not None:
+        after_update()
+    optimizer.zero_grad(set_to_none=True)
+    return records, grad_norm
+
+
 def train(accelerator: Any, job: TrainingJob) -> DistillResult:
     """Run (or resume) the loop; returns the student with its best (or final) weights."""
     cfg = job.config
@@ -525,41 +569,54 @@ def train(accelerator: Any, job: TrainingJob) -> DistillResult:
         unit="step",
         enabled=job.progress and main,
     )
+    MicroBatch = tuple[Tensor, Tensor | TopKLogits | None, tuple[Tensor, ...] | None]
+
+    def micro_batches(step: int) -> Iterable[MicroBatch]:
+        """This process's micro-batches of optimizer step `step`, with the teacher's outputs."""
+        for micro in range(cfg.grad_accum):
+            rows = order.indices(step * cfg.grad_accum + micro, rank)
+            input_ids = job.data.train[rows].to(device)  # (batch, seq)
+            teacher_logits: Tensor | TopKLogits | None = None
+            teacher_hidden = None
+            if topk is not None:
+                teacher_logits = TopKLogits(
+                    topk.values[rows].to(device), topk.indices[rows].to(device)
+                )
+            elif teacher is not None:
+                teacher_logits, teacher_hidden = _teacher_forward(
+                    accelerator, teacher, input_ids, needs_hidden
+                )
+            yield input_ids, teacher_logits, teacher_hidden
+
+    def loss_fn(batch: MicroBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        result: tuple[Tensor, dict[str, Tensor]] = module(*batch)
+        return result
+
+    def clip() -> Tensor:
+        # accumulate() synchronised the gradients on the last micro-batch of the step.
+        norm: Tensor = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+        return norm
+
     sums: dict[str, Tensor] = {}
     window_steps, window_seconds = 0, 0.0
     last_checkpoint_step = state.step if job.resume_from is not None else -1
     try:
         while state.step < job.total_steps and not state.stopped_early:
             started = time.perf_counter()
-            for micro in range(cfg.grad_accum):
-                rows = order.indices(state.step * cfg.grad_accum + micro, rank)
-                input_ids = job.data.train[rows].to(device)  # (batch, seq)
-                teacher_logits: Tensor | TopKLogits | None = None
-                teacher_hidden = None
-                if topk is not None:
-                    teacher_logits = TopKLogits(
-                        topk.values[rows].to(device), topk.indices[rows].to(device)
-                    )
-                elif teacher is not None:
-                    teacher_logits, teacher_hidden = _teacher_forward(
-                        accelerator, teacher, input_ids, needs_hidden
-                    )
-                with accelerator.accumulate(module):
-                    loss, parts = module(input_ids, teacher_logits, teacher_hidden)
-                    accelerator.backward(loss)
-                # Kept as tensors: reading them every micro-batch would stall a GPU each time.
-                for name, value in {"loss": loss, **parts}.items():
-                    term = value.detach().float() / cfg.grad_accum
+            records, grad_norm = optimizer_step(
+                optimizer,
+                micro_batches(state.step),
+                loss_fn,
+                backward=accelerator.backward,
+                accumulate=lambda: accelerator.accumulate(module),
+                clip_grad_norm=clip if cfg.max_grad_norm is not None else None,
+                after_update=scheduler.step,
+            )
+            # Kept as tensors: reading them every micro-batch would stall a GPU each time.
+            for terms in records:
+                for name, value in terms.items():
+                    term = value.float() / cfg.grad_accum
                     sums[name] = sums[name] + term if name in sums else term
-            # accumulate() synchronised the gradients on the last micro-batch of the step.
-            grad_norm = None
-            if cfg.max_grad_norm is not None:
-                grad_norm = float(
-                    accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - started
             state.step += 1
             state.tokens += tokens_per_step

@@ -13,15 +13,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...data import check_calibration
 from ...errors import UserInputError
-from ..quantization.api import is_quantized
+from ...models import is_quantized
 from .base import PruneContext, PruneOutcome, get_method
 
 
 def calibration_reason(config: Any) -> str | None:
     """Why a pruning config needs calibration text, in words, or None when it is data-free."""
     method = getattr(config, "method", None)
-    if get_method(str(method)).needs_calibration:
+    info = get_method(str(method))
+    if not info.needs_data(config):
+        return None
+    if info.needs_calibration:
         return f"method {method!r}"
     if getattr(config, "allocation", None) == "owl":
         return "allocation 'owl' (it ranks layers by activation outliers)"
@@ -59,15 +63,7 @@ def prune(
         )
     reason = calibration_reason(config)
     if reason is not None:
-        if calibration is None:
-            raise UserInputError(
-                f"{reason} needs calibration data: pass --calibration-data "
-                "(or data.calibration in a recipe)"
-            )
-        if calibration.dtype != torch.long or calibration.dim() != 2 or calibration.numel() == 0:
-            raise UserInputError(
-                "calibration must be a non-empty LongTensor (num_samples, seq_len)"
-            )
+        check_calibration(calibration, reason)
     if getattr(config, "schedule", None) is not None and train_tokens is None:
         raise UserInputError(
             "a gradual schedule fine-tunes between steps and needs training text: pass "

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import UserInputError
+from ... import registry
 
 
 @dataclass
@@ -45,49 +45,16 @@ class PruneOutcome:
 MethodFn = Callable[[nn.Module, Any, PruneContext], PruneOutcome]
 
 
-@dataclass(frozen=True)
-class MethodInfo:
-    name: str
-    config_class: type
-    apply: MethodFn
-    needs_calibration: bool
-    description: str
-
-
-_METHODS: dict[str, MethodInfo] = {}
-
-
 def register_method(
-    name: str, config_class: type, *, needs_calibration: bool
+    name: str, config_class: type, *, needs_calibration: bool | Callable[[Any], bool]
 ) -> Callable[[MethodFn], MethodFn]:
-    """Register a pruning method; a second registration of a name is an error."""
-
-    def decorator(fn: MethodFn) -> MethodFn:
-        if name in _METHODS:
-            raise ValueError(f"pruning method {name!r} is already registered")
-        doc = (config_class.__doc__ or "").strip().splitlines()
-        _METHODS[name] = MethodInfo(
-            name, config_class, fn, needs_calibration, doc[0] if doc else ""
-        )
-        return fn
-
-    return decorator
+    """Register a pruning method in the one registry (see swiss_knife.registry)."""
+    return registry.register("prune", name, config_class, needs_calibration=needs_calibration)
 
 
-def _load_builtin_methods() -> None:
-    # Importing the modules runs their @register_method decorators.
-    from . import structured, unstructured  # noqa: F401
-
-
-def get_method(name: str) -> MethodInfo:
-    _load_builtin_methods()
-    if name not in _METHODS:
-        raise UserInputError(
-            f"unknown pruning method {name!r}; available: {', '.join(method_names())}"
-        )
-    return _METHODS[name]
+def get_method(name: str) -> registry.Method:
+    return registry.get("prune", name)
 
 
 def method_names() -> list[str]:
-    _load_builtin_methods()
-    return list(_METHODS)
+    return registry.names("prune")

@@ -7,11 +7,12 @@ remain, slower near the target) and train between steps so the network recovers.
 the chosen criterion at each ``s_t`` and `finetune_masked` in between.
 
 `finetune_masked` trains every parameter with AdamW on windows of a token stream, with the plain
-language-model loss or, given a teacher (the unpruned model), the distillation loss
-`distillation_kl` (Hinton et al. 2015: KL divergence between temperature-softened
-distributions, scaled by ``T^2`` so its gradients keep their size as ``T`` changes). Pruned
-weights stay exactly zero: their gradients are masked before each step (so AdamW's moments never
-move them) and the masks are applied again after it (weight decay, float round-off).
+language-model loss or, given a teacher (the unpruned model), distillation's `ForwardKL`
+(Hinton et al. 2015: KL divergence between temperature-softened distributions, scaled by ``T^2``
+so its gradients keep their size as ``T`` changes), over every position. Each step is the
+distillation loop's `optimizer_step`. Pruned weights stay exactly zero: their gradients are
+masked before each update (so AdamW's moments never move them) and the masks are applied again
+after it (float round-off).
 
 Cost per optimizer step: one forward and backward pass over ``batch_size x seq_len`` tokens (plus
 a forward of the teacher); memory: the model, its gradients and AdamW's two moments (4x the
@@ -25,11 +26,13 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from swiss_knife.data import token_windows
 from swiss_knife.errors import DataError
+
+from ..distillation.loop import optimizer_step
+from ..distillation.losses import ForwardKL
 
 ScheduleKind = Literal["cubic", "linear"]
 
@@ -51,21 +54,6 @@ def sparsity_schedule(target: float, steps: int, kind: ScheduleKind = "cubic") -
         levels.append(target * done)
     levels[-1] = target  # exact, whatever the float rounding of the curve
     return levels
-
-
-def distillation_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """``T^2 KL(softmax(teacher / T) || softmax(student / T))``, averaged over tokens.
-
-    Both logits are ``(..., vocab)``; every leading position is one token.
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    vocab = student_logits.shape[-1]
-    student = F.log_softmax(student_logits.reshape(-1, vocab).float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.reshape(-1, vocab).float() / temperature, dim=-1)
-    # (tokens, vocab) -> mean over tokens of the per-token KL
-    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-    return kl * temperature**2
 
 
 def finetune_masked(
@@ -104,38 +92,54 @@ def finetune_masked(
     for p in params:
         p.requires_grad_(True)
     keep = [(weight, mask.to(device=weight.device, dtype=weight.dtype)) for weight, mask in masks]
+    kl = ForwardKL(temperature) if teacher is not None else None
     # No weight decay: it would only shrink the kept weights toward the pruned ones' zero.
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
+    optimizer.zero_grad(set_to_none=True)  # optimizer_step needs clear gradients
     losses: list[float] = []
+
+    def loss_fn(batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        # batch: (batch, seq_len)
+        if kl is None:
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        else:
+            assert teacher is not None
+            with torch.no_grad():
+                target = teacher(input_ids=batch, use_cache=False).logits
+            logits = model(input_ids=batch, use_cache=False).logits  # (batch, seq_len, vocab)
+            loss = kl(logits, target)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"fine-tuning diverged (loss {value}); lower the learning rate"
+            )
+        losses.append(value)
+        return loss, {}
+
+    @torch.no_grad()
+    def mask_gradients() -> None:
+        for weight, mask in keep:
+            if weight.grad is not None:
+                weight.grad.mul_(mask)
+
+    @torch.no_grad()
+    def mask_weights() -> None:
+        for weight, mask in keep:
+            weight.mul_(mask)
+
     model.train()
     try:
         with torch.enable_grad():
             for _ in track(range(steps), description, unit="step", enabled=progress):
                 rows = torch.randint(0, windows.shape[0], (batch_size,), generator=generator)
                 batch = windows[rows].to(device)  # (batch, seq_len)
-                if teacher is None:
-                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                else:
-                    with torch.no_grad():
-                        target = teacher(input_ids=batch, use_cache=False).logits
-                    logits = model(input_ids=batch, use_cache=False).logits
-                    loss = distillation_kl(logits, target, temperature)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"fine-tuning diverged (loss {value}); lower the learning rate"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                with torch.no_grad():
-                    for weight, mask in keep:
-                        if weight.grad is not None:
-                            weight.grad.mul_(mask)
-                optimizer.step()
-                with torch.no_grad():
-                    for weight, mask in keep:
-                        weight.mul_(mask)
-                losses.append(value)
+                optimizer_step(
+                    optimizer,
+                    [batch],
+                    loss_fn,
+                    after_backward=mask_gradients,
+                    after_update=mask_weights,
+                )
     finally:
         model.eval()
         optimizer.zero_grad(set_to_none=True)
@@ -144,4 +148,4 @@ def finetune_masked(
     return losses
 
 
-__all__ = ["distillation_kl", "finetune_masked", "sparsity_schedule"]
+__all__ = ["finetune_masked", "sparsity_schedule"]

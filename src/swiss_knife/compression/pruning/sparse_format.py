@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from swiss_knife.compression.quantization.compressed_tensors_format import (
+from swiss_knife.compression.checkpoint import (
     QUANT_METHOD,
     WEIGHTS_NAME,
     tied_duplicates,

@@ -9,7 +9,7 @@ walks the input columns left to right like GPTQ (whose Optimal Brain Surgeon ste
 column ``j`` of the pruned weights is zeroed where the mask says so, and its error
 ``e = (w_j - q_j) / [U]_jj`` is spread over the columns not yet processed,
 ``W[:, j+1:] -= e [U]_{j, j+1:}``, where ``U`` is the upper Cholesky factor of ``H^-1`` (shared with
-GPTQ: `inverse_cholesky_upper`). The kept weights therefore change; that update is what makes
+GPTQ: `compression.hessian.inverse_cholesky_upper`). The kept weights therefore change; that update is what makes
 SparseGPT better than Wanda at high sparsity and with N:M patterns.
 
 The mask is chosen as the walk goes ("adaptive mask selection"): at the start of each block of
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from swiss_knife.compression.hessian import inverse_cholesky_upper
 from swiss_knife.compression.pruning.masks import check_nm_shape, prune_count, prune_smallest
-from swiss_knife.compression.quantization.gptq import inverse_cholesky_upper
 from swiss_knife.device import column_loop_threads
 from swiss_knife.errors import UserInputError
 

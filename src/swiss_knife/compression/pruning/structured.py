@@ -63,6 +63,7 @@ from typing import Any, Literal, cast
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from pydantic import Field
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -77,9 +78,40 @@ from ...arch import (
     intermediate_size,
 )
 from ...calibration import BlockCalibrator, BlockContext, ChannelNormObserver, run_calibration
-from ...config import StructuredPruneConfig
+from ...config import (
+    CalibrationSettings,
+    PruneBase,
+)
 from ...errors import UnsupportedArchitectureError, UserInputError
 from .base import PruneContext, PruneOutcome, register_method
+
+
+class StructuredPruneConfig(PruneBase):
+    """Remove whole attention heads and MLP channels, shrinking every layer alike."""
+
+    method: Literal["structured"] = "structured"
+    mlp_ratio: float = Field(
+        default=0.25, ge=0.0, lt=1.0, description="Fraction of MLP intermediate channels removed."
+    )
+    head_ratio: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of attention heads removed (whole key/value groups under GQA).",
+    )
+    hidden_ratio: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Fraction of hidden (embedding) channels removed."
+    )
+    importance: Literal["activation", "magnitude"] = Field(
+        default="activation",
+        description="activation: mean activation magnitude on calibration text (Minitron/FLAP); "
+        "magnitude: weight norms, data-free.",
+    )
+    round_to: int = Field(
+        default=1, ge=1, description="Keep widths a multiple of this (e.g. 8 or 64 for kernels)."
+    )
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+
 
 logger = logging.getLogger(__name__)
 
@@ -738,7 +770,9 @@ def _num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-@register_method("structured", StructuredPruneConfig, needs_calibration=False)
+@register_method(
+    "structured", StructuredPruneConfig, needs_calibration=lambda c: c.importance == "activation"
+)
 def apply_structured(
     model: nn.Module, config: StructuredPruneConfig, ctx: PruneContext
 ) -> PruneOutcome:

@@ -26,9 +26,10 @@ import copy
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -36,21 +37,20 @@ from ...calibration import (
     BlockCalibrator,
     BlockContext,
     CalibrationReport,
+    ChannelNormObserver,
     HessianObserver,
-    accumulate_channel_sq_norm,
     run_calibration,
     same_tensor,
     sequential_groups,
 )
 from ...config import (
-    MagnitudePruneConfig,
-    SparseGPTPruneConfig,
-    WandaPruneConfig,
-    _UnstructuredPruneConfig,
+    CalibratedPruneConfig,
+    CalibrationSettings,
+    UnstructuredPruneConfig,
 )
 from ...errors import UserInputError
 from ...targeting import TargetSpec, resolve_targets
-from ..quantization.weight_only import sensitivity_table
+from ..metrics import sensitivity_table
 from .base import PruneContext, PruneOutcome, register_method
 from .gradual import finetune_masked, sparsity_schedule
 from .masks import (
@@ -65,6 +65,57 @@ from .masks import (
 from .owl import outlier_ratio, owl_sparsities, round_to_grid
 from .sparse_format import save_sparse_bitmask
 from .sparsegpt import sparsegpt_prune
+
+
+class MagnitudePruneConfig(UnstructuredPruneConfig):
+    """Magnitude pruning: zero the smallest |W|, per layer (or globally across layers)."""
+
+    method: Literal["magnitude"] = "magnitude"
+    scope: Literal["layer", "global"] = Field(
+        default="layer", description="Rank weights within each layer or across all targets."
+    )
+
+    @model_validator(mode="after")
+    def _global_is_unstructured(self) -> MagnitudePruneConfig:
+        if self.scope == "global" and (self.pattern is not None or self.allocation != "uniform"):
+            chosen = f"pattern {self.pattern}" if self.pattern else f"allocation {self.allocation}"
+            raise ValueError(
+                f"scope 'global' lets one ranking across all layers decide each layer's sparsity, "
+                f"which {chosen} would override; use scope 'layer' with it"
+            )
+        return self
+
+
+class WandaPruneConfig(CalibratedPruneConfig):
+    """Wanda (Sun et al. 2023): zero the smallest |W_ij| * ||X_j|| per output row."""
+
+    method: Literal["wanda"] = "wanda"
+
+
+class SparseGPTPruneConfig(CalibratedPruneConfig):
+    """SparseGPT (Frantar & Alistarh 2023): second-order pruning that updates kept weights."""
+
+    method: Literal["sparsegpt"] = "sparsegpt"
+    damp: float = Field(default=0.01, gt=0.0, lt=1.0, description="Hessian dampening.")
+    block_size: int = Field(default=128, ge=1, description="Columns pruned together.")
+    refit_iterations: int = Field(
+        default=5,
+        ge=0,
+        le=1000,
+        description="Conjugate-gradient steps that re-fit each layer's kept weights to its "
+        "calibration inputs once SparseGPT has chosen the mask (0: the paper's algorithm).",
+    )
+
+    @field_validator("calibration", mode="after")
+    @classmethod
+    def _auto_precision(cls, value: CalibrationSettings) -> CalibrationSettings:
+        # SparseGPT's default precision is `auto` (bf16 block passes where bf16 is native): its
+        # fp32 Hessians from bf16-rounded activations gave the same perplexity as fp32 passes in
+        # about 0.6x the time (benchmarks/RESULTS.md). An explicit precision is kept as given.
+        if "precision" in value.model_fields_set:
+            return value
+        return value.model_copy(update={"precision": "auto"})
+
 
 FORMAT_DENSE = "dense"
 FORMAT_SPARSE = "compressed-tensors/sparse-bitmask"
@@ -112,7 +163,7 @@ def stored_mask(module: nn.Module, keep: Tensor) -> Tensor:
     return keep.t() if isinstance(module, Conv1D) else keep
 
 
-def plan_targets(model: nn.Module, config: _UnstructuredPruneConfig) -> dict[str, nn.Module]:
+def plan_targets(model: nn.Module, config: UnstructuredPruneConfig) -> dict[str, nn.Module]:
     """Every targeted linear; every problem is found before any work starts."""
     targets = resolve_targets(model, TargetSpec(tuple(config.targets), tuple(config.ignore)))
     nm = config.nm
@@ -144,28 +195,9 @@ def _block_of(names: Mapping[str, nn.Module], model: nn.Module) -> dict[str, int
 # ------------------------------------------------------------------------------- observers
 
 
-class SquaredNormObserver:
-    """Wanda's statistic alone: the sum over tokens of x^2 per input channel, (in,) float32.
-
-    (`calibration.ChannelNormObserver` also keeps AWQ's mean |x|, which Wanda does not need.)
-    """
-
-    def __init__(self) -> None:
-        self._sq_norm: Tensor | None = None
-        self.count = 0
-
-    def update(self, inp: Tensor) -> None:
-        """Fold in inputs of shape (tokens, in_features)."""
-        if self._sq_norm is None:
-            self._sq_norm = torch.zeros(inp.shape[-1], dtype=torch.float32, device=inp.device)
-        self._sq_norm, self.count = accumulate_channel_sq_norm(self._sq_norm, self.count, inp)
-
-    @property
-    def l2_norm(self) -> Tensor:
-        """||X_j||_2 per input channel, (in,)."""
-        if self._sq_norm is None:
-            raise RuntimeError("SquaredNormObserver has seen no inputs")
-        return self._sq_norm.sqrt()
+def wanda_observer() -> ChannelNormObserver:
+    """Wanda's statistic alone: the sum over tokens of x^2 per input channel (no |x| means)."""
+    return ChannelNormObserver(abs_mean=False)
 
 
 class _SharedObservers:
@@ -210,7 +242,7 @@ class _OutlierCalibrator(BlockCalibrator):
     def __init__(self, targets: Mapping[str, nn.Module], threshold: float) -> None:
         self.targets = targets
         self.threshold = threshold
-        self.observers = _SharedObservers(SquaredNormObserver)
+        self.observers = _SharedObservers(wanda_observer)
         self.scores: list[Tensor] = []
         self.ratios: dict[int, float] = {}
 
@@ -255,7 +287,7 @@ class _PruneCalibrator(BlockCalibrator):
         self.keep_masks = keep_masks
         self.solved: set[str] = set()
         sparsegpt = isinstance(config, SparseGPTPruneConfig)
-        self.observers = _SharedObservers(HessianObserver if sparsegpt else SquaredNormObserver)
+        self.observers = _SharedObservers(HessianObserver if sparsegpt else wanda_observer)
         self.keep: Masks = {}
         # True-sequential pruning needs only each linear's own inputs: when the calibration set
         # is one mini-batch, the engine prunes every linear just before it runs, one pass per
@@ -372,7 +404,7 @@ def _magnitude_step(
 def owl_ratios(
     model: nn.Module,
     targets: Mapping[str, nn.Module],
-    config: _UnstructuredPruneConfig,
+    config: UnstructuredPruneConfig,
     ctx: PruneContext,
 ) -> dict[int, float]:
     """OWL's outlier ratio of every block that holds targets, from a pre-pass on `model`."""
@@ -396,7 +428,7 @@ def block_sparsities(
     targets: Mapping[str, nn.Module],
     blocks: Mapping[str, int],
     level: float,
-    config: _UnstructuredPruneConfig,
+    config: UnstructuredPruneConfig,
     ratios: Mapping[int, float],
 ) -> dict[int, float]:
     """OWL's sparsity for each block at overall `level`.
@@ -418,7 +450,7 @@ def allocate(
     targets: Mapping[str, nn.Module],
     blocks: Mapping[str, int],
     level: float,
-    config: _UnstructuredPruneConfig,
+    config: UnstructuredPruneConfig,
     ratios: Mapping[int, float] | None,
 ) -> dict[str, float]:
     """Each target's sparsity at overall `level`: uniform, or OWL's per-block allocation snapped
@@ -473,7 +505,7 @@ def _layer_rows(
     return rows
 
 
-def _describe(config: _UnstructuredPruneConfig) -> str:
+def _describe(config: UnstructuredPruneConfig) -> str:
     if config.pattern is not None:
         n, m = config.nm or (0, 0)
         return f"{config.pattern} semi-structured sparsity ({n} of every {m} inputs kept)"
@@ -483,7 +515,7 @@ def _describe(config: _UnstructuredPruneConfig) -> str:
 _TITLES = {"magnitude": "Magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
 
 
-def _method_step(config: _UnstructuredPruneConfig, calibration: CalibrationReport | None) -> str:
+def _method_step(config: UnstructuredPruneConfig, calibration: CalibrationReport | None) -> str:
     title = _TITLES[getattr(config, "method", "")]
     text = f"{title} pruning: {_describe(config)}"
     if isinstance(config, MagnitudePruneConfig):
@@ -513,7 +545,7 @@ def _method_step(config: _UnstructuredPruneConfig, calibration: CalibrationRepor
 
 
 def _writer(
-    model: nn.Module, names: list[str], config: _UnstructuredPruneConfig
+    model: nn.Module, names: list[str], config: UnstructuredPruneConfig
 ) -> Callable[[Path], None]:
     if config.save_format == "dense":
 
@@ -539,7 +571,7 @@ class _Pruner:
     def __init__(
         self,
         model: nn.Module,
-        config: _UnstructuredPruneConfig,
+        config: UnstructuredPruneConfig,
         ctx: PruneContext,
         targets: Mapping[str, nn.Module],
     ) -> None:
@@ -591,7 +623,7 @@ class _Pruner:
 
 def _gradual(
     model: nn.Module,
-    config: _UnstructuredPruneConfig,
+    config: UnstructuredPruneConfig,
     ctx: PruneContext,
     targets: Mapping[str, nn.Module],
     pruner: _Pruner,
@@ -649,7 +681,7 @@ def _gradual(
     return keep, errors, history
 
 
-def apply(model: nn.Module, config: _UnstructuredPruneConfig, ctx: PruneContext) -> PruneOutcome:
+def apply(model: nn.Module, config: UnstructuredPruneConfig, ctx: PruneContext) -> PruneOutcome:
     """Prune `model` in place as `config` says (magnitude, wanda or sparsegpt)."""
     targets = plan_targets(model, config)
     blocks = _block_of(targets, model)
@@ -759,6 +791,9 @@ def apply(model: nn.Module, config: _UnstructuredPruneConfig, ctx: PruneContext)
     )
 
 
-register_method("magnitude", MagnitudePruneConfig, needs_calibration=False)(apply)
+# Magnitude pruning is data-free, except that OWL's allocation ranks layers by activations.
+register_method(
+    "magnitude", MagnitudePruneConfig, needs_calibration=lambda c: c.allocation == "owl"
+)(apply)
 register_method("wanda", WandaPruneConfig, needs_calibration=True)(apply)
 register_method("sparsegpt", SparseGPTPruneConfig, needs_calibration=True)(apply)

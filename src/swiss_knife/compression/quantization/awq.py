@@ -83,6 +83,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from ...arch import (
@@ -101,20 +102,33 @@ from ...calibration import (
     HessianObserver,
     run_calibration,
 )
-from ...config import AWQConfig
+from ...config import (
+    CalibrationSettings,
+    IntWeightConfig,
+)
 from ...errors import UnsupportedArchitectureError, UserInputError
-from ...targeting import TargetSpec, resolve_overrides, resolve_targets
+from ..metrics import sqnr_db
 from .base import QuantizationOutcome, QuantizeContext, register_method
-from .compressed_tensors_format import check_loadable, save_compressed
+from .compressed_tensors_format import plan_grids, save_compressed
 from .grid import (
     QuantGrid,
     QuantizedWeight,
     compute_qparams,
-    fitting_group_sizes,
     quantize,
+    quantize_groups,
     resolve_scale_dtype,
 )
 from .rtn import rtn_quantize
+
+
+class AWQConfig(IntWeightConfig):
+    """AWQ (Lin et al. 2023): activation-aware channel scales, folded into the previous op."""
+
+    method: Literal["awq"] = "awq"
+    grid: int = Field(default=20, ge=2, description="Points of the scale-exponent search.")
+    clip_search: bool = Field(default=True, description="Search the clipping range per group.")
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+
 
 FORMAT = "compressed-tensors/pack-quantized"
 
@@ -328,13 +342,7 @@ def quantize_with_clip(
         ratio.to(rows.device),
         scale_dtype=resolve_scale_dtype(W, scale_dtype),
     )  # (out * n_groups, 1) each
-    q = quantize(rows, scale, zero, grid.bits, grid.symmetric).reshape(out_features, in_features)
-    return QuantizedWeight(
-        q=q,
-        scale=scale.reshape(out_features, n_groups),
-        zero=None if grid.symmetric else zero.reshape(out_features, n_groups),
-        grid=grid,
-    )
+    return quantize_groups(rows, scale, zero, grid, out_features)
 
 
 def output_sq_error(H: Tensor, delta: Tensor) -> float:
@@ -804,7 +812,7 @@ class AWQCalibrator(BlockCalibrator):
                     "name": name,
                     "bits": grid.bits,
                     "rel_error": rel,
-                    "sqnr_db": _sqnr_db(rel),
+                    "sqnr_db": sqnr_db(rel),
                     "rtn_rel_error": rtn_rel,
                     "alpha": alpha,
                     "clip": clip,
@@ -868,48 +876,15 @@ def _mean(values: Iterable[float]) -> float | None:
     return sum(items) / len(items) if items else None
 
 
-def _sqnr_db(rel_error: float | None) -> float | None:
-    if rel_error is None:
-        return None
-    return math.inf if rel_error == 0 else -20.0 * math.log10(rel_error)
-
-
 def plan_awq_grids(model: nn.Module, config: AWQConfig) -> dict[str, QuantGrid]:
-    """Every targeted linear with its grid; all problems are reported before any work starts."""
+    """Every targeted linear's grid; all problems are reported before any work starts.
+
+    One asymmetric grid for every layer is allowed: it reloads through `load_compressed`."""
     spec = get_arch(model)
     if spec.linear_kind != "linear":
         raise UnsupportedArchitectureError(_unsupported_message(spec))
-    targets = resolve_targets(model, TargetSpec(tuple(config.targets), tuple(config.ignore)))
-    bits = resolve_overrides(targets, config.bits_overrides) if config.bits_overrides else {}
-    grids: dict[str, QuantGrid] = {}
-    misfits: dict[int, list[str]] = {}
-    for name, module in targets.items():
-        in_features = linear_in_out(module)[0]
-        if config.group_size is not None and in_features % config.group_size:
-            misfits.setdefault(in_features, []).append(name)
-        grids[name] = QuantGrid(
-            bits=bits.get(name, config.bits),
-            symmetric=config.symmetric,
-            group_size=config.group_size,
-        )
-    if misfits:
-        lines = []
-        for width, names in misfits.items():
-            fits = fitting_group_sizes(width)
-            fit_text = ", ".join(map(str, fits)) if fits else "none (use per-channel scales)"
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-            lines.append(f"{shown} ({width} inputs; fitting group sizes: {fit_text})")
-        raise UserInputError(
-            f"group size {config.group_size} does not divide the input width of "
-            + "; ".join(lines)
-            + ". A partial last group would not load; choose a group size that fits, per-channel "
-            "scales (group_size null), or ignore those layers"
-        )
-    by_grid: dict[QuantGrid, list[str]] = {}
-    for name, grid in grids.items():
-        by_grid.setdefault(grid, []).append(name)
-    check_loadable([(names, grid) for grid, names in by_grid.items()])
-    return grids
+    plan = plan_grids(model, config, allow_asymmetric=True)
+    return {name: grid for name, (_, grid) in plan.items()}
 
 
 def _describe(config: AWQConfig) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import UserInputError
+from ... import registry
 
 
 @dataclass
@@ -51,57 +51,29 @@ MethodFn = Callable[[nn.Module, Any, QuantizeContext], QuantizationOutcome]
 CheckFn = Callable[[nn.Module, Any], None]
 
 
-@dataclass(frozen=True)
-class MethodInfo:
-    name: str
-    config_class: type
-    apply: MethodFn
-    needs_calibration: bool
-    description: str
-    check: CheckFn | None = None  # the problems `apply` would refuse, found from shapes alone
-
-
-_METHODS: dict[str, MethodInfo] = {}
-
-
 def register_method(
-    name: str, config_class: type, *, needs_calibration: bool, check: CheckFn | None = None
+    name: str,
+    config_class: type,
+    *,
+    needs_calibration: bool | Callable[[Any], bool],
+    check: CheckFn | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
-    """Register a quantization method; a second registration of a name is an error.
+    """Register a quantization method in the one registry (see swiss_knife.registry).
 
     `check(model, config)` raises what `apply` would refuse about the model's shapes (a group
     size that does not divide a layer); it runs before any weights are read or text tokenised.
     """
-
-    def decorator(fn: MethodFn) -> MethodFn:
-        if name in _METHODS:
-            raise ValueError(f"quantization method {name!r} is already registered")
-        doc = (config_class.__doc__ or "").strip().splitlines()
-        _METHODS[name] = MethodInfo(
-            name, config_class, fn, needs_calibration, doc[0] if doc else "", check
-        )
-        return fn
-
-    return decorator
+    return registry.register(
+        "quantize", name, config_class, needs_calibration=needs_calibration, check=check
+    )
 
 
-def _load_builtin_methods() -> None:
-    # Importing the modules runs their @register_method decorators; backends load lazily.
-    from . import awq, bnb, dense, static_int8, torchao_int8, weight_only  # noqa: F401
-
-
-def get_method(name: str) -> MethodInfo:
-    _load_builtin_methods()
-    if name not in _METHODS:
-        raise UserInputError(
-            f"unknown quantization method {name!r}; available: {', '.join(method_names())}"
-        )
-    return _METHODS[name]
+def get_method(name: str) -> registry.Method:
+    return registry.get("quantize", name)
 
 
 def method_names() -> list[str]:
-    _load_builtin_methods()
-    return list(_METHODS)
+    return registry.names("quantize")
 
 
 def dense_writer(model: nn.Module) -> Callable[[Path], None]:

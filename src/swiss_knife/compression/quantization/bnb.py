@@ -69,18 +69,38 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from packaging.version import Version
+from pydantic import Field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ...config import BnB4bitConfig, BnB8bitConfig
+from ...config import QuantizeBase
 from ...errors import MissingDependencyError, SwissKnifeError, UserInputError
 from ...models import DTYPES
 from ...targeting import LINEAR_TYPES, TargetSpec, resolve_targets
 from .base import QuantizationOutcome, QuantizeContext, register_method
+
+
+class BnB8bitConfig(QuantizeBase):
+    """bitsandbytes LLM.int8 (Dettmers et al. 2022): int8 weights, fp16 outlier columns."""
+
+    method: Literal["8bit"] = "8bit"
+    threshold: float = Field(
+        default=6.0, ge=0.0, description="Activation magnitude above which a column stays fp16."
+    )
+
+
+class BnB4bitConfig(QuantizeBase):
+    """bitsandbytes 4-bit (QLoRA, Dettmers et al. 2023): NF4 or FP4 blocks of 64 weights."""
+
+    method: Literal["4bit"] = "4bit"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(default=True, description="Quantize the block scales too.")
+    compute_dtype: Literal["fp32", "fp16", "bf16"] = "bf16"
+
 
 logger = logging.getLogger(__name__)
 

@@ -42,33 +42,37 @@ does, so a reloaded model computes with exactly the weights that were evaluated 
 
 Not representable, so refused here: group sizes that do not divide a layer's width, and GPTQ
 activation order with groups fitted on the fly (a non-trivial ``g_idx``; use ``static_groups``,
-the compressed-tensors ``actorder="weight"`` form).
+the compressed-tensors ``actorder="weight"`` form). `plan_grids` finds all of these, and every
+grid the loader would refuse, from the model's shapes before a method does any work.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from swiss_knife.compression.quantization.grid import QuantGrid, QuantizedWeight
+from swiss_knife.compression.checkpoint import QUANT_METHOD, tied_duplicates, write_checkpoint
+from swiss_knife.compression.quantization.grid import (
+    QuantGrid,
+    QuantizedWeight,
+    fitting_group_sizes,
+)
 from swiss_knife.errors import MissingDependencyError, UserInputError
+from swiss_knife.targeting import TargetSpec, resolve_linear_targets, resolve_overrides
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 FORMAT = "pack-quantized"
-QUANT_METHOD = "compressed-tensors"
-WEIGHTS_NAME = "model.safetensors"
 
 ConfigGroup = tuple[Sequence[str], QuantGrid]
 
@@ -283,24 +287,6 @@ def unpack_weight(tensors: Mapping[str, Tensor], grid: QuantGrid) -> QuantizedWe
     return QuantizedWeight(q=q, scale=tensors["weight_scale"], zero=zero, grid=grid)
 
 
-def tied_duplicates(model: nn.Module, state: Mapping[str, Tensor]) -> set[str]:
-    """Names to drop because they share storage with another entry (tied embeddings):
-    safetensors refuses shared tensors, and transformers re-ties them on load."""
-    tied_targets = set(getattr(model, "all_tied_weights_keys", None) or {})
-    seen: dict[tuple[Any, ...], list[str]] = {}
-    for name, tensor in state.items():
-        if tensor.device.type == "meta":
-            continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        seen.setdefault(key, []).append(name)
-    drop: set[str] = set()
-    for names in seen.values():
-        if len(names) > 1:
-            keep = next((n for n in names if n not in tied_targets), names[0])
-            drop.update(n for n in names if n != keep)
-    return drop
-
-
 def pack_state_dict(
     model: nn.Module, quantized: Mapping[str, QuantizedWeight]
 ) -> dict[str, Tensor]:
@@ -360,28 +346,6 @@ def save_compressed(
     return write_checkpoint(model, qconfig, tensors, directory)
 
 
-def write_checkpoint(
-    model: PreTrainedModel,
-    quantization_config: Mapping[str, Any],
-    tensors: Mapping[str, Tensor],
-    directory: str | Path,
-) -> Path:
-    """Write ``config.json`` carrying `quantization_config`, ``generation_config.json`` if the
-    model has one, and `tensors` as ``model.safetensors`` into ``directory``."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config: Any = copy.deepcopy(model.config)
-    config.quantization_config = dict(quantization_config)
-    config.save_pretrained(directory)
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        generation_config.save_pretrained(directory)
-    save_file(dict(tensors), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    return directory
-
-
 def check_loadable(groups: Sequence[ConfigGroup]) -> None:
     """Refuse configs that transformers 5.24 cannot load: several config groups of which one is
     asymmetric. Its dequantize-on-load path applies a single scheme to every dense layer, and its
@@ -392,6 +356,81 @@ def check_loadable(groups: Sequence[ConfigGroup]) -> None:
             "transformers cannot load a compressed-tensors checkpoint that mixes several grids "
             f"when one is asymmetric ({grids}); use one grid for all layers, or symmetric grids"
         )
+
+
+class GridSettings(Protocol):
+    """What an integer weight-only config (RTN, GPTQ, AWQ) says about its layers' grids."""
+
+    @property
+    def targets(self) -> Sequence[str]: ...
+    @property
+    def ignore(self) -> Sequence[str]: ...
+    @property
+    def bits(self) -> int: ...
+    @property
+    def group_size(self) -> int | None: ...
+    @property
+    def symmetric(self) -> bool: ...
+    @property
+    def bits_overrides(self) -> Mapping[str, int]: ...
+
+
+def plan_grids(
+    model: nn.Module, config: GridSettings, *, allow_asymmetric: bool
+) -> dict[str, tuple[nn.Linear, QuantGrid]]:
+    """Every targeted linear with its grid; every problem is found before any work starts.
+
+    Refused: targeted GPT-2 Conv1D layers (the format stores nn.Linear weights only), a group
+    size that does not divide a layer's input width (a partial last group would not load), and
+    grids transformers cannot load. With `allow_asymmetric` one asymmetric grid for every layer
+    passes (it reloads through `load_compressed`) and only a mix that includes one is refused
+    (`check_loadable`): AWQ. Without it any asymmetric grid is refused, so that the checkpoint
+    loads with a plain ``from_pretrained``: RTN and GPTQ.
+    """
+    targets = resolve_linear_targets(
+        model,
+        TargetSpec(tuple(config.targets), tuple(config.ignore)),
+        "the compressed-tensors format stores nn.Linear weights only",
+    )
+    bits = resolve_overrides(targets, config.bits_overrides) if config.bits_overrides else {}
+    plan: dict[str, tuple[nn.Linear, QuantGrid]] = {}
+    misfits: dict[int, list[str]] = {}
+    for name, module in targets.items():
+        in_features = module.weight.shape[1]  # what the grid is fitted to
+        if config.group_size is not None and in_features % config.group_size:
+            misfits.setdefault(in_features, []).append(name)
+        grid = QuantGrid(
+            bits=bits.get(name, config.bits),
+            symmetric=config.symmetric,
+            group_size=config.group_size,
+        )
+        plan[name] = (module, grid)
+    if misfits:
+        lines = []
+        for width, names in misfits.items():
+            fits = fitting_group_sizes(width)
+            fit_text = ", ".join(map(str, fits)) if fits else "none (use per-channel scales)"
+            lines.append(
+                f"{len(names)} layer(s) with {width} inputs (e.g. {names[0]}): fitting group "
+                f"sizes {fit_text}"
+            )
+        raise UserInputError(
+            f"group size {config.group_size} does not divide every layer's input width, and a "
+            "partial last group would not load: "
+            + "; ".join(lines)
+            + ". Choose a group size that fits, --group-size 0 for per-channel scales, or "
+            "ignore those layers"
+        )
+    if not allow_asymmetric and not config.symmetric:
+        raise UserInputError(
+            "asymmetric integer grids do not load with a plain from_pretrained under the "
+            "installed compressed-tensors (its zero-point path fails); use a symmetric grid"
+        )
+    by_grid: dict[QuantGrid, list[str]] = {}
+    for name, (_, grid) in plan.items():
+        by_grid.setdefault(grid, []).append(name)
+    check_loadable([(names, grid) for grid, names in by_grid.items()])
+    return plan
 
 
 def load_compressed(directory: str | Path, **kwargs: Any) -> Any:

@@ -7,11 +7,19 @@ dense checkpoint in that dtype.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import nn
 
-from ...config import HalfPrecisionConfig
+from ...config import QuantizeBase
 from ...models import cast_model
 from .base import QuantizationOutcome, QuantizeContext, dense_writer, register_method
+
+
+class HalfPrecisionConfig(QuantizeBase):
+    """fp16 / bf16: cast every floating-point weight (targets do not apply)."""
+
+    method: Literal["fp16", "bf16"]
 
 
 def _apply(

@@ -37,11 +37,10 @@ copy of ``W``. The per-column loop runs ``in`` small vector steps; everything el
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor
 
+from swiss_knife.compression.hessian import inverse_cholesky_upper
 from swiss_knife.compression.quantization.grid import (
     QuantGrid,
     QuantizedWeight,
@@ -50,48 +49,7 @@ from swiss_knife.compression.quantization.grid import (
     resolve_scale_dtype,
 )
 from swiss_knife.device import column_loop_threads
-from swiss_knife.errors import SwissKnifeError, UserInputError
-
-logger = logging.getLogger(__name__)
-
-
-def inverse_cholesky_upper(H: Tensor, damp: float, *, label: str = "GPTQ") -> tuple[Tensor, float]:
-    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1``, in float32.
-
-    Tries float32 first; if a factorisation fails (``H`` numerically singular) retries in float64,
-    then in float64 with 10x and 100x the damping. Returns ``(U, damp actually used)``. SparseGPT
-    shares it; `label` names the method in the warning and the error.
-    """
-    mean_diag = float(torch.diagonal(H).double().mean())
-    base = damp if damp > 0 else 1e-6
-    attempts = [
-        (torch.float32, damp),
-        (torch.float64, damp),
-        (torch.float64, base * 10),
-        (torch.float64, base * 100),
-    ]
-    for dtype, used in attempts:
-        Hd = H.to(dtype).clone()  # (in, in)
-        Hd.diagonal().add_(used * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) != 0:
-            continue
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-        if int(info) != 0 or not bool(torch.isfinite(U).all()):
-            continue
-        if used != damp or dtype != torch.float32:
-            logger.warning(
-                "%s: Hessian not positive definite in float32 with damp=%g; used %s with damp=%g",
-                label,
-                damp,
-                dtype,
-                used,
-            )
-        return U.float(), used
-    raise SwissKnifeError(
-        f"{label}: the Hessian is not positive definite even with 100x damping; the calibration "
-        "inputs of this layer are degenerate (too few tokens, or NaN/inf activations)"
-    )
+from swiss_knife.errors import UserInputError
 
 
 def gptq_quantize(
@@ -190,7 +148,7 @@ def _gptq_quantize(
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)  # (in,)
         W = W[:, perm]
         H = H[perm][:, perm]
-    U, _ = inverse_cholesky_upper(H, damp)  # (in, in) upper triangular
+    U, _ = inverse_cholesky_upper(H, damp, label="GPTQ")  # (in, in) upper triangular
     del H
 
     # Group of the column processed at each step: its original group when groups are fixed,

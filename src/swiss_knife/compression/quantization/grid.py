@@ -319,3 +319,20 @@ class QuantizedWeight:
         q = self.q.reshape(out_features, n_groups, in_features // n_groups)
         zero = None if self.zero is None else self.zero.unsqueeze(-1)
         return dequantize(q, self.scale.unsqueeze(-1), zero).reshape(out_features, in_features)
+
+
+def quantize_groups(
+    rows: Tensor, scale: Tensor, zero: Tensor, grid: QuantGrid, out_features: int
+) -> QuantizedWeight:
+    """Round a weight cut into one row per (output channel, group), ``(out * n_groups, group)``,
+    with those rows' ``(out * n_groups, 1)`` scales and zero points: the `QuantizedWeight`
+    ``(out, n_groups * group)`` that RTN and AWQ's clipped rounding return."""
+    n_groups = rows.shape[0] // out_features
+    in_features = n_groups * rows.shape[1]
+    q = quantize(rows, scale, zero, grid.bits, grid.symmetric).reshape(out_features, in_features)
+    return QuantizedWeight(
+        q=q,
+        scale=scale.reshape(out_features, n_groups),
+        zero=None if grid.symmetric else zero.reshape(out_features, n_groups),
+        grid=grid,
+    )

@@ -18,7 +18,7 @@ from swiss_knife.compression.quantization.grid import (
     QuantizedWeight,
     check_group_size,
     fit_qparams,
-    quantize,
+    quantize_groups,
     resolve_scale_dtype,
 )
 
@@ -61,10 +61,4 @@ def rtn_quantize(
         norm=norm,
         scale_dtype=resolve_scale_dtype(W, scale_dtype),
     )  # (out * n_groups, 1) each
-    q = quantize(rows, scale, zero, grid.bits, grid.symmetric).reshape(out_features, in_features)
-    return QuantizedWeight(
-        q=q,
-        scale=scale.reshape(out_features, n_groups),
-        zero=None if grid.symmetric else zero.reshape(out_features, n_groups),
-        grid=grid,
-    )
+    return quantize_groups(rows, scale, zero, grid, out_features)

@@ -86,19 +86,37 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from ...arch import ArchSpec, attention_geometry, find_module, is_pre_norm
 from ...calibration import BlockCalibrator, BlockContext, run_calibration, sequential_groups
-from ...config import StaticInt8Config
+from ...config import CalibrationSettings, Flag, QuantizeBase
 from ...errors import UnsupportedArchitectureError, UserInputError
-from ...targeting import TargetSpec, resolve_targets
+from ...targeting import TargetSpec, resolve_linear_targets
+from ..metrics import weight_sqnr_db
 from .base import QuantizationOutcome, QuantizeContext, register_method
 from .grid import QuantGrid, QuantizedWeight
 from .rtn import rtn_quantize
+
+
+class StaticInt8Config(QuantizeBase):
+    """int8 weights and int8 activations with scales calibrated on data (W8A8 static)."""
+
+    method: Literal["static"] = "static"
+    smoothquant_alpha: Annotated[
+        float | None, Flag(none=("none", "off", "null"), metavar="ALPHA")
+    ] = Field(
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="SmoothQuant migration strength; null disables smoothing.",
+    )
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+
 
 FORMAT = "compressed-tensors/int-quantized"
 CT_FORMAT = "int-quantized"
@@ -149,15 +167,6 @@ def smoothing_scales(act_absmax: Tensor, weight_absmax: Tensor, alpha: float) ->
     scales = scales.clamp_min(MIN_SMOOTH_SCALE)
     dead = (act == 0) | (wmax == 0) | ~torch.isfinite(scales)
     return torch.where(dead, torch.ones_like(scales), scales)
-
-
-def weight_sqnr_db(reference: Tensor, approx: Tensor) -> float:
-    """10 log10(||W||^2 / ||W - Q(W)||^2) in dB."""
-    signal = float(reference.double().square().sum())
-    noise = float((reference.double() - approx.double()).square().sum())
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 class ChannelAbsMaxObserver:
@@ -587,15 +596,11 @@ def _writer(model: nn.Module, state: StaticState) -> Callable[[Path], None]:
 
 def plan_linears(model: nn.Module, targets: list[str], ignore: list[str]) -> dict[str, nn.Linear]:
     """The targeted linears; Conv1D (GPT-2) is refused before any work."""
-    resolved = resolve_targets(model, TargetSpec(tuple(targets), tuple(ignore)))
-    conv1d = [name for name, module in resolved.items() if not isinstance(module, nn.Linear)]
-    if conv1d:
-        raise UnsupportedArchitectureError(
-            f"{len(conv1d)} targeted layer(s) are GPT-2 style Conv1D (e.g. {conv1d[0]}); the "
-            "compressed-tensors int-quantized format stores nn.Linear weights only. Supported: "
-            "Llama, Mistral, Qwen2/3, Gemma, Phi-3, OPT and GPT-NeoX style models"
-        )
-    return {name: module for name, module in resolved.items() if isinstance(module, nn.Linear)}
+    return resolve_linear_targets(
+        model,
+        TargetSpec(tuple(targets), tuple(ignore)),
+        "the compressed-tensors int-quantized format stores nn.Linear weights only",
+    )
 
 
 def smooth_model(

@@ -41,19 +41,30 @@ Conv1D layers (GPT-2) are refused: torchao's int8 tensors implement ``F.linear``
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
-from ...config import DynamicInt8Config
-from ...errors import MissingDependencyError, UnsupportedArchitectureError, UserInputError
-from ...targeting import TargetSpec, resolve_targets
+from ...config import QuantizeBase
+from ...errors import MissingDependencyError, UserInputError
+from ...targeting import TargetSpec, resolve_linear_targets
+from ..metrics import weight_sqnr_db
 from .base import QuantizationOutcome, QuantizeContext, register_method
+
+
+class DynamicInt8Config(QuantizeBase):
+    """torchao int8: int8 weights; activations quantized per token at run time (or kept float)."""
+
+    method: Literal["dynamic"] = "dynamic"
+    weight_only: bool = Field(
+        default=False, description="Keep activations in float (int8 weight-only)."
+    )
+
 
 FORMAT = "torchao"
 INSTALL_HINT = "pip install 'torchao>=0.18'"
@@ -103,25 +114,12 @@ def torchao_config(weight_only: bool) -> Any:
     return tq.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)
 
 
-def weight_sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio 10 log10(||W||^2 / ||W - Q(W)||^2), in dB."""
-    signal = float(reference.double().square().sum())
-    noise = float((reference.double() - approx.double()).square().sum())
-    if noise == 0.0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
-
-
 def _plan(model: nn.Module, config: DynamicInt8Config) -> dict[str, nn.Linear]:
-    targets = resolve_targets(model, TargetSpec(tuple(config.targets), tuple(config.ignore)))
-    conv1d = [name for name, module in targets.items() if not isinstance(module, nn.Linear)]
-    if conv1d:
-        raise UnsupportedArchitectureError(
-            f"{len(conv1d)} targeted layer(s) are GPT-2 style Conv1D (e.g. {conv1d[0]}); torchao "
-            "int8 tensors and transformers' torchao loader handle nn.Linear only. Supported: "
-            "Llama, Mistral, Qwen2/3, Gemma, Phi-3, OPT and GPT-NeoX style models"
-        )
-    plan = {name: module for name, module in targets.items() if isinstance(module, nn.Linear)}
+    plan = resolve_linear_targets(
+        model,
+        TargetSpec(tuple(config.targets), tuple(config.ignore)),
+        "torchao int8 tensors and transformers' torchao loader handle nn.Linear only",
+    )
     for name, module in plan.items():
         if not module.weight.is_floating_point():
             raise UserInputError(f"{name} has a {module.weight.dtype} weight; it is not float")

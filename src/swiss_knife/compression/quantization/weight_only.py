@@ -14,13 +14,13 @@ device plus the calibration activations (samples x seq_len x hidden).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
 from ...calibration import (
@@ -31,84 +31,66 @@ from ...calibration import (
     sequential_groups,
 )
 from ...calibration import same_tensor as _same_tensor
-from ...config import GPTQConfig, RTNConfig
-from ...errors import UnsupportedArchitectureError, UserInputError
-from ...targeting import TargetSpec, resolve_overrides, resolve_targets
+from ...config import (
+    CalibrationSettings,
+    IntWeightConfig,
+)
+from ...errors import UserInputError
+from ..metrics import sensitivity_table, sqnr_db
 from .base import QuantizationOutcome, QuantizeContext, register_method
-from .compressed_tensors_format import save_compressed
+from .compressed_tensors_format import plan_grids, save_compressed
 from .gptq import gptq_quantize
-from .grid import QuantGrid, QuantizedWeight, fitting_group_sizes
+from .grid import QuantGrid, QuantizedWeight
 from .rtn import rtn_quantize
 
-FORMAT = "compressed-tensors/pack-quantized"
+
+class RTNConfig(IntWeightConfig):
+    """Round-to-nearest weight-only quantization, optionally with a clipping-range search."""
+
+    method: Literal["rtn"] = "rtn"
+    clip_search: bool = Field(default=False, description="Search the range that minimises error.")
 
 
-def plan_grids(
-    model: nn.Module, config: RTNConfig | GPTQConfig
-) -> dict[str, tuple[nn.Module, QuantGrid]]:
-    """Every targeted linear with its grid; all problems are found before any work starts."""
-    targets = resolve_targets(model, TargetSpec(tuple(config.targets), tuple(config.ignore)))
-    not_linear = [name for name, module in targets.items() if not isinstance(module, nn.Linear)]
-    if not_linear:
-        raise UnsupportedArchitectureError(
-            f"{len(not_linear)} targeted layer(s) are GPT-2 style Conv1D (e.g. {not_linear[0]}); "
-            "the compressed-tensors format stores nn.Linear weights only. Supported: Llama, "
-            "Mistral, Qwen2/3, Gemma, Phi-3, OPT and GPT-NeoX style models"
-        )
-    bits = resolve_overrides(targets, config.bits_overrides) if config.bits_overrides else {}
-    plan: dict[str, tuple[nn.Module, QuantGrid]] = {}
-    misfits: dict[int, list[str]] = {}
-    for name, module in targets.items():
-        in_features = _weight(module).shape[1]
-        if config.group_size is not None and in_features % config.group_size:
-            misfits.setdefault(in_features, []).append(name)
-        grid = QuantGrid(
-            bits=bits.get(name, config.bits),
-            symmetric=config.symmetric,
-            group_size=config.group_size,
-        )
-        plan[name] = (module, grid)
-    if misfits:
-        lines = []
-        for width, names in misfits.items():
-            fits = fitting_group_sizes(width)
-            fit_text = ", ".join(map(str, fits)) if fits else "none (use per-channel scales)"
-            lines.append(
-                f"{len(names)} layer(s) with {width} inputs (e.g. {names[0]}): fitting group "
-                f"sizes {fit_text}"
+class GPTQConfig(IntWeightConfig):
+    """GPTQ (Frantar et al. 2022): second-order weight-only quantization on calibration data."""
+
+    method: Literal["gptq"] = "gptq"
+    # The defaults are the most accurate settings measured on SmolLM2-135M W4 g64
+    # (benchmarks/RESULTS.md, quantization): activation order with static groups and an
+    # error-minimising clip range, every linear of a block observed in one pass.
+    act_order: bool = Field(default=True, description="Quantize columns by decreasing H diag.")
+    static_groups: bool = Field(
+        default=True, description="Fix group scales before the updates (needed with act_order)."
+    )
+    damp: float = Field(default=0.01, gt=0.0, lt=1.0, description="Hessian dampening.")
+    block_size: int = Field(default=128, ge=1, description="Columns updated together.")
+    true_sequential: bool = Field(
+        default=False,
+        description="Observe q/k/v, o, MLP-in and MLP-out in turn, each group seeing the "
+        "quantized groups before it (up to 4 passes per block instead of 1).",
+    )
+    clip_search: bool = Field(
+        default=True, description="Search the clipping range per group (MSE, as in AWQ)."
+    )
+    calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+
+    @model_validator(mode="after")
+    def _act_order_export(self) -> GPTQConfig:
+        if self.act_order and self.group_size is not None and not self.static_groups:
+            raise ValueError(
+                "act_order with groups needs static_groups: true (the saved format needs "
+                "contiguous groups)"
             )
-        raise UserInputError(
-            f"group size {config.group_size} does not divide every layer's input width, and a "
-            "partial last group would not load: "
-            + "; ".join(lines)
-            + ". Choose a group size that fits, --group-size 0 for per-channel scales, or "
-            "ignore those layers"
-        )
-    if not config.symmetric:
-        raise UserInputError(
-            "asymmetric integer grids do not load with a plain from_pretrained under the "
-            "installed compressed-tensors (its zero-point path fails); use a symmetric grid"
-        )
-    return plan
+        return self
+
+
+FORMAT = "compressed-tensors/pack-quantized"
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
     return weight
-
-
-def _sqnr_db(rel_error: float | None) -> float | None:
-    if rel_error is None:
-        return None
-    return math.inf if rel_error == 0 else -20.0 * math.log10(rel_error)
-
-
-def sensitivity_table(rows: list[dict[str, Any]], limit: int = 10) -> list[dict[str, Any]]:
-    """The worst layers first: highest relative error (lowest SQNR)."""
-    ranked = [r for r in rows if r.get("rel_error") is not None]
-    ranked.sort(key=lambda r: r["rel_error"], reverse=True)
-    return ranked[:limit]
 
 
 def _writer(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) -> Callable[[Path], None]:
@@ -125,7 +107,7 @@ def _describe(config: RTNConfig | GPTQConfig) -> str:
 
 
 def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantizeContext) -> QuantizationOutcome:
-    plan = plan_grids(model, config)
+    plan = plan_grids(model, config, allow_asymmetric=False)
     quantized: dict[str, QuantizedWeight] = {}
     rows: list[dict[str, Any]] = []
     with torch.no_grad():
@@ -138,7 +120,7 @@ def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantizeContext) -> Qua
             weight.copy_(deq)
             quantized[name] = qw
             rows.append(
-                {"name": name, "bits": grid.bits, "rel_error": rel, "sqnr_db": _sqnr_db(rel)}
+                {"name": name, "bits": grid.bits, "rel_error": rel, "sqnr_db": sqnr_db(rel)}
             )
     steps = [f"RTN: {_describe(config)}" + (", clip search" if config.clip_search else "")]
     return QuantizationOutcome(
@@ -221,7 +203,7 @@ class GPTQCalibrator(BlockCalibrator):
 def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> QuantizationOutcome:
     if ctx.calibration is None:
         raise UserInputError("gptq needs calibration data: pass --calibration-data")
-    plan = plan_grids(model, config)
+    plan = plan_grids(model, config, allow_asymmetric=False)
     calibrator = GPTQCalibrator(plan, config)
     started = time.perf_counter()
     report = run_calibration(
@@ -238,7 +220,7 @@ def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> Q
             "name": r.name,
             "bits": plan[r.name][1].bits,
             "rel_error": r.rel_error,
-            "sqnr_db": _sqnr_db(r.rel_error),
+            "sqnr_db": sqnr_db(r.rel_error),
             "gptq_loss": r.metrics.get("gptq_loss"),
         }
         for r in report.linears
@@ -282,7 +264,7 @@ def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> Q
 
 
 def _check(model: nn.Module, config: RTNConfig | GPTQConfig) -> None:
-    plan_grids(model, config)
+    plan_grids(model, config, allow_asymmetric=False)
 
 
 register_method("rtn", RTNConfig, needs_calibration=False, check=_check)(_apply_rtn)
