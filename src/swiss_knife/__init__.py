@@ -3,8 +3,13 @@
 Importing the package is cheap: names are loaded on first use, so `import swiss_knife` pulls in
 neither torch nor transformers, and touches no GPU.
 
-    from swiss_knife import load_model, evaluate, EvaluationConfig
-    loaded = load_model("path/to/model")
+    import swiss_knife as sk
+    model = sk.load("path/to/model")
+    sk.quantize(model, sk.GPTQConfig(bits=4, group_size=64), calibration="wiki.txt")
+    sk.save(model, "out")
+
+Every registered method's config is available here by its class name (`sk.RTNConfig`,
+`sk.SparseGPTPruneConfig`, ...), found through the method registry.
 """
 
 from __future__ import annotations
@@ -15,6 +20,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "load": "api",
+    "save": "api",
+    "quantize": "api",
+    "prune": "api",
+    "Compressed": "api",
     "CastConfig": "config",
     "CompressionConfig": "recipe",
     "DataConfig": "config",
@@ -50,6 +60,7 @@ _EXPORTS = {
 
 __all__ = [
     "CastConfig",
+    "Compressed",
     "CompressionConfig",
     "DataConfig",
     "DistillConfig",
@@ -67,16 +78,20 @@ __all__ = [
     "distill",
     "evaluate",
     "get_arch",
+    "load",
     "load_config",
     "load_model",
     "load_recipe",
     "load_token_stream",
+    "prune",
+    "quantize",
     "read_documents",
     "reduce_layers",
     "register_stage",
     "resolve_device",
     "run_recipe",
     "sample_calibration",
+    "save",
     "save_config",
     "save_model",
     "token_windows",
@@ -87,6 +102,16 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
+        if name.endswith("Config") and not name.startswith("_"):
+            # A method's config, wherever its module is (swiss_knife.config finds it).
+            config = importlib.import_module(".config", __name__)
+            try:
+                value = getattr(config, name)
+            except AttributeError:
+                pass
+            else:
+                globals()[name] = value
+                return value
         raise AttributeError(f"module 'swiss_knife' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
@@ -98,6 +123,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .api import Compressed, load, prune, quantize, save
     from .arch import get_arch
     from .compression.distillation.api import distill
     from .compression.layers import reduce_layers

@@ -1,0 +1,258 @@
+"""The Python API, in the words of the command line: load, quantize, prune, save.
+
+    import swiss_knife as sk
+
+    model = sk.load("path/or/hub-id")
+    sk.quantize(model, sk.GPTQConfig(bits=4, group_size=64), calibration="wiki.txt")
+    sk.save(model, "out")                 # the compressed checkpoint, manifest and model card
+
+`model` is what `sk.load` returns (the network with its tokenizer) or a bare transformers model.
+A compressed model remembers how it must be saved: `sk.save` writes its real format (integers and
+scales, not the fake-quantized floats it computes with in memory), and so does a plain
+`model.save_pretrained(dir)` on it, so neither can silently write the wrong thing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from . import registry
+from .config import DataConfig, config_to_dict
+from .errors import UserInputError
+from .models import LoadedModel, build_manifest, load_model, render_model_card, save_model
+
+logger = logging.getLogger(__name__)
+
+# The attribute a compressed model carries: how to save it and what was done to it.
+_STATE = "_swiss_knife_compressed"
+
+
+@dataclass
+class Compressed:
+    """What a compression verb did, and how its result is saved."""
+
+    model: nn.Module
+    format: str
+    steps: list[str]
+    report: dict[str, Any]
+    config: Any
+    writer: Any = field(repr=False)  # writes config.json + weights into a folder
+    tokenizer: Any | None = field(default=None, repr=False)
+    source: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load(source: str, **options: Any) -> LoadedModel:
+    """Load a causal LM and its tokenizer: a hub id, a local folder or a .gguf file.
+
+    Options are those of `ModelSpec` (dtype, device, gguf_file, revision, trust_remote_code).
+
+        model = sk.load("HuggingFaceTB/SmolLM2-135M", dtype="bf16")
+    """
+    return load_model(source, **options)
+
+
+def _parts(model: LoadedModel | nn.Module) -> tuple[nn.Module, Any | None, Any, str | None]:
+    """(network, tokenizer, device, source) of what the user passed."""
+    if isinstance(model, LoadedModel):
+        return model.model, model.tokenizer, model.device, model.source
+    if isinstance(model, nn.Module):
+        device = next(model.parameters()).device
+        return model, None, device, None
+    raise UserInputError(f"expected a model from sk.load or a torch module, got {type(model)!r}")
+
+
+def _calibration(calibration: Any, network: nn.Module, tokenizer: Any | None, config: Any) -> Any:
+    """Token windows from a tensor, a text file path or a DataConfig (with the config's counts)."""
+    import torch
+
+    if calibration is None or isinstance(calibration, torch.Tensor):
+        return calibration
+    if isinstance(calibration, str | Path):
+        calibration = DataConfig(source=str(calibration))
+    if not isinstance(calibration, DataConfig):
+        raise UserInputError(
+            "calibration must be token ids (num_samples, seq_len), a text file or a DataConfig"
+        )
+    if tokenizer is None:
+        raise UserInputError("calibration text needs a tokenizer: pass a model from sk.load")
+    from .config import CalibrationSettings
+    from .data import model_calibration_samples
+
+    settings = getattr(config, "calibration", None) or CalibrationSettings()
+    return model_calibration_samples(network, calibration, tokenizer, settings)
+
+
+def _compress(
+    kind: str,
+    model: LoadedModel | nn.Module,
+    config: Any,
+    calibration: Any,
+    progress: bool,
+    **extra: Any,
+) -> Compressed:
+    method = registry.for_config(config)
+    if method.kind != kind:
+        raise UserInputError(
+            f"{type(config).__name__} configures {method.kind}, not {kind}; "
+            f"call sk.{method.kind}(model, config)"
+        )
+    network, tokenizer, device, source = _parts(model)
+    samples = _calibration(calibration, network, tokenizer, config)
+    outcome: Any
+    if kind == "quantize":
+        from .compression.quantization.api import quantize as run_quantize
+
+        outcome = run_quantize(
+            network,
+            config,
+            calibration=samples,
+            device=device,
+            progress=progress,
+            tokenizer=tokenizer,
+            source_dir=getattr(model, "directory", None),
+        )
+    else:
+        from .compression.pruning.api import prune as run_prune
+
+        outcome = run_prune(
+            network,
+            config,
+            calibration=samples,
+            device=device,
+            progress=progress,
+            tokenizer=tokenizer,
+            **extra,
+        )
+    earlier = getattr(network, _STATE, None)
+    result = Compressed(
+        model=outcome.model,
+        format=outcome.format,
+        steps=[*(earlier.steps if earlier else []), *outcome.steps],
+        report=outcome.report,
+        config=config,
+        writer=outcome.writer,
+        tokenizer=tokenizer,
+        source=source,
+        history=[*(earlier.history if earlier else []), {kind: config_to_dict(config)}],
+    )
+    _remember(outcome.model, result)
+    if isinstance(model, LoadedModel):
+        model.model = outcome.model
+    return result
+
+
+def quantize(
+    model: LoadedModel | nn.Module,
+    config: Any,
+    *,
+    calibration: Any = None,
+    progress: bool = False,
+) -> Compressed:
+    """Quantize a model in place with any registered method's config.
+
+        sk.quantize(model, sk.RTNConfig(bits=4, group_size=64))
+        sk.quantize(model, sk.GPTQConfig(bits=4, group_size=64), calibration="wiki.txt")
+
+    `calibration` is a text file, a `DataConfig`, or token ids (num_samples, seq_len); the
+    config's `calibration` settings say how many windows of what length are drawn from text.
+    """
+    return _compress("quantize", model, config, calibration, progress)
+
+
+def prune(
+    model: LoadedModel | nn.Module,
+    config: Any,
+    *,
+    calibration: Any = None,
+    train_tokens: Any = None,
+    progress: bool = False,
+) -> Compressed:
+    """Prune a model in place with any registered pruning method's config.
+
+    sk.prune(model, sk.SparseGPTPruneConfig(pattern="2:4"), calibration="wiki.txt")
+    """
+    return _compress("prune", model, config, calibration, progress, train_tokens=train_tokens)
+
+
+def _remember(network: nn.Module, result: Compressed) -> None:
+    """Make the model save its real format, through sk.save and save_pretrained alike."""
+    object.__setattr__(network, _STATE, result)
+    if result.format == "dense":
+        return  # an ordinary checkpoint: transformers' own save is the right one
+
+    def save_pretrained(save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        if args or kwargs:
+            logger.warning(
+                "save_pretrained options are ignored for a %s model: it is written in its "
+                "compressed format",
+                result.format,
+            )
+        _without_override(network, lambda: result.writer(Path(save_directory)))
+
+    object.__setattr__(network, "save_pretrained", save_pretrained)
+
+
+def _without_override(network: nn.Module, fn: Any) -> None:
+    # Writers of some formats call the model's own save_pretrained; let them reach it.
+    override = network.__dict__.pop("save_pretrained", None)
+    try:
+        fn()
+    finally:
+        if override is not None:
+            object.__setattr__(network, "save_pretrained", override)
+
+
+def save(
+    model: LoadedModel | nn.Module,
+    output_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    tokenizer: Any | None = None,
+) -> Path:
+    """Save a model as a checkpoint that transformers loads, atomically, with its manifest and
+    model card. A compressed model is written in its compressed format.
+
+        sk.save(model, "out")
+    """
+    network, loaded_tokenizer, _, source = _parts(model)
+    state: Compressed | None = getattr(network, _STATE, None)
+    tokenizer = tokenizer or loaded_tokenizer or (state.tokenizer if state else None)
+    source = source or (state.source if state else None)
+    protect = [source] if source and Path(source).expanduser().exists() else []
+    steps = state.steps if state else []
+    manifest = build_manifest(
+        source=source,
+        recipe={k: v for entry in (state.history if state else []) for k, v in entry.items()},
+        extra={"steps": steps, "format": state.format if state else "dense"},
+    )
+    card = render_model_card(
+        title=f"{Path(source).name if source else 'model'} (Swiss Knife)",
+        source=source,
+        tags=[entry_kind for entry in (state.history if state else []) for entry_kind in entry],
+        steps=steps,
+        plain_transformers=not (state and state.format.endswith("sparse-bitmask")),
+    )
+    saved: list[Path] = []
+
+    def write() -> None:
+        saved.append(
+            save_model(
+                network,
+                output_dir,
+                tokenizer=tokenizer,
+                overwrite=overwrite,
+                protect=protect,
+                manifest=manifest,
+                model_card=card,
+                writer=state.writer if state else None,
+            )
+        )
+
+    _without_override(network, write)
+    return saved[0]
