@@ -104,31 +104,16 @@ def _compress(
         )
     network, tokenizer, device, source = _parts(model)
     samples = _calibration(calibration, network, tokenizer, config)
-    outcome: Any
-    if kind == "quantize":
-        from .compression.quantization.api import quantize as run_quantize
-
-        outcome = run_quantize(
-            network,
-            config,
-            calibration=samples,
-            device=device,
-            progress=progress,
-            tokenizer=tokenizer,
-            source_dir=getattr(model, "directory", None),
-        )
-    else:
-        from .compression.pruning.api import prune as run_prune
-
-        outcome = run_prune(
-            network,
-            config,
-            calibration=samples,
-            device=device,
-            progress=progress,
-            tokenizer=tokenizer,
-            **extra,
-        )
+    outcome = apply_method(
+        network,
+        config,
+        calibration=samples,
+        device=device,
+        progress=progress,
+        tokenizer=tokenizer,
+        source_dir=getattr(model, "directory", None),
+        **extra,
+    )
     earlier = getattr(network, _STATE, None)
     result = Compressed(
         model=outcome.model,
@@ -145,6 +130,49 @@ def _compress(
     if isinstance(model, LoadedModel):
         model.model = outcome.model
     return result
+
+
+def apply_method(
+    network: nn.Module,
+    config: Any,
+    *,
+    calibration: Any = None,
+    device: Any = None,
+    progress: bool = False,
+    tokenizer: Any | None = None,
+    source_dir: str | Path | None = None,
+    train_tokens: Any = None,
+) -> Any:
+    """Run the registered method a quantize or prune config names on a network; its outcome.
+
+    The one place where the command line, recipes and this API hand a config to its method.
+    """
+    kind = registry.for_config(config).kind
+    if kind == "quantize":
+        from .compression.quantization.api import quantize as run_quantize
+
+        return run_quantize(
+            network,
+            config,
+            calibration=calibration,
+            device=device,
+            progress=progress,
+            tokenizer=tokenizer,
+            source_dir=source_dir,
+        )
+    if kind == "prune":
+        from .compression.pruning.api import prune as run_prune
+
+        return run_prune(
+            network,
+            config,
+            calibration=calibration,
+            device=device,
+            progress=progress,
+            tokenizer=tokenizer,
+            train_tokens=train_tokens,
+        )
+    raise UserInputError(f"{type(config).__name__} is a {kind} config; use sk.{kind}")
 
 
 def quantize(

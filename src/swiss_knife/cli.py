@@ -779,7 +779,8 @@ def cmd_reduce_layers(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from .compression.quantization.api import check_quantize, quantize
+    from .api import apply_method
+    from .compression.quantization.api import check_quantize
     from .compression.quantization.base import get_method
     from .data import model_calibration_samples
     from .models import check_output_dir
@@ -815,7 +816,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         calibration = model_calibration_samples(
             loaded.model, data_cfg, loaded.tokenizer, config.calibration
         )
-    outcome = quantize(
+    outcome = apply_method(
         loaded.model,
         config,
         calibration=calibration,
@@ -945,7 +946,7 @@ def _warn_unused_calibration(
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .compression.pruning import prune
+    from .api import apply_method
     from .compression.pruning.api import calibration_reason
     from .data import calibration_samples, load_token_stream
     from .models import check_output_dir
@@ -981,7 +982,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             calib_cfg, loaded.tokenizer, config.calibration, max_positions=max_positions
         )
     train_tokens = load_token_stream(train_cfg, loaded.tokenizer) if train_cfg else None
-    outcome = prune(
+    outcome = apply_method(
         loaded.model,
         config,
         calibration=calibration,

@@ -150,41 +150,28 @@ def _stage_outcome(state: PipelineState, outcome: Any) -> StageOutcome:
     )
 
 
-@register_stage("quantize")
-def _run_quantize(state: PipelineState, stage: Any) -> StageOutcome:
-    from .compression.quantization.api import quantize
-    from .compression.quantization.base import get_method
-
-    needs = get_method(stage.method).needs_data(stage)
-    calibration = _stage_calibration(state, stage, f"method {stage.method!r}" if needs else None)
-    outcome = quantize(
-        state.model,
-        stage,
-        calibration=calibration,
-        device=state.loaded.device,
-        progress=state.progress,
-        tokenizer=state.tokenizer,
-    )
-    return _stage_outcome(state, outcome)
-
-
-@register_stage("prune")
-def _run_prune(state: PipelineState, stage: Any) -> StageOutcome:
-    from .compression.pruning import prune
+def _run_method(state: PipelineState, stage: Any) -> StageOutcome:
+    """A quantize or prune stage: its calibration windows and training text, then its method."""
+    from . import registry
+    from .api import apply_method
     from .compression.pruning.api import calibration_reason
 
-    recipe = state.recipe
-    calibration = _stage_calibration(state, stage, calibration_reason(stage))
+    method = registry.for_config(stage)
+    if method.kind == "prune":
+        reason = calibration_reason(stage)
+    else:
+        reason = f"method {stage.method!r}" if method.needs_data(stage) else None
+    calibration = _stage_calibration(state, stage, reason)
     train_tokens = None
     if getattr(stage, "schedule", None) is not None:
         # Fine-tuning reads the calibration text, never the evaluation text it is scored on.
-        if recipe.data.calibration is None:
+        if state.recipe.data.calibration is None:
             raise ConfigError(
                 f"stage {stage.method!r} prunes gradually and fine-tunes between steps: set "
                 "data.calibration in the recipe to the text to train on"
             )
-        train_tokens = load_token_stream(recipe.data.calibration, state.tokenizer)
-    outcome = prune(
+        train_tokens = load_token_stream(state.recipe.data.calibration, state.tokenizer)
+    outcome = apply_method(
         state.model,
         stage,
         calibration=calibration,
@@ -194,6 +181,10 @@ def _run_prune(state: PipelineState, stage: Any) -> StageOutcome:
         train_tokens=train_tokens,
     )
     return _stage_outcome(state, outcome)
+
+
+register_stage("quantize")(_run_method)
+register_stage("prune")(_run_method)
 
 
 @register_stage("reduce_layers")
