@@ -75,6 +75,15 @@ CASES: dict[str, Case] = {
         "compressed-tensors",
         "pack-quantized",
     ),
+    # Asymmetric grids (HQQ; RTN/AWQ with symmetric: false): compressed-tensors 0.18-0.20 leave
+    # the zero point unpacked on transformers' plain path, so transformers loads them with
+    # CompressedTensorsConfig(dequantize=True) (see compressed_tensors_format.py).
+    "pack-quantized-hqq-asymmetric": Case(
+        "quantize",
+        lambda: C.HQQConfig(bits=4, group_size=32),
+        "compressed-tensors",
+        "pack-quantized",
+    ),
     "int-quantized-static": Case(
         "quantize",
         lambda: C.StaticInt8Config(calibration=CALIB),
@@ -155,8 +164,15 @@ def decode_sparse_bitmask(folder):
 for name, folder in spec["folders"].items():
     folder = Path(folder)
     result = results[name] = {}
+    kwargs = {}
+    if name in spec["dequantize"]:
+        from transformers import CompressedTensorsConfig
+
+        kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, output_loading_info=True, **kwargs
+        )
     except Exception as exc:
         result["error"] = f"{type(exc).__name__}: {exc}"
         if name == spec["sparse"]:
@@ -262,7 +278,12 @@ def plain(
     out = tmp_path_factory.mktemp("plain-logits")
     folders = {name: str(p.folder) for name, p in produced.items() if p.folder is not None}
     spec = out / "spec.json"
-    spec.write_text(json.dumps({"ids": IDS.tolist(), "folders": folders, "sparse": SPARSE}))
+    dequantize = [name for name in folders if "asymmetric" in name]
+    spec.write_text(
+        json.dumps(
+            {"ids": IDS.tolist(), "folders": folders, "sparse": SPARSE, "dequantize": dequantize}
+        )
+    )
     script = out / "plain_loader.py"
     script.write_text(PLAIN_LOADER)
     env = {

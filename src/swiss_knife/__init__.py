@@ -49,7 +49,6 @@ _EXPORTS = {
     "write_reports": "evaluation",
     "run_recipe": "pipeline",
     "distill": "compression.distillation.api",
-    "register_stage": "pipeline",
     "resolve_device": "device",
     "device_info": "device",
     "get_arch": "arch",
@@ -87,7 +86,6 @@ __all__ = [
     "quantize",
     "read_documents",
     "reduce_layers",
-    "register_stage",
     "resolve_device",
     "run_recipe",
     "sample_calibration",
@@ -144,5 +142,5 @@ if TYPE_CHECKING:
     from .evaluation.evaluate import EvaluationReport, evaluate
     from .evaluation.report import write_reports
     from .models import LoadedModel, cast_model, load_model, save_model
-    from .pipeline import register_stage, run_recipe
+    from .pipeline import run_recipe
     from .recipe import CompressionConfig, load_recipe

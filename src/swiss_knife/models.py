@@ -170,6 +170,12 @@ def load_model(
             from .compression.pruning.sparse_format import load_sparse_bitmask
 
             model: Any = load_sparse_bitmask(directory, **kwargs)
+        elif directory is not None and not gguf_file and _has_asymmetric_grid(directory):
+            # compressed-tensors 0.18-0.20 cannot load asymmetric zero points on transformers'
+            # plain path; its dequantize-on-load path can (see compressed_tensors_format).
+            from .compression.quantization.compressed_tensors_format import load_compressed
+
+            model = load_compressed(directory, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
     except Exception as exc:  # OSError, ValueError, safetensors' own error type, ...
@@ -232,6 +238,19 @@ def _hub_unavailable(repo_id: str, gguf_file: str | None, revision: str | None) 
         "Hugging Face cache; download the model elsewhere and pass its local directory or "
         ".gguf file"
     )
+
+
+def _has_asymmetric_grid(directory: Path) -> bool:
+    """Whether config.json describes a compressed-tensors checkpoint with an asymmetric grid."""
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    qconfig = config.get("quantization_config") or {}
+    if qconfig.get("quant_method") != "compressed-tensors":
+        return False
+    groups = (qconfig.get("config_groups") or {}).values()
+    return any((group.get("weights") or {}).get("symmetric") is False for group in groups)
 
 
 def _is_sparse_bitmask(directory: Path) -> bool:

@@ -97,7 +97,11 @@ _STAGES: dict[str, StageRunner] = {}
 
 
 def register_stage(type_name: str) -> Callable[[StageRunner], StageRunner]:
-    """Register the runner for a stage type; a second runner for the same type is an error."""
+    """Register the runner for a stage type; a second runner for the same type is an error.
+
+    Internal: the stage types a recipe accepts come from the method registry (swiss_knife.recipe);
+    a new method needs no runner of its own, since quantize and prune stages share one.
+    """
 
     def decorator(fn: StageRunner) -> StageRunner:
         if type_name in _STAGES:

@@ -123,16 +123,33 @@ def shrink_lp(x: Tensor, beta: float, lp_norm: float) -> Tensor:
 
     The proximal step of ``|x|^p`` with weight ``beta`` for ``p <= 1`` (one fixed-point step of the
     generalised iterated shrinkage, as in the reference code); ``p = 1`` is the ordinary soft
-    threshold ``sign(x) relu(|x| - 1 / beta)``. Entries below the threshold become 0, the others
-    keep their sign and shrink toward 0.
+    threshold ``sign(x) relu(|x| - 1 / beta)``. Entries with ``|x| <= beta^(-1 / (2 - p))``
+    become 0 (there ``|x|^(2-p) <= 1 / beta``), the others keep their sign and shrink toward 0.
     """
     magnitude = x.abs()
-    if lp_norm == 1.0:
-        shrunk = magnitude - 1.0 / beta
-    else:
-        # 0^(p-1) is inf for p < 1: its entry shrinks to exactly 0.
+    # Only the entries above the threshold need the power, the costly part of a step: usually
+    # none of a weight's rounding errors (defaults), sometimes most of them (a large beta).
+    kept = magnitude > beta ** (-1.0 / (2.0 - lp_norm))
+    count = int(kept.sum())
+    if count > x.numel() // 8:
         shrunk = magnitude - magnitude.pow(lp_norm - 1.0) / beta
-    return torch.sign(x) * shrunk.clamp_min(0.0)
+        return torch.sign(x) * shrunk.clamp_min(0.0)
+    out = torch.zeros_like(x)
+    if count:
+        m = magnitude[kept]
+        out[kept] = torch.sign(x[kept]) * (m - m.pow(lp_norm - 1.0) / beta).clamp_min(0.0)
+    return out
+
+
+def _assign(
+    rows: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Nearest levels of ``rows`` ``(n, group)`` on float32 grids ``(scale, zero)`` ``(n, 1)``:
+    the levels (as float), the residual ``W - s (q - z)`` and each row's squared error ``(n, 1)``.
+    The operations of `grid.quantize` and `grid.dequantize`, in place."""
+    q = torch.div(rows, scale).add_(zero).round_().clamp_(qmin, qmax)
+    residual = torch.sub(rows, torch.sub(q, zero).mul_(scale))
+    return q, residual, residual.square().sum(dim=1, keepdim=True)
 
 
 def _levels_and_error(
@@ -170,13 +187,13 @@ def hqq_optimize(
     """
     qmin, qmax = level_range(bits)
     scale, zero = scale.float(), zero.float()
-    q, error = _levels_and_error(rows, scale, zero, bits)
+    q, residual, error = _assign(rows, scale, zero, qmin, qmax)
     best_scale, best_zero, best_error = scale, zero, error
     total = float(error.sum())
     steps = 0
     for _ in range(iterations):
         steps += 1
-        outliers = shrink_lp(rows - (q - zero) * scale, beta, lp_norm)  # W_e: (n, group)
+        outliers = shrink_lp(residual, beta, lp_norm)  # W_e: (n, group)
         target = rows - outliers
         # The paper's zero-point step, projected onto the integer levels ...
         zero = torch.round((q - target / scale).mean(dim=1, keepdim=True)).clamp_(qmin, qmax)
@@ -185,7 +202,7 @@ def hqq_optimize(
         fitted = (target * codes).sum(dim=1, keepdim=True) / codes.square().sum(dim=1, keepdim=True)
         scale = torch.where(torch.isfinite(fitted) & (fitted > 0), fitted, scale)
         beta *= kappa
-        q, error = _levels_and_error(rows, scale, zero, bits)
+        q, residual, error = _assign(rows, scale, zero, qmin, qmax)
         better = error < best_error  # (n, 1)
         best_error = torch.where(better, error, best_error)
         best_scale = torch.where(better, scale, best_scale)
