@@ -75,7 +75,7 @@ def pruned_linears(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def test_registry_matches_the_recipe_configs_and_the_cli() -> None:
-    from swiss_knife.cli import _prune_method_names
+    from swiss_knife.cli import build_parser
 
     union = typing.get_args(PruneConfig)[0]
     in_configs = [
@@ -84,7 +84,9 @@ def test_registry_matches_the_recipe_configs_and_the_cli() -> None:
         for name in typing.get_args(cls.model_fields["method"].annotation)
     ]
     assert set(UNSTRUCTURED) <= set(method_names()) <= set(in_configs)
-    assert _prune_method_names() == in_configs
+    prune_help = build_parser()._subparsers._group_actions[0].choices["prune"]  # type: ignore[union-attr]
+    method_action = next(a for a in prune_help._actions if a.dest == "method")
+    assert list(method_action.choices) == in_configs == method_names()
     for name in UNSTRUCTURED:
         info = get_method(name)
         assert info.config_class is CONFIGS[name]
