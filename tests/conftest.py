@@ -6,6 +6,7 @@ that need it use `stories_dir` (or the `requires_assets` marker) and are skipped
 
 from __future__ import annotations
 
+import importlib.util
 import string
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,11 @@ import torch
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 STORIES = ASSETS / "stories260K-hf"
+
+requires_ct = pytest.mark.skipif(
+    importlib.util.find_spec("compressed_tensors") is None,
+    reason="compressed-tensors is not installed",
+)
 
 requires_assets = pytest.mark.skipif(
     not (STORIES / "config.json").is_file(),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import statistics
 from collections.abc import Iterator
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import requires_ct
 from swiss_knife.arch import get_arch, get_blocks, iter_target_linears
 from swiss_knife.compression.quantization.awq import (
     apply,
@@ -38,10 +38,6 @@ from swiss_knife.config import AWQConfig
 from swiss_knife.errors import UnsupportedArchitectureError, UserInputError
 from swiss_knife.models import save_model
 from test_arch import TINY_CONFIGS, VOCAB, build
-
-requires_ct = pytest.mark.skipif(
-    find_spec("compressed_tensors") is None, reason="compressed-tensors is not installed"
-)
 
 # Every model type in the architecture table except GPT-2 (Conv1D, which the export cannot store).
 SUPPORTED = sorted(mt for mt in TINY_CONFIGS if mt != "gpt2")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterator
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn as nn
 from pydantic import ValidationError
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, requires_ct
 from swiss_knife.compression.metrics import weight_sqnr_db
 from swiss_knife.compression.quantization.api import check_quantize, quantize
 from swiss_knife.compression.quantization.base import get_method
@@ -33,10 +32,6 @@ from swiss_knife.compression.quantization.hqq import (
 from swiss_knife.compression.quantization.rtn import rtn_quantize
 from swiss_knife.errors import UserInputError
 from swiss_knife.models import save_model
-
-requires_ct = pytest.mark.skipif(
-    find_spec("compressed_tensors") is None, reason="compressed-tensors is not installed"
-)
 
 
 @pytest.fixture(autouse=True, scope="module")

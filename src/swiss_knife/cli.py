@@ -1664,8 +1664,8 @@ def build_parser() -> argparse.ArgumentParser:
         swiss-knife validate --schema > recipe.schema.json
 
         A model path or data file that does not exist is reported as a `warning:` line on
-        stderr, and the exit code stays 0 when the recipe itself is valid (samples name
-        placeholder paths); --strict makes it an error (exit 2).
+        stderr, and the exit code stays 0 when the recipe itself is valid (the samples name
+        example paths); --strict makes it an error (exit 2).
         """,
     )
     p.add_argument("recipe", nargs="?", help="recipe file (.yaml or .json)")
