@@ -223,10 +223,11 @@ def add_method_options(parser: argparse.ArgumentParser, kind: str, title: str) -
     group = parser.add_argument_group(title)
     options = method_options(kind)
     for option in options:
+        kwargs = dict(option.kwargs)
+        if "type" in kwargs and "choices" not in kwargs:
+            kwargs.setdefault("metavar", option.path[-1].upper())  # not the internal dest
         # Not given stays absent (not None): None is a value some options set (--group-size 0).
-        group.add_argument(
-            option.flag, dest=option.dest, default=argparse.SUPPRESS, **option.kwargs
-        )
+        group.add_argument(option.flag, dest=option.dest, default=argparse.SUPPRESS, **kwargs)
         for alias, value in option.marker.aliases:
             group.add_argument(
                 alias,
