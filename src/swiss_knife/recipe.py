@@ -44,13 +44,6 @@ def stage_class(kind: str, config_class: type) -> type:
     return _STAGES[config_class]
 
 
-def method_config(stage: Any) -> Any:
-    """The method's own config inside a stage (drops `type`, `name` and `evaluate`)."""
-    config_class: Any = registry.for_config(stage).config_class
-    data = stage.model_dump(exclude={"type", "name", "evaluate"}, exclude_unset=True)
-    return config_class.model_validate(data)
-
-
 def kind_union(kind: str) -> Any:
     """The stage classes of one kind: a union discriminated by `method` where there are several."""
     classes = [stage_class(kind, cls) for cls in registry.config_classes(kind)]
