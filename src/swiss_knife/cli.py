@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, registry
-from .cli_flags import Option, add_method_options, collect, method_options
+from .cli_flags import Option, add_method_options, collect, comma_strings, method_options
 from .errors import ConfigError, SwissKnifeError, UserInputError
 
 logger = logging.getLogger("swiss_knife")
@@ -37,10 +37,6 @@ def _comma_ints(text: str) -> list[int]:
     if not values:
         raise argparse.ArgumentTypeError("expected at least one integer")
     return values
-
-
-def _comma_strings(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +99,7 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--warmup", type=int, help="untimed warm-up runs (default 1)")
     group.add_argument("--bleu-data", metavar="FILE", help="prompt/reference .jsonl or .tsv")
     group.add_argument(
-        "--harness-tasks", type=_comma_strings, metavar="T,T", help="lm-evaluation-harness tasks"
+        "--harness-tasks", type=comma_strings, metavar="T,T", help="lm-evaluation-harness tasks"
     )
     group.add_argument("--harness-limit", type=int, help="examples per harness task")
     group.add_argument("--seed", type=int, help="random seed (default 0)")
@@ -1085,7 +1081,7 @@ def _student_spec(text: str) -> dict[str, Any]:
 
 def _layer_map(text: str) -> list[list[int]]:
     try:
-        return [[int(s), int(t)] for s, t in (pair.split(":") for pair in _comma_strings(text))]
+        return [[int(s), int(t)] for s, t in (pair.split(":") for pair in comma_strings(text))]
     except ValueError:
         raise UserInputError(
             f"--layer-map {text!r}: expected STUDENT:TEACHER pairs, e.g. 1:2,2:4"

@@ -280,14 +280,3 @@ def _put(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
             inner = data[key] = {}
         data = inner
     data[path[-1]] = value
-
-
-def options_of(options: list[Option], method: str) -> list[str]:
-    """The options a method takes, for 'it takes ...' messages (targets and ignore unsaid)."""
-    return [
-        option.flag
-        for option in options
-        if method in option.methods
-        and option.path[0] not in ("targets", "ignore")
-        and (option.nested_under is None)
-    ]
