@@ -74,6 +74,13 @@ def make_tiny_llama(seed: int = 0, **overrides: Any) -> Any:
     return LlamaForCausalLM(LlamaConfig(**settings)).eval()
 
 
+def save_tiny_llama(directory: Path, **overrides: Any) -> Path:
+    """Save `make_tiny_llama(seed=0, **overrides)` with the character tokenizer; the folder."""
+    make_tiny_llama(seed=0, **overrides).save_pretrained(directory)
+    make_char_tokenizer().save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def single_thread() -> Iterator[None]:
     """One torch thread for a module of tiny-tensor tests: on a shared 2-core machine intra-op

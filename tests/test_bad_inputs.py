@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import make_char_tokenizer, make_tiny_llama
+from conftest import save_tiny_llama
 from swiss_knife.cli import main as cli_main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -741,9 +741,7 @@ def _tree(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bad-inputs")
-    model = root / "tiny-llama"
-    make_tiny_llama(seed=0, num_hidden_layers=3).save_pretrained(model)
-    make_char_tokenizer().save_pretrained(model)
+    model = save_tiny_llama(root / "tiny-llama", num_hidden_layers=3)
     paths = {"root": root, "model": model}
 
     def write(name: str, content: str | bytes) -> Path:

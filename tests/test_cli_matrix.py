@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import make_char_tokenizer, make_tiny_llama
+from conftest import save_tiny_llama
 from swiss_knife.cli import main as cli_main
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -83,9 +83,7 @@ MODES = ["text", "json"]
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("matrix")
-    model = root / "tiny-llama"
-    make_tiny_llama(seed=0, num_hidden_layers=3).save_pretrained(model)
-    make_char_tokenizer().save_pretrained(model)
+    model = save_tiny_llama(root / "tiny-llama", num_hidden_layers=3)
     text = root / "text.txt"
     paragraphs = [
         f"Story {i}: the quick brown fox jumps over {i % 7} lazy dogs, and the cat sat on a mat."

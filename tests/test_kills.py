@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from conftest import make_char_tokenizer, make_tiny_llama
+from conftest import save_tiny_llama
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="uses SIGKILL")
 
@@ -86,9 +86,7 @@ def weights_of(directory: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("kills")
-    model = root / "tiny-llama"
-    make_tiny_llama(seed=0, num_hidden_layers=3).save_pretrained(model)
-    make_char_tokenizer().save_pretrained(model)
+    model = save_tiny_llama(root / "tiny-llama", num_hidden_layers=3)
     text = root / "text.txt"
     paragraphs = [f"Story {i}: a fox jumps over {i % 7} lazy dogs by the river." for i in range(80)]
     text.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +32,7 @@ from swiss_knife.compression.quantization.rtn import rtn_quantize
 from swiss_knife.errors import UserInputError
 from swiss_knife.models import save_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    # Small tensors on a shared 2-core machine: intra-op threads only add hand-off cost.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def heavy_tailed(out: int = 128, inp: int = 256, seed: int = 0) -> torch.Tensor:

@@ -79,7 +79,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -109,7 +108,7 @@ from ...config import (
 from ...errors import UnsupportedArchitectureError, UserInputError
 from ..metrics import sqnr_db
 from .base import QuantizationOutcome, QuantizeContext, register_method
-from .compressed_tensors_format import plan_grids, save_compressed
+from .compressed_tensors_format import compressed_writer, plan_grids
 from .grid import (
     QuantGrid,
     QuantizedWeight,
@@ -933,12 +932,9 @@ def _apply_awq(model: nn.Module, config: AWQConfig, ctx: QuantizeContext) -> Qua
     rows = sorted(calibrator.layers, key=lambda r: r["rel_error"], reverse=True)
     quantized = calibrator.quantized
 
-    def write(directory: Path) -> None:
-        save_compressed(model, quantized, directory)  # type: ignore[arg-type]
-
     return QuantizationOutcome(
         model=model,
-        writer=write,
+        writer=compressed_writer(model, quantized),
         format=FORMAT,
         steps=steps,
         report={

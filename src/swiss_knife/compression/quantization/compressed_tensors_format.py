@@ -318,6 +318,15 @@ def pack_state_dict(
     return {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
 
 
+def compressed_writer(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) -> Any:
+    """The outcome writer of a weight-only method: `save_compressed` into the folder it gets."""
+
+    def write(directory: Path) -> None:
+        save_compressed(model, quantized, directory)  # type: ignore[arg-type]
+
+    return write
+
+
 def save_compressed(
     model: PreTrainedModel,
     quantized: Mapping[str, QuantizedWeight],

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -64,7 +63,7 @@ from ...config import IntWeightConfig
 from ...errors import UserInputError
 from ..metrics import sensitivity_table, sqnr_db
 from .base import QuantizationOutcome, QuantizeContext, register_method
-from .compressed_tensors_format import plan_grids, save_compressed
+from .compressed_tensors_format import compressed_writer, plan_grids
 from .grid import (
     QuantGrid,
     QuantizedWeight,
@@ -353,12 +352,9 @@ def apply_hqq(model: nn.Module, config: HQQConfig, ctx: QuantizeContext) -> Quan
             "on the same grid"
         )
 
-    def write(directory: Path) -> None:
-        save_compressed(model, quantized, directory)  # type: ignore[arg-type]
-
     return QuantizationOutcome(
         model=model,
-        writer=write,
+        writer=compressed_writer(model, quantized),
         format=FORMAT,
         steps=[step],
         report={

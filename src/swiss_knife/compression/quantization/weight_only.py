@@ -15,8 +15,7 @@ device plus the calibration activations (samples x seq_len x hidden).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -38,7 +37,7 @@ from ...config import (
 from ...errors import UserInputError
 from ..metrics import sensitivity_table, sqnr_db
 from .base import QuantizationOutcome, QuantizeContext, register_method
-from .compressed_tensors_format import plan_grids, save_compressed
+from .compressed_tensors_format import compressed_writer, plan_grids
 from .gptq import gptq_quantize
 from .grid import QuantGrid, QuantizedWeight
 from .rtn import rtn_quantize
@@ -93,13 +92,6 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return weight
 
 
-def _writer(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) -> Callable[[Path], None]:
-    def write(directory: Path) -> None:
-        save_compressed(model, quantized, directory)  # type: ignore[arg-type]
-
-    return write
-
-
 def _describe(config: RTNConfig | GPTQConfig) -> str:
     group = f"groups of {config.group_size}" if config.group_size else "per-channel scales"
     grid = "symmetric" if config.symmetric else "asymmetric"
@@ -125,7 +117,7 @@ def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantizeContext) -> Qua
     steps = [f"RTN: {_describe(config)}" + (", clip search" if config.clip_search else "")]
     return QuantizationOutcome(
         model=model,
-        writer=_writer(model, quantized),
+        writer=compressed_writer(model, quantized),
         format=FORMAT,
         steps=steps,
         report={
@@ -245,7 +237,7 @@ def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> Q
     ]
     return QuantizationOutcome(
         model=model,
-        writer=_writer(model, calibrator.quantized),
+        writer=compressed_writer(model, calibrator.quantized),
         format=FORMAT,
         steps=steps,
         report={
