@@ -16,7 +16,7 @@ from swiss_knife.data import load_token_stream
 from swiss_knife.errors import OutputExistsError, UserInputError
 from swiss_knife.evaluation.perplexity import perplexity
 from swiss_knife.models import cast_model
-from swiss_knife.pipeline import PipelineResult, register_stage, registered_stages, run_recipe
+from swiss_knife.pipeline import PipelineResult, run_recipe
 
 # Small enough for a two-layer random model with a 128-token context.
 SMALL_EVALUATION: dict[str, Any] = {
@@ -292,19 +292,52 @@ def test_runs_are_reproducible(tiny_llama_dir: Path, eval_text: Path, tmp_path: 
 # --------------------------------------------------------------------------- registry and options
 
 
-def test_register_stage_refuses_a_duplicate_type() -> None:
-    assert {"cast", "evaluate"} <= set(registered_stages())
+CALIBRATION = {"num_samples": 4, "seq_len": 32}
 
-    with pytest.raises(ValueError, match="already registered"):
 
-        @register_stage("cast")
-        def _another_cast(state: Any, stage: Any) -> Any:  # pragma: no cover - never registered
-            raise AssertionError
+@pytest.mark.parametrize(
+    ("verb", "flags", "stage"),
+    [
+        ("quantize", ["--method", "rtn", "--bits", "4", "--group-size", "32"],
+         {"type": "quantize", "method": "rtn", "bits": 4, "group_size": 32}),
+        ("prune", ["--method", "wanda", "--sparsity", "0.5"],
+         {"type": "prune", "method": "wanda", "sparsity": 0.5, "calibration": CALIBRATION}),
+        ("reduce-layers", ["--num-layers-to-remove", "1", "--keep-first", "0"],
+         {"type": "reduce_layers", "num_layers_to_remove": 1, "keep_first": 0,
+          "calibration": CALIBRATION}),
+    ],
+)  # fmt: skip
+def test_a_verb_and_its_recipe_stage_write_the_same_weights(
+    tiny_llama_dir: Path, eval_text: Path, tmp_path: Path, verb: str, flags: list[str],
+    stage: dict[str, Any],
+) -> None:  # fmt: skip
+    """The command-line verbs and the recipe runner share one stage runner: the same config and
+    text give byte-identical tensors either way (calibrated methods included)."""
+    from safetensors.torch import load_file
 
-    # The original runner is still the one in place.
-    from swiss_knife import pipeline
+    from swiss_knife.cli import main
 
-    assert pipeline._STAGES["cast"] is pipeline._run_cast
+    calibration = ["--calibration-data", str(eval_text), "--num-samples", "4", "--seq-len", "32"]
+    direct = tmp_path / "direct"
+    code = main(
+        [verb, str(tiny_llama_dir), *flags, *calibration, "--output-dir", str(direct), "-q"]
+    )
+    assert code == 0
+    recipe = make_recipe(
+        tiny_llama_dir,
+        eval_text,
+        data={"eval": str(eval_text), "calibration": str(eval_text)},
+        evaluate_original=False,
+        stages=[{**stage, "evaluate": False},
+                {"type": "evaluate"}],
+    )  # fmt: skip
+    run(recipe, tmp_path / "run")
+    stage_dir = next((tmp_path / "run" / "stages").iterdir())
+    ours = load_file(str(next(direct.glob("*.safetensors"))))
+    theirs = load_file(str(next(stage_dir.glob("*.safetensors"))))
+    assert ours.keys() == theirs.keys()
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, theirs[name]), name
 
 
 def test_without_evaluating_the_original(

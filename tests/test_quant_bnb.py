@@ -287,7 +287,7 @@ def test_stories260k_perplexity_stays_close(stories_dir: Path) -> None:
 
     ratios = {}
     for name, config in (("8bit", BnB8bitConfig()), ("nf4", BnB4bitConfig())):
-        outcome = run(dense, config, source_dir=stories_dir)
+        outcome = run(dense, config)
         ratios[name] = perplexity(outcome.model, stream, window=256).perplexity / base
     # Measured: 0.997 (8-bit) and 1.060 (NF4 on the 20 attention projections; MLPs stay dense).
     assert 0.98 < ratios["8bit"] < 1.02, ratios

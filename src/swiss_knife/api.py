@@ -110,8 +110,6 @@ def _compress(
         calibration=samples,
         device=device,
         progress=progress,
-        tokenizer=tokenizer,
-        source_dir=getattr(model, "directory", None),
         **extra,
     )
     earlier = getattr(network, _STATE, None)
@@ -139,8 +137,6 @@ def apply_method(
     calibration: Any = None,
     device: Any = None,
     progress: bool = False,
-    tokenizer: Any | None = None,
-    source_dir: str | Path | None = None,
     train_tokens: Any = None,
 ) -> Any:
     """Run the registered method a quantize or prune config names on a network; its outcome.
@@ -157,8 +153,6 @@ def apply_method(
             calibration=calibration,
             device=device,
             progress=progress,
-            tokenizer=tokenizer,
-            source_dir=source_dir,
         )
     if kind == "prune":
         from .compression.pruning.api import prune as run_prune
@@ -169,7 +163,6 @@ def apply_method(
             calibration=calibration,
             device=device,
             progress=progress,
-            tokenizer=tokenizer,
             train_tokens=train_tokens,
         )
     raise UserInputError(f"{type(config).__name__} is a {kind} config; use sk.{kind}")

@@ -18,25 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, registry
-from .cli_flags import Option, add_method_options, collect, comma_strings, method_options
+from .cli_flags import (
+    Option,
+    add_method_options,
+    collect,
+    comma_ints,
+    comma_strings,
+    method_options,
+)
 from .errors import ConfigError, SwissKnifeError, UserInputError
 
 logger = logging.getLogger("swiss_knife")
 
 
 # --------------------------------------------------------------------------- argument groups
-
-
-def _comma_ints(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +86,7 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-perplexity", action="store_true", help="skip perplexity")
     group.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
     group.add_argument(
-        "--speed-batch-sizes", type=_comma_ints, metavar="N,N", help="batch sizes, e.g. 1,4,16"
+        "--speed-batch-sizes", type=comma_ints, metavar="N,N", help="batch sizes, e.g. 1,4,16"
     )
     group.add_argument("--prompt-len", type=int, help="prompt tokens for speed (default 128)")
     group.add_argument("--new-tokens", type=int, help="decoded tokens for speed (default 32)")
@@ -603,7 +598,7 @@ def _validate_stage(
 
 def _save_outcome(
     args: argparse.Namespace,
-    outcome: Any,
+    result: Any,
     loaded: Any,
     out: Path,
     protect: list[str],
@@ -613,39 +608,96 @@ def _save_outcome(
     tags: list[str],
     label: str | None = None,
 ) -> tuple[Path, int]:
-    """Save a compression outcome with its manifest and model card; (folder, weight bytes)."""
+    """Save a stage's result with its manifest and model card; (folder, weight bytes)."""
     from .config import config_to_dict
     from .evaluation.size import weight_files
-    from .models import build_manifest, render_model_card, save_model
+    from .models import build_manifest
+    from .stages import write_checkpoint
 
     manifest = build_manifest(
         source=args.model,
         recipe={verb: config_to_dict(config)},
-        timings={verb: outcome.report.get("seconds", 0.0)},
-        extra={
-            "steps": outcome.steps,
-            "format": getattr(outcome, "format", "dense"),
-            "stage_report": outcome.report,
-        },
+        timings={verb: result.report.get("seconds", 0.0)},
+        extra={"steps": result.steps, "format": result.format, "stage_report": result.report},
     )
-    card = render_model_card(
+    saved = write_checkpoint(
+        result,
+        out,
+        tokenizer=loaded.tokenizer,
+        manifest=manifest,
         title=f"{Path(args.model).name} ({label or ' '.join(tags[1:])}, Swiss Knife)",
         source=args.model,
         tags=tags,
-        steps=outcome.steps,
-        plain_transformers=not str(getattr(outcome, "format", "")).endswith("sparse-bitmask"),
-    )
-    saved = save_model(
-        outcome.model,
-        out,
-        tokenizer=loaded.tokenizer,
+        steps=result.steps,
         overwrite=args.overwrite,
         protect=protect,
-        manifest=manifest,
-        model_card=card,
-        writer=outcome.writer,
     )
     return saved, sum(p.stat().st_size for p in weight_files(saved))
+
+
+def _compress(
+    args: argparse.Namespace,
+    config: Any,
+    *,
+    verb: str,
+    tags: list[str],
+    before_load: Callable[[Any, Any], None] | None = None,
+    after_load: Callable[[Any, Any], None] | None = None,
+    label: Callable[[Any], str] | None = None,
+) -> tuple[Any, Any, Path, int]:
+    """quantize, prune and reduce-layers: check what can be checked before loading, load, run
+    the stage through the shared runner (swiss_knife.stages) and save it.
+
+    `before_load(config, hf_config)` checks a local model's config.json; `after_load(config,
+    loaded)` the loaded model. Returns (config as run, result, folder, weight bytes).
+    """
+    from .config import LayerReductionConfig
+    from .models import check_output_dir
+    from .stages import CommandLine, StageData, calibration_reason, check_data, run_stage, trains
+
+    reads = isinstance(config, LayerReductionConfig) or calibration_reason(config) is not None
+    calibration = _calibration_source(args) if reads else None
+    train_text = getattr(args, "train_data", None) or args.calibration_data
+    train = _text_source(args, train_text, "--train-data") if trains(config) else None
+    data = StageData(calibration, train)
+    name = getattr(config, "method", verb)
+    check_data(config, data, CommandLine(), name)
+    protect = [args.model] if Path(args.model).expanduser().exists() else []
+    out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
+    # A local model's config.json is enough to refuse windows longer than its positions, and
+    # what before_load checks, before any weights are read.
+    hf_config = _local_hf_config(args, args.model, args.gguf_file)
+    if before_load is not None:
+        before_load(config, hf_config)
+    if calibration is not None:
+        config = _fit_calibration(args, config, _max_positions(hf_config))
+    loaded = _load(args, args.model)
+    if after_load is not None:
+        after_load(config, loaded)
+    if calibration is not None:
+        config = _fit_calibration(args, config, _max_positions(loaded.model.config))
+    result = run_stage(
+        loaded.model,
+        config,
+        tokenizer=loaded.tokenizer,
+        device=loaded.device,
+        data=data,
+        speaker=CommandLine(),
+        label=name,
+        progress=_progress(args),
+    )
+    saved, disk = _save_outcome(
+        args,
+        result,
+        loaded,
+        out,
+        protect,
+        verb=verb,
+        config=config,
+        tags=tags,
+        label=label(result) if label else None,
+    )
+    return config, result, saved, disk
 
 
 # (report key, label, format) for the per-layer columns a method may report, in print order.
@@ -679,16 +731,18 @@ def _quant_config(args: argparse.Namespace) -> Any:
 
 
 def _layer_reduction_config(args: argparse.Namespace) -> Any:
-    from .config import LayerReductionConfig, validate_dict
+    from .config import LayerReductionConfig
 
-    data: dict[str, Any] = {"selection": args.selection}
-    for flag in ("num_layers_to_remove", "num_layers_to_keep", "layers", "keep_first", "keep_last"):
-        if getattr(args, flag) is not None:
-            data[flag] = getattr(args, flag)
+    options = method_options("reduce_layers")
+    data: dict[str, Any] = {}
+    given: GivenFlags = collect(args, options, data)
     calibration = _calibration_settings(args)
     if calibration:
         data["calibration"] = calibration
-    return validate_dict(LayerReductionConfig, data, "options")
+    for attr, key in _CALIBRATION_FLAGS:
+        if getattr(args, attr) is not None:
+            given[("calibration", key)] = _flag(attr)
+    return _validate_stage(LayerReductionConfig, data, args, given, _pairs(options))
 
 
 def _local_num_layers(hf_config: Any) -> int | None:
@@ -716,142 +770,96 @@ def _meta_model(args: argparse.Namespace, hf_config: Any) -> Any:
 
 
 def cmd_reduce_layers(args: argparse.Namespace) -> int:
-    from .compression.layers import reduce_layers, removal_count
-    from .data import model_calibration_samples
-    from .models import check_output_dir
+    from .compression.layers import removal_count
 
-    config = _layer_reduction_config(args)
-    by_importance = config.layers is None and config.selection == "importance"
-    data_cfg = _calibration_source(args)
-    if data_cfg is None and by_importance:
-        raise UserInputError(
-            "--selection importance needs --calibration-data; or use --selection "
-            "last/first/evenly, or --layers"
-        )
-    protect = [args.model] if Path(args.model).expanduser().exists() else []
-    out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
-    hf_config = _local_hf_config(args, args.model, args.gguf_file)
-    total = _local_num_layers(hf_config)
-    if total is not None:
-        # Bad indices or counts fail here, before the weights are loaded.
-        removal_count(total, config)
-    if data_cfg is not None:
-        config = _fit_calibration(args, config, _max_positions(hf_config))
-    loaded = _load(args, args.model)
-    calibration = None
-    if data_cfg is not None:
-        config = _fit_calibration(args, config, _max_positions(loaded.model.config))
-        calibration = model_calibration_samples(
-            loaded.model, data_cfg, loaded.tokenizer, config.calibration
-        )
-    outcome = reduce_layers(
-        loaded.model,
-        config,
-        calibration=calibration,
-        device=loaded.device,
-        progress=_progress(args),
-    )
-    report = outcome.report
-    saved, disk = _save_outcome(
+    def before_load(config: Any, hf_config: Any) -> None:
+        total = _local_num_layers(hf_config)
+        if total is not None:
+            removal_count(total, config)  # bad indices or counts fail before loading
+
+    def label(result: Any) -> str:
+        report = result.report
+        return f"{report['num_layers_after']} of {report['num_layers_before']} layers"
+
+    _, result, saved, disk = _compress(
         args,
-        outcome,
-        loaded,
-        out,
-        protect,
+        _layer_reduction_config(args),
         verb="reduce_layers",
-        config=config,
         tags=["layer-reduction"],
-        label=f"{report['num_layers_after']} of {report['num_layers_before']} layers",
+        before_load=before_load,
+        label=label,
     )
+    report = result.report
     if args.json:
         _print_json({"output_dir": str(saved), "disk_bytes": disk, **report})
         return 0
     print(report["importance_table"])
     print()
-    print("; ".join(outcome.steps))
+    print("; ".join(result.steps))
     print(f"{disk / 1e6:.2f} MB on disk, {report['seconds']} s")
     print(f"saved to {saved}")
     return 0
 
 
-def cmd_quantize(args: argparse.Namespace) -> int:
-    from .api import apply_method
+def _check_quantize_shapes(args: argparse.Namespace) -> Callable[[Any, Any], None]:
+    """The method's shape checks (group sizes that divide the layers, ...) on the model a local
+    config.json describes, built on the meta device."""
     from .compression.quantization.api import check_quantize
     from .compression.quantization.base import get_method
-    from .data import model_calibration_samples
-    from .models import check_output_dir
 
-    config = _quant_config(args)
-    info = get_method(config.method)
-    protect = [args.model] if Path(args.model).expanduser().exists() else []
-    out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
-    data_cfg = None
-    if info.needs_data(config):
-        if not args.calibration_data:
-            raise UserInputError(f"method {config.method!r} needs --calibration-data")
-        data_cfg = _text_source(args, args.calibration_data, "--calibration-data")
-    # A local model's config.json is enough to refuse windows longer than its positions and
-    # group sizes that do not divide its layers, before any weights are read.
-    hf_config = _local_hf_config(args, args.model, args.gguf_file)
-    if data_cfg is not None:
-        config = _fit_calibration(args, config, _max_positions(hf_config))
-    meta = _meta_model(args, hf_config) if info.check is not None else None
-    if meta is not None:
+    def before_load(config: Any, hf_config: Any) -> None:
+        if get_method(config.method).check is None:
+            return
+        meta = _meta_model(args, hf_config)
+        if meta is None:
+            return
         try:
             check_quantize(meta, config)
         except SwissKnifeError:
             raise
         except Exception as exc:  # a check that needs real tensors: it runs after loading
             logger.debug("shape check on the meta model skipped: %s", exc)
-    loaded = _load(args, args.model)
-    # Hub ids and GGUF files: the same checks on the loaded model, before tokenising any text.
-    check_quantize(loaded.model, config)
-    calibration = None
-    if data_cfg is not None:
-        config = _fit_calibration(args, config, _max_positions(loaded.model.config))
-        calibration = model_calibration_samples(
-            loaded.model, data_cfg, loaded.tokenizer, config.calibration
-        )
-    outcome = apply_method(
-        loaded.model,
-        config,
-        calibration=calibration,
-        device=loaded.device,
-        progress=_progress(args),
-        tokenizer=loaded.tokenizer,
-        source_dir=loaded.directory,
-    )
-    saved, disk = _save_outcome(
+
+    return before_load
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .compression.quantization.api import check_quantize
+
+    config = _quant_config(args)
+    config, result, saved, disk = _compress(
         args,
-        outcome,
-        loaded,
-        out,
-        protect,
+        config,
         verb="quantize",
-        config=config,
         tags=["quantized", config.method],
+        before_load=_check_quantize_shapes(args),
+        # Hub ids and GGUF files: the same checks on the loaded model, before any text is read.
+        after_load=lambda config, loaded: check_quantize(loaded.model, config),
     )
     summary = {
         "output_dir": str(saved),
         "method": config.method,
-        "format": outcome.format,
-        "seconds": outcome.report.get("seconds"),
+        "format": result.format,
+        "seconds": result.report.get("seconds"),
         "disk_bytes": disk,
-        "steps": outcome.steps,
-        "worst_layers": outcome.report.get("sensitivity", [])[:5],
+        "steps": result.steps,
+        "worst_layers": result.report.get("sensitivity", [])[:5],
     }
     if args.json:
         _print_json(summary)
         return 0
-    print(f"{config.method}: {'; '.join(outcome.steps)}")
-    print(f"format {outcome.format}, {disk / 1e6:.2f} MB on disk, {summary['seconds']} s")
-    worst = summary["worst_layers"]
-    if worst:
-        print(f"worst layers ({outcome.report.get('sensitivity_kind', 'error')}):")
-        for row in worst:
-            print(_layer_row(row))
+    print(f"{config.method}: {'; '.join(result.steps)}")
+    print(f"format {result.format}, {disk / 1e6:.2f} MB on disk, {summary['seconds']} s")
+    _print_worst(result.report, summary["worst_layers"])
     print(f"saved to {saved}")
     return 0
+
+
+def _print_worst(report: dict[str, Any], worst: list[dict[str, Any]]) -> None:
+    if worst:
+        print(f"worst layers ({report.get('sensitivity_kind', 'error')}):")
+        for row in worst:
+            print(_layer_row(row))
 
 
 def _check_sparsity_pattern(args: argparse.Namespace) -> None:
@@ -942,90 +950,50 @@ def _warn_unused_calibration(
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .api import apply_method
     from .compression.pruning.api import calibration_reason
-    from .data import calibration_samples, load_token_stream
-    from .models import check_output_dir
+
+    def before_load(config: Any, hf_config: Any) -> None:
+        reason = calibration_reason(config)
+        _warn_unused_calibration(args, config, reason, trains=config_trains(config))
+        _check_prunable_dir(args.model)
+
+    def config_trains(config: Any) -> bool:
+        return getattr(config, "schedule", None) is not None
 
     config = _prune_config(args)
-    reason = calibration_reason(config)
-    schedule = getattr(config, "schedule", None)
-    protect = [args.model] if Path(args.model).expanduser().exists() else []
-    out = check_output_dir(args.output_dir, overwrite=args.overwrite, protect=protect)
-    calib_cfg = None
-    if args.calibration_data and reason is not None:
-        calib_cfg = _text_source(args, args.calibration_data, "--calibration-data")
-    elif reason is not None:
-        raise UserInputError(f"{reason} needs --calibration-data")
-    train_source = args.train_data or args.calibration_data
-    if schedule is not None and train_source is None:
-        raise UserInputError(
-            "a gradual schedule fine-tunes between steps and needs --train-data "
-            "(or --calibration-data)"
-        )
-    _warn_unused_calibration(args, config, reason, trains=schedule is not None)
-    train_cfg = _text_source(args, train_source, "--train-data") if schedule else None
-    _check_prunable_dir(args.model)
-    if calib_cfg is not None:
-        hf_config = _local_hf_config(args, args.model, args.gguf_file)
-        config = _fit_calibration(args, config, _max_positions(hf_config))
-    loaded = _load(args, args.model)
-    max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
-    calibration = None
-    if calib_cfg is not None:
-        config = _fit_calibration(args, config, max_positions)
-        calibration = calibration_samples(
-            calib_cfg, loaded.tokenizer, config.calibration, max_positions=max_positions
-        )
-    train_tokens = load_token_stream(train_cfg, loaded.tokenizer) if train_cfg else None
-    outcome = apply_method(
-        loaded.model,
-        config,
-        calibration=calibration,
-        device=loaded.device,
-        progress=_progress(args),
-        tokenizer=loaded.tokenizer,
-        train_tokens=train_tokens,
-    )
-    report = outcome.report
-    saved, disk = _save_outcome(
+    config, result, saved, disk = _compress(
         args,
-        outcome,
-        loaded,
-        out,
-        protect,
+        config,
         verb="prune",
-        config=config,
         tags=["pruned", config.method],
+        before_load=before_load,
     )
+    report = result.report
     worst = report.get("sensitivity", [])[: args.show_layers]
     summary = {
         "output_dir": str(saved),
         "method": config.method,
-        "format": outcome.format,
+        "format": result.format,
         "seconds": report.get("seconds"),
         "disk_bytes": disk,
         "overall_sparsity": report.get("overall_sparsity"),
         "nonzero_params": report.get("nonzero_params"),
         "total_params": report.get("total_params"),
-        "steps": outcome.steps,
+        "steps": result.steps,
         "worst_layers": worst,
     }
     if args.json:
         _print_json(summary)
         return 0
-    print(f"{config.method}: {outcome.steps[0]}")
+    print(f"{config.method}: {result.steps[0]}")
     if "overall_sparsity" in report:
         print(
             f"sparsity {report['overall_sparsity']:.2%} of the pruned layers; "
             f"{report['nonzero_params']:,} of {report['total_params']:,} parameters non-zero"
         )
-    print(f"format {outcome.format}, {disk / 1e6:.2f} MB on disk, {summary['seconds']} s")
-    if worst:
-        print(f"worst layers ({report.get('sensitivity_kind', 'error')}):")
-        for row in worst:
-            print(_layer_row(row))
-    for note in outcome.steps[1:]:
+    print(f"format {result.format}, {disk / 1e6:.2f} MB on disk, {summary['seconds']} s")
+    _print_worst(report, worst)
+    for note in result.steps[1:]:
         print(f"note: {note}")
     print(f"saved to {saved}")
     return 0
@@ -1488,24 +1456,7 @@ def build_parser() -> argparse.ArgumentParser:
         """,
     )
     p.add_argument("model", help="hub id, local directory or .gguf file")
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--num-layers-to-remove", type=int, metavar="K", help="remove K blocks")
-    target.add_argument("--num-layers-to-keep", type=int, metavar="N", help="keep N blocks")
-    target.add_argument(
-        "--layers",
-        type=_comma_ints,
-        metavar="I,J",
-        help="remove exactly these block indices (negative counts from the end)",
-    )
-    p.add_argument(
-        "--selection",
-        choices=["importance", "last", "first", "evenly"],
-        default="importance",
-        help="which blocks K/N remove: lowest block influence on the calibration text "
-        "(default), or by position",
-    )
-    p.add_argument("--keep-first", type=int, help="never remove the first N blocks (default 1)")
-    p.add_argument("--keep-last", type=int, help="never remove the last N blocks (default 1)")
+    add_method_options(p, "reduce_layers", "which blocks (from the config)")
     p.add_argument("--output-dir", required=True, help="where the reduced checkpoint goes")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
     _add_calibration_options(p, "calibration (selection importance)", default_samples=32)

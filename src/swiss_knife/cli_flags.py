@@ -90,6 +90,19 @@ def comma_strings(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def comma_ints(text: str) -> list[int]:
+    """Comma-separated integers, at least one: '3,5,-2' -> [3, 5, -2]."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
 def pattern_value(
     convert: Callable[[str], Any], metavar: str = "PATTERN=VALUE"
 ) -> Callable[[str], tuple[str, Any]]:
@@ -129,6 +142,8 @@ def _argparse_kwargs(annotation: Any, marker: Flag) -> dict[str, Any]:
         return {"type": pattern_value(value_type, metavar), "action": "append", "metavar": metavar}
     if origin is list and typing.get_args(plain)[0] is str:
         return {**kwargs, "type": comma_strings, "metavar": marker.metavar or "A,B"}
+    if origin is list and typing.get_args(plain)[0] is int:
+        return {**kwargs, "type": comma_ints, "metavar": marker.metavar or "I,J"}
     if plain in (int, float, str):
         convert = plain
         return {**kwargs, "type": _none_or(convert, none_words) if none_words else convert}
@@ -136,7 +151,11 @@ def _argparse_kwargs(annotation: Any, marker: Flag) -> dict[str, Any]:
 
 
 def _help(
-    field: FieldInfo, owners: list[tuple[str, FieldInfo]], path: tuple[str, ...], marker: Flag
+    field: FieldInfo,
+    owners: list[tuple[str, FieldInfo]],
+    path: tuple[str, ...],
+    marker: Flag,
+    single: bool = False,
 ) -> str:
     text = (field.description or path[-1].replace("_", " ")).rstrip(".")
     defaults: dict[str, list[str]] = {}
@@ -155,7 +174,8 @@ def _help(
         default = "default " + "; ".join(f"{'/'.join(m)} {v}" for v, m in defaults.items())
     if marker.none:
         default += f"; {'/'.join(marker.none)} = none"
-    return f"[{', '.join(methods)}] {text} ({default})".replace("%", "%%")
+    scope = "" if single else f"[{', '.join(methods)}] "  # a kind of one method needs no tag
+    return f"{scope}{text} ({default})".replace("%", "%%")
 
 
 def method_options(kind: str) -> list[Option]:
@@ -185,7 +205,7 @@ def method_options(kind: str) -> list[Option]:
         marker = _flag_marker(field)
         flag = marker.name or "--" + path[-1].replace("_", "-")
         kwargs = _argparse_kwargs(field.annotation, marker)
-        kwargs["help"] = _help(field, fields, path, marker)
+        kwargs["help"] = _help(field, fields, path, marker, len(registry.methods(kind)) == 1)
         switch = nested_switch.get(path[:1]) if len(path) > 1 else None
         under = None
         if switch is not None and path[1] != switch:
@@ -222,12 +242,17 @@ def add_method_options(parser: argparse.ArgumentParser, kind: str, title: str) -
     """Add every derived option of `kind` to the parser; returns them for `collect`."""
     group = parser.add_argument_group(title)
     options = method_options(kind)
+    exclusive: dict[str, Any] = {}
     for option in options:
         kwargs = dict(option.kwargs)
         if "type" in kwargs and "choices" not in kwargs:
             kwargs.setdefault("metavar", option.path[-1].upper())  # not the internal dest
+        one_of = option.marker.one_of
+        if one_of is not None and one_of not in exclusive:
+            exclusive[one_of] = group.add_mutually_exclusive_group(required=True)
+        target = exclusive[one_of] if one_of is not None else group
         # Not given stays absent (not None): None is a value some options set (--group-size 0).
-        group.add_argument(option.flag, dest=option.dest, default=argparse.SUPPRESS, **kwargs)
+        target.add_argument(option.flag, dest=option.dest, default=argparse.SUPPRESS, **kwargs)
         for alias, value in option.marker.aliases:
             group.add_argument(
                 alias,

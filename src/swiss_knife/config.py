@@ -45,6 +45,8 @@ class Flag:
     ] = ()  # extra switches setting a value: ("--asymmetric", False)
     skip: bool = False  # not an option (set from another flag)
     switch: str | None = None  # on a nested config: the field whose option turns it on
+    # Options naming the same group: exactly one of them must be given (argparse checks it).
+    one_of: str | None = None
 
 
 class StrictModel(BaseModel):
@@ -392,18 +394,26 @@ class CalibratedPruneConfig(UnstructuredPruneConfig):
 class LayerReductionConfig(StrictModel):
     """Drop whole transformer blocks, chosen by importance, index or position."""
 
-    num_layers_to_remove: int | None = Field(default=None, ge=1)
-    num_layers_to_keep: int | None = Field(default=None, ge=1)
-    layers: list[int] | None = Field(
-        default=None, description="Explicit block indices to remove (negative counts from end)."
+    num_layers_to_remove: Annotated[int | None, Flag(metavar="K", one_of="target")] = Field(
+        default=None, ge=1, description="Remove K blocks."
+    )
+    num_layers_to_keep: Annotated[int | None, Flag(metavar="N", one_of="target")] = Field(
+        default=None, ge=1, description="Keep N blocks."
+    )
+    layers: Annotated[list[int] | None, Flag(metavar="I,J", one_of="target")] = Field(
+        default=None, description="Remove exactly these block indices (negative counts from end)."
     )
     selection: Literal["importance", "last", "first", "evenly"] = Field(
         default="importance",
-        description="importance: lowest ShortGPT block influence on calibration text; "
-        "last/first/evenly: by position (data-free).",
+        description="Which blocks K/N remove: importance, the lowest ShortGPT block influence "
+        "on the calibration text; last/first/evenly, by position (data-free).",
     )
-    keep_first: int = Field(default=1, ge=0, description="Never remove the first N blocks.")
-    keep_last: int = Field(default=1, ge=0, description="Never remove the last N blocks.")
+    keep_first: Annotated[int, Flag(metavar="N")] = Field(
+        default=1, ge=0, description="Never remove the first N blocks."
+    )
+    keep_last: Annotated[int, Flag(metavar="N")] = Field(
+        default=1, ge=0, description="Never remove the last N blocks."
+    )
     calibration: CalibrationSettings = Field(
         default_factory=lambda: CalibrationSettings(num_samples=32)
     )

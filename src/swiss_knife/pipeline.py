@@ -9,8 +9,9 @@ Layout of an output directory:
     report.{md,json,html}       every evaluation side by side
 
 A re-run resumes: a stage whose manifest records the same chain of stages (model, data and every
-stage up to it) is loaded from disk instead of being redone. Stage types register a runner with
-`@register_stage("type")`; the recipe's stage configs live in `config.py`.
+stage up to it) is loaded from disk instead of being redone. Every model-changing stage but
+distillation runs through the shared runner in `swiss_knife.stages`; stage configs come from
+the method registry (`swiss_knife.recipe`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +31,8 @@ import torch
 import yaml
 
 from .config import (
-    CastConfig,
     DataConfig,
     DistillConfig,
-    EvaluateStageConfig,
     EvaluationConfig,
     LayerReductionConfig,
     config_to_dict,
@@ -47,14 +45,13 @@ from .evaluation.report import markdown_table
 from .models import (
     LoadedModel,
     build_manifest,
-    cast_model,
     load_model,
     read_manifest,
     render_model_card,
-    save_model,
 )
 from .paths import check_writable_parent, refuse_inside_inputs
 from .recipe import CompressionConfig, stage_name
+from .stages import Recipe, StageData, StageResult, run_stage, write_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -82,149 +79,42 @@ class PipelineState:
 
 @dataclass
 class StageOutcome:
-    """What a stage did: whether it changed the model, in words for the model card."""
+    """What a distillation stage did, in words for the model card and numbers for the report."""
 
-    changed_model: bool
     steps: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
-    report: EvaluationReport | None = None
-    # Writes the checkpoint files for formats that are not a plain save_pretrained.
-    writer: Callable[[Path], None] | None = None
 
 
-StageRunner = Callable[[PipelineState, Any], StageOutcome]
-_STAGES: dict[str, StageRunner] = {}
-
-
-def register_stage(type_name: str) -> Callable[[StageRunner], StageRunner]:
-    """Register the runner for a stage type; a second runner for the same type is an error.
-
-    Internal: the stage types a recipe accepts come from the method registry (swiss_knife.recipe);
-    a new method needs no runner of its own, since quantize and prune stages share one.
-    """
-
-    def decorator(fn: StageRunner) -> StageRunner:
-        if type_name in _STAGES:
-            raise ValueError(f"stage type {type_name!r} is already registered")
-        _STAGES[type_name] = fn
-        return fn
-
-    return decorator
-
-
-def registered_stages() -> list[str]:
-    return sorted(_STAGES)
-
-
-@register_stage("cast")
-def _run_cast(state: PipelineState, stage: CastConfig) -> StageOutcome:
-    before = str(next(state.model.parameters()).dtype).replace("torch.", "")
-    state.model = cast_model(state.model, stage)
-    return StageOutcome(True, [f"cast weights from {before} to {stage.dtype}"])
-
-
-def _stage_calibration(state: PipelineState, stage: Any, reason: str | None) -> Any:
-    """The stage's calibration windows from data.calibration (or data.eval), or None when
-    `reason` (why the stage needs them) is None."""
-    from .data import calibration_samples
-
-    if reason is None:
-        return None
-    source = state.recipe.data.calibration or state.recipe.data.eval
-    if source is None:
-        raise ConfigError(
-            f"stage {stage.method!r}: {reason} needs calibration text: set data.calibration "
-            "(or data.eval) in the recipe"
-        )
-    return calibration_samples(
-        source,
-        state.tokenizer,
-        stage.calibration,
-        max_positions=getattr(state.model.config, "max_position_embeddings", None),
+def _stage_data(recipe: CompressionConfig) -> StageData:
+    """The recipe's texts as a stage reads them: calibration from data.calibration (or
+    data.eval), fine-tuning from data.calibration only, never the text it is scored on."""
+    return StageData(
+        calibration=recipe.data.calibration or recipe.data.eval, train=recipe.data.calibration
     )
 
 
-def _stage_outcome(state: PipelineState, outcome: Any) -> StageOutcome:
-    state.model = outcome.model
-    return StageOutcome(
-        True,
-        outcome.steps,
-        info={"format": outcome.format, **outcome.report},
-        writer=outcome.writer,
-    )
-
-
-def _run_method(state: PipelineState, stage: Any) -> StageOutcome:
-    """A quantize or prune stage: its calibration windows and training text, then its method."""
-    from . import registry
-    from .api import apply_method
-    from .compression.pruning.api import calibration_reason
-
-    method = registry.for_config(stage)
-    if method.kind == "prune":
-        reason = calibration_reason(stage)
-    else:
-        reason = f"method {stage.method!r}" if method.needs_data(stage) else None
-    calibration = _stage_calibration(state, stage, reason)
-    train_tokens = None
-    if getattr(stage, "schedule", None) is not None:
-        # Fine-tuning reads the calibration text, never the evaluation text it is scored on.
-        if state.recipe.data.calibration is None:
-            raise ConfigError(
-                f"stage {stage.method!r} prunes gradually and fine-tunes between steps: set "
-                "data.calibration in the recipe to the text to train on"
-            )
-        train_tokens = load_token_stream(state.recipe.data.calibration, state.tokenizer)
-    outcome = apply_method(
+def _run_model_stage(state: PipelineState, stage: Any, name: str) -> StageResult:
+    """Any stage that changes the model: distillation here, the rest through the one runner."""
+    if isinstance(stage, DistillConfig):
+        outcome = _run_distill(state, stage, name)
+        return StageResult(state.model, outcome.steps, outcome.info)
+    result = run_stage(
         state.model,
         stage,
-        calibration=calibration,
-        device=state.loaded.device,
-        progress=state.progress,
         tokenizer=state.tokenizer,
-        train_tokens=train_tokens,
-    )
-    return _stage_outcome(state, outcome)
-
-
-register_stage("quantize")(_run_method)
-register_stage("prune")(_run_method)
-
-
-@register_stage("reduce_layers")
-def _run_reduce_layers(state: PipelineState, stage: LayerReductionConfig) -> StageOutcome:
-    from .compression.layers import reduce_layers
-    from .data import model_calibration_samples
-
-    recipe = state.recipe
-    source = recipe.data.calibration or recipe.data.eval
-    needs_data = stage.layers is None and stage.selection == "importance"
-    if needs_data and source is None:
-        raise ConfigError(
-            "stage reduce_layers with selection 'importance' needs calibration text: set "
-            "data.calibration (or data.eval) in the recipe, or use selection last/first/evenly"
-        )
-    # With text available the block importance is measured for the table even when the blocks
-    # are chosen by position or index.
-    calibration = None
-    if source is not None:
-        calibration = model_calibration_samples(
-            state.model, source, state.tokenizer, stage.calibration
-        )
-    outcome = reduce_layers(
-        state.model,
-        stage,
-        calibration=calibration,
         device=state.loaded.device,
+        data=_stage_data(state.recipe),
+        speaker=Recipe(),
+        label=getattr(stage, "method", None) or stage.type,
         progress=state.progress,
     )
-    state.model = outcome.model
-    logger.info("block importance:\n%s", outcome.report["importance_table"])
-    return StageOutcome(True, outcome.steps, info=outcome.report)
+    state.model = result.model
+    if isinstance(stage, LayerReductionConfig):
+        logger.info("block importance:\n%s", result.report["importance_table"])
+    return result
 
 
-@register_stage("distill")
-def _run_distill(state: PipelineState, stage: DistillConfig) -> StageOutcome:
+def _run_distill(state: PipelineState, stage: DistillConfig, name: str) -> StageOutcome:
     """Train a student on the teacher's outputs; the student then continues down the recipe.
 
     Teacher: the recipe's original model (`teacher: original`, the default, reloaded from disk),
@@ -236,8 +126,6 @@ def _run_distill(state: PipelineState, stage: DistillConfig) -> StageOutcome:
     from .compression.distillation.api import distill
 
     recipe = state.recipe
-    index = next(i for i, s in enumerate(recipe.stages) if s is stage)
-    name = stage_name(stage, index)
     if stage.train_data is None:
         raise ConfigError(f"stage {name!r} needs train_data: the text to distil on")
     if stage.teacher == "current" and stage.student == "current" and not stage.student_from_teacher:
@@ -289,12 +177,7 @@ def _run_distill(state: PipelineState, stage: DistillConfig) -> StageOutcome:
         "stopped_early": result.stopped_early,
         "kept_blocks": result.kept_blocks,
     }
-    return StageOutcome(True, steps, info=info)
-
-
-@register_stage("evaluate")
-def _run_evaluate(state: PipelineState, stage: EvaluateStageConfig) -> StageOutcome:
-    return StageOutcome(False, ["evaluated"])
+    return StageOutcome(steps, info=info)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -430,6 +313,14 @@ def _evaluate(
     )
 
 
+def _card_title(recipe: CompressionConfig) -> str:
+    return f"{Path(recipe.model.path).name} (Swiss Knife)"
+
+
+def _card_tags(recipe: CompressionConfig) -> list[str]:
+    return [s.type for s in recipe.stages if s.type != "evaluate"]
+
+
 def _stage_card(
     recipe: CompressionConfig,
     steps: list[str],
@@ -438,12 +329,11 @@ def _stage_card(
 ) -> str:
     """The model card; `reports` are this stage's measurement, after the baseline if any."""
     table = markdown_table(comparison_rows(reports)) if reports else None
-    tags = [s.type for s in recipe.stages if s.type != "evaluate"]
     saved_format = str(manifest.get("stage_report", {}).get("format", ""))
     return render_model_card(
-        title=f"{Path(recipe.model.path).name} (Swiss Knife)",
+        title=_card_title(recipe),
         source=recipe.model.path,
-        tags=tags,
+        tags=_card_tags(recipe),
         steps=steps,
         metrics_table=table,
         plain_transformers=not saved_format.endswith("sparse-bitmask"),
@@ -468,9 +358,6 @@ def run_recipe(
     target = output_dir or recipe.output_dir
     if target is None:
         raise ConfigError("no output directory: pass --output-dir or set output_dir in the recipe")
-    unknown = [s.type for s in recipe.stages if s.type not in _STAGES]
-    if unknown:
-        raise ConfigError(f"no runner for stage type(s) {unknown}; known: {registered_stages()}")
     _check_eval_text(recipe)
     protect = [recipe.model.path] if Path(recipe.model.path).expanduser().exists() else []
     out = Path(target).expanduser().resolve()
@@ -551,9 +438,9 @@ def run_recipe(
             # Named before it starts: a stage can run for minutes, and the log's last line
             # should say what is happening now, not what finished before it.
             logger.info("stage %d/%d: %s (%s)", index + 1, len(recipe.stages), name, stage.type)
-            outcome = _STAGES[stage.type](state, stage)
+            result = _run_model_stage(state, stage, name)
             seconds = round(time.perf_counter() - started, 3)
-            steps.extend(outcome.steps)
+            steps.extend(result.steps)
             manifest = build_manifest(
                 source=recipe.model.path,
                 recipe=config_to_dict(recipe),
@@ -562,18 +449,21 @@ def run_recipe(
                     "chain": chain,
                     "stage": config_to_dict(stage),
                     "steps": list(steps),
-                    "stage_report": outcome.info,
+                    "stage_report": {"format": result.format, **result.report},
                 },
             )
-            save_model(
-                state.model,
+            # The card gains the measured results once the stage is evaluated.
+            write_checkpoint(
+                result,
                 stage_dir,
                 tokenizer=state.tokenizer,
+                manifest=manifest,
+                title=_card_title(recipe),
+                source=recipe.model.path,
+                tags=_card_tags(recipe),
+                steps=steps,
                 overwrite=True,
                 protect=protect,
-                manifest=manifest,
-                model_card=_stage_card(recipe, steps, [], manifest),  # results added once measured
-                writer=outcome.writer,
             )
             final_dir = stage_dir
             if not stage.evaluate:

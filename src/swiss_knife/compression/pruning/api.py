@@ -41,7 +41,6 @@ def prune(
     calibration: torch.Tensor | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
-    tokenizer: Any | None = None,
     train_tokens: torch.Tensor | None = None,
 ) -> PruneOutcome:
     """Prune `model` in place as `config` says; returns the model and how to save it.
@@ -74,7 +73,6 @@ def prune(
         calibration=calibration,
         device=target,
         progress=progress,
-        tokenizer=tokenizer,
         train_tokens=train_tokens,
     )
     started = time.perf_counter()

@@ -25,10 +25,8 @@ class PruneContext:
     calibration: torch.Tensor | None = None  # (num_samples, seq_len) token ids, or None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = False
-    tokenizer: Any | None = None
     # Token stream for fine-tuning between the steps of a gradual schedule, or None.
     train_tokens: torch.Tensor | None = None
-    batch_size: int = 8
 
 
 @dataclass

@@ -9,7 +9,6 @@ the right shape, and the device can run the method. The calibration windows them
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,8 +44,6 @@ def quantize(
     calibration: torch.Tensor | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
-    tokenizer: Any | None = None,
-    source_dir: str | Path | None = None,
 ) -> QuantizationOutcome:
     """Quantize `model` in place as `config` says; returns the model and how to save it.
 
@@ -67,8 +64,6 @@ def quantize(
         calibration=calibration,
         device=target,
         progress=progress,
-        source_dir=Path(source_dir) if source_dir is not None else None,
-        tokenizer=tokenizer,
     )
     started = time.perf_counter()
     outcome = info.apply(model, config, ctx)

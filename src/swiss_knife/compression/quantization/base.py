@@ -31,8 +31,6 @@ class QuantizeContext:
     calibration: torch.Tensor | None = None  # (num_samples, seq_len) token ids, or None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = False
-    source_dir: Path | None = None  # the model's directory on disk, when it has one
-    tokenizer: Any | None = None
 
 
 @dataclass
