@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
+from conftest import TINY_CONFIGS, VOCAB, build
 from swiss_knife.arch import (
     ARCH_SPECS,
     ArchSpec,
@@ -41,97 +41,7 @@ from swiss_knife.arch import (
 )
 from swiss_knife.errors import UnsupportedArchitectureError, UserInputError
 
-VOCAB = 128
-
-# Llama-style tiny config: GQA (4 query heads, 2 kv heads), explicit head_dim.
-_LLAMA_LIKE: dict[str, Any] = {
-    "vocab_size": VOCAB,
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 64,
-    "pad_token_id": 0,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
-
-# One tiny config per supported model_type. head_dim * heads != hidden where the architecture
-# allows it (Gemma, Qwen3), so attention_geometry must read head_dim rather than derive it.
-TINY_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": {**_LLAMA_LIKE, "sliding_window": 8},
-    "ministral": {**_LLAMA_LIKE, "sliding_window": 8},
-    "qwen2": {
-        **_LLAMA_LIKE,
-        "use_sliding_window": True,
-        "sliding_window": 8,
-        "layer_types": ["full_attention", "sliding_attention"],
-    },
-    "qwen3": {**_LLAMA_LIKE, "head_dim": 24},
-    "granite": _LLAMA_LIKE,
-    "smollm3": {**_LLAMA_LIKE, "no_rope_layer_interval": 2},
-    "gemma": {**_LLAMA_LIKE, "head_dim": 24},
-    "gemma2": {**_LLAMA_LIKE, "head_dim": 24, "sliding_window": 8, "query_pre_attn_scalar": 24},
-    "gemma3_text": {
-        **_LLAMA_LIKE,
-        "head_dim": 24,
-        "sliding_window": 8,
-        "query_pre_attn_scalar": 24,
-        "layer_types": ["sliding_attention", "full_attention"],
-    },
-    "phi3": {k: v for k, v in _LLAMA_LIKE.items() if k != "head_dim"},
-    "gpt2": {
-        "vocab_size": VOCAB,
-        "n_embd": 64,
-        "n_layer": 2,
-        "n_head": 4,
-        "n_positions": 64,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
-    "opt": {
-        "vocab_size": VOCAB,
-        "hidden_size": 64,
-        "word_embed_proj_dim": 64,
-        "ffn_dim": 96,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 64,
-        "pad_token_id": 0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
-    "gpt_neox": {
-        "vocab_size": VOCAB,
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 64,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-    },
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    # Tiny matmuls are dominated by thread hand-off: on a busy 2-core machine a 64x64 linear takes
-    # ~10 ms with 2 threads and microseconds with 1, which decides whether this file runs in
-    # seconds. Restore the setting so other test modules are unaffected.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def build(model_type: str, **overrides: Any) -> Any:
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **overrides})
-    return AutoModelForCausalLM.from_config(config).eval()
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny matmuls, one thread
 
 
 def tokens(length: int = 6) -> torch.Tensor:

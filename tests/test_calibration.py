@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from conftest import TINY_CONFIGS, VOCAB, build
 from swiss_knife.arch import find_module, get_arch, get_blocks, get_module, iter_target_linears
 from swiss_knife.calibration import (
     BlockCalibrator,
@@ -30,7 +31,6 @@ from swiss_knife.calibration import (
 )
 from swiss_knife.errors import UserInputError
 from swiss_knife.targeting import TargetSpec, resolve_targets
-from test_arch import TINY_CONFIGS, VOCAB, build
 
 # Longer than the tiny configs' sliding window (8), so sliding and full attention differ.
 SEQ = 12

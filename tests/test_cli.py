@@ -7,15 +7,14 @@ Cases that load a model (and so import torch and transformers) are marked slow.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
+
+from conftest import assert_user_error, sk
 
 SUBCOMMANDS = [
     "evaluate",
@@ -43,34 +42,6 @@ SMALL_EVAL = [
     "--warmup",
     "0",
 ]
-
-
-def sk(
-    *args: Any, cwd: Path | None = None, timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    """Run the real command line, offline, and capture its output."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "swiss_knife.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=timeout,
-    )
-
-
-def assert_user_error(result: subprocess.CompletedProcess[str], *, quiet: bool = True) -> str:
-    """Exit code 2, no traceback, and exactly one `error:` line (the whole stderr when quiet)."""
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    assert "Traceback" not in result.stdout
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    if quiet:
-        assert lines == errors, result.stderr
-    return errors[0]
 
 
 @pytest.fixture

@@ -373,7 +373,7 @@ def test_calibration_data_for_data_free_pruning_is_a_warning(
 
 
 def test_a_refusal_through_the_real_entry_point() -> None:
-    from test_cli import assert_user_error, sk
+    from conftest import assert_user_error, sk
 
     line = assert_user_error(
         sk(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -48,14 +47,7 @@ requires_ct = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tensors are small: intra-op threads add only synchronisation, which on a shared CPU
-    costs far more than the work (the file runs about 4x faster on one thread under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny matmuls, one thread
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Linear]:

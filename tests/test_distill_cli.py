@@ -10,13 +10,14 @@ import pytest
 import torch
 import yaml
 
+from conftest import corpus, sk
 from swiss_knife.cli import main as cli_main
 from swiss_knife.config import CompressionConfig, validate_dict
 from swiss_knife.errors import ConfigError
 from swiss_knife.pipeline import run_recipe
 from swiss_knife.samples import sample_text
-from test_cli import sk
-from test_distill_train import corpus, one_thread  # noqa: F401  (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models, one thread
 
 FAST = ["--seq-len", "32", "--batch-size", "4", "--eval-windows", "4", "--log-every", "1"]
 

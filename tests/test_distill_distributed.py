@@ -22,12 +22,11 @@ import torch
 from safetensors.torch import load_file
 
 import swiss_knife
-from conftest import make_char_tokenizer, make_tiny_llama
+from conftest import corpus, make_char_tokenizer, make_tiny_llama
 from swiss_knife.compression.distillation.api import distill
 from swiss_knife.config import DataConfig, DistillConfig, validate_dict
 from swiss_knife.data import load_token_stream
 from swiss_knife.models import load_model
-from test_distill_train import corpus
 
 pytestmark = pytest.mark.slow
 

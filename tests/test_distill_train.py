@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from conftest import make_char_tokenizer, make_tiny_llama
+from conftest import corpus, make_char_tokenizer, make_tiny_llama
 from swiss_knife.compression.distillation.api import distill
 from swiss_knife.compression.distillation.student import blocks_to_drop
 from swiss_knife.config import DistillConfig, StudentFromTeacher, validate_dict
@@ -32,26 +32,11 @@ BASE: dict[str, Any] = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """Tiny models gain nothing from a second thread, and on a busy machine the OpenMP barrier
-    between two threads makes each 32x32 matmul wait for a descheduled worker (10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny matmuls, one thread
 
 
 def config(**changes: Any) -> DistillConfig:
     return validate_dict(DistillConfig, {**BASE, **changes}, "test config")
-
-
-def corpus(sentences: int = 400) -> str:
-    animals = ["cat", "dog", "fox", "owl", "bee"]
-    return " ".join(
-        f"the {animals[i % 5]} saw {i % 7} {animals[(i * 3) % 5]}s and ran home."
-        for i in range(sentences)
-    )
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from conftest import SMALL_EVALUATION, VOCAB, assert_user_error, build, sk
 from swiss_knife.arch import get_arch, get_blocks, get_module, num_layers
 from swiss_knife.calibration import block_io_scores
 from swiss_knife.compression.layers import (
@@ -29,9 +30,6 @@ from swiss_knife.config import CalibrationSettings, CompressionConfig, LayerRedu
 from swiss_knife.config import validate_dict as validate
 from swiss_knife.errors import ConfigError, UnsupportedArchitectureError, UserInputError
 from swiss_knife.models import read_manifest, save_model
-from test_arch import VOCAB, build
-from test_cli import assert_user_error, sk
-from test_pipeline import SMALL_EVALUATION, eval_text  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -222,7 +220,7 @@ def test_unknown_architecture_is_refused() -> None:
 
 def test_reduce_layers_stage_in_a_recipe(
     tiny_llama_dir: Path,
-    eval_text: Path,  # noqa: F811
+    eval_text: Path,
     tmp_path: Path,
 ) -> None:
     from swiss_knife.pipeline import run_recipe

@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from conftest import SMALL_EVALUATION
 from swiss_knife.config import CompressionConfig, validate_dict
 from swiss_knife.data import load_token_stream
 from swiss_knife.errors import OutputExistsError, UserInputError
@@ -18,24 +19,7 @@ from swiss_knife.evaluation.perplexity import perplexity
 from swiss_knife.models import cast_model
 from swiss_knife.pipeline import PipelineResult, run_recipe
 
-# Small enough for a two-layer random model with a 128-token context.
-SMALL_EVALUATION: dict[str, Any] = {
-    "perplexity": {"window": 32, "max_windows": 2},
-    "speed": {"batch_sizes": [1], "prompt_len": 8, "new_tokens": 4, "repeats": 1, "warmup": 0},
-    "agreement": {"window": 32, "max_windows": 2},
-}
 ALL_STAGES = ["original", "00-cast", "01-evaluate"]
-
-
-@pytest.fixture
-def eval_text(tmp_path: Path) -> Path:
-    path = tmp_path / "eval.txt"
-    paragraphs = [
-        f"Story {i}: the quick brown fox jumps over {i % 7} lazy dogs, and the cat sat on a mat."
-        for i in range(40)
-    ]
-    path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
-    return path
 
 
 def make_recipe(model_dir: Path, eval_text: Path | None, **changes: Any) -> CompressionConfig:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from conftest import make_tiny_llama
+from conftest import VOCAB, build, make_tiny_llama
 from swiss_knife.compression.pruning import gradual, prune
 from swiss_knife.compression.pruning.base import get_method, method_names, register_method
 from swiss_knife.compression.pruning.masks import prune_count, satisfies_nm, sparsity_of
@@ -42,7 +42,6 @@ from swiss_knife.errors import ConfigError, UnsupportedArchitectureError, UserIn
 from swiss_knife.evaluation.size import weight_files
 from swiss_knife.models import load_model, save_model
 from swiss_knife.targeting import resolve_targets
-from test_arch import VOCAB, build
 
 CAL = CalibrationSettings(num_samples=4, seq_len=32, batch_size=4)
 UNSTRUCTURED = ("magnitude", "wanda", "sparsegpt")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import requires_ct
+from conftest import TINY_CONFIGS, VOCAB, build, requires_ct
 from swiss_knife.arch import get_arch, get_blocks, iter_target_linears
 from swiss_knife.compression.quantization.awq import (
     apply,
@@ -37,7 +37,6 @@ from swiss_knife.compression.quantization.rtn import rtn_quantize
 from swiss_knife.config import AWQConfig
 from swiss_knife.errors import UnsupportedArchitectureError, UserInputError
 from swiss_knife.models import save_model
-from test_arch import TINY_CONFIGS, VOCAB, build
 
 # Every model type in the architecture table except GPT-2 (Conv1D, which the export cannot store).
 SUPPORTED = sorted(mt for mt in TINY_CONFIGS if mt != "gpt2")

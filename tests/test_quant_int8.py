@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from torch import Tensor
 
-from conftest import make_tiny_llama
+from conftest import TINY_CONFIGS, VOCAB, build, make_tiny_llama
 from swiss_knife.compression.quantization.base import QuantizeContext
 from swiss_knife.compression.quantization.static_int8 import (
     apply_static,
@@ -36,7 +35,6 @@ from swiss_knife.compression.quantization.static_int8 import (
 from swiss_knife.config import CalibrationSettings, DynamicInt8Config, StaticInt8Config
 from swiss_knife.errors import UnsupportedArchitectureError, UserInputError
 from swiss_knife.models import save_model
-from test_arch import TINY_CONFIGS, VOCAB, build
 
 HAS_TORCHAO = find_spec("torchao") is not None
 HAS_CT = find_spec("compressed_tensors") is not None
@@ -47,13 +45,7 @@ requires_ct = pytest.mark.skipif(not HAS_CT, reason="compressed-tensors is not i
 FAMILIES = sorted(t for t in TINY_CONFIGS if t != "gpt2")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny matmuls: intra-op threads only add synchronisation on a small shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny matmuls, one thread
 
 
 def tokens(num: int, seq: int = 16, seed: int = 0) -> Tensor:

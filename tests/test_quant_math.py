@@ -8,7 +8,6 @@ failure while harmless float noise does not.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -26,15 +25,7 @@ from swiss_knife.compression.quantization.grid import (
 from swiss_knife.compression.quantization.rtn import rtn_quantize
 from swiss_knife.errors import UserInputError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These tensors are small: intra-op threads add only synchronisation, which on a shared CPU
-    costs far more than the work (the file runs about 4x faster on one thread under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny matmuls, one thread
 
 
 def gaussian(out: int = 256, inp: int = 512, seed: int = 0) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from conftest import TINY_CONFIGS, VOCAB, build
 from swiss_knife.arch import attention_geometry, get_arch, get_blocks, get_module, hidden_size
 from swiss_knife.compression.pruning import prune
 from swiss_knife.compression.pruning.base import get_method
@@ -30,7 +31,6 @@ from swiss_knife.compression.pruning.structured import (
 from swiss_knife.config import CalibrationSettings, StructuredPruneConfig
 from swiss_knife.errors import UnsupportedArchitectureError, UserInputError
 from swiss_knife.models import save_model
-from test_arch import TINY_CONFIGS, VOCAB, build
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -9,10 +9,10 @@ import torch.nn as nn
 from transformers import BertConfig, BertModel
 from transformers.pytorch_utils import Conv1D
 
+from conftest import build
 from swiss_knife.arch import iter_target_linears
 from swiss_knife.errors import UnsupportedArchitectureError, UserInputError
 from swiss_knife.targeting import TargetSpec, match, resolve_overrides, resolve_targets
-from test_arch import build
 
 
 def names(model: Any, spec: TargetSpec | None = None, **kwargs: Any) -> list[str]:
