@@ -340,6 +340,161 @@ def _stage_card(
     )
 
 
+def _prepare_output(
+    recipe: CompressionConfig,
+    output_dir: str | Path | None,
+    extra_inputs: list[str | Path] | None,
+) -> tuple[Path, list[str]]:
+    """The resolved output folder and the inputs to protect, refused before any work when it
+    would sit inside an input or cannot be written."""
+    target = output_dir or recipe.output_dir
+    if target is None:
+        raise ConfigError("no output directory: pass --output-dir or set output_dir in the recipe")
+    _check_eval_text(recipe)
+    protect = [recipe.model.path] if Path(recipe.model.path).expanduser().exists() else []
+    out = Path(target).expanduser().resolve()
+    # The recipe's own files (model, data, the recipe itself) must survive an --overwrite.
+    inputs = [*protect, *_recipe_data_paths(recipe), *(extra_inputs or ())]
+    refuse_inside_inputs(out, [p for p in inputs if Path(p).expanduser().exists()])
+    check_writable_parent(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path {out} exists and is a file")
+    return out, protect
+
+
+@dataclass
+class _RecipeRun:
+    """One run of a recipe: the stages done so far, their reports, and what was reused."""
+
+    state: PipelineState
+    resume: bool
+    protect: list[str]
+    reference: Any | None
+    reports: list[EvaluationReport] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)
+    final_dir: Path | None = None
+
+    @property
+    def recipe(self) -> CompressionConfig:
+        return self.state.recipe
+
+    def cached_evaluation(self, name: str, evaluation: EvaluationConfig, upto: int) -> bool:
+        """Reuse evaluations/NAME.json when it was measured with the same chain and settings,
+        else measure now and write it; True when it was reused."""
+        path = self.state.output_dir / "evaluations" / f"{name}.json"
+        key = _eval_key(self.recipe, evaluation, upto)
+        cached = _read_json(path)
+        if self.resume and cached and cached.get("key") == key:
+            self.reports.append(EvaluationReport.from_dict(cached["report"]))
+            self.resumed.append(name)
+            return True
+        if name == "original":
+            weights, reference = self.state.loaded.weights_path, None
+        else:
+            weights, reference = self.final_dir, self.reference
+        report = _evaluate(
+            self.state, evaluation, name=name, reference=reference, weights_path=weights
+        )
+        _write_json_atomic(path, {"key": key, "report": report.to_dict()})
+        self.reports.append(report)
+        return False
+
+    def resumed_stage(self, stage: Any, name: str, stage_dir: Path, chain: Any) -> bool | None:
+        """Load a stage an earlier run finished with the same chain. None when there is none;
+        else whether it still needs evaluating (no cached report measured with these settings)."""
+        manifest = read_manifest(stage_dir) if self.resume else None
+        if manifest is None or manifest.get("chain") != chain:
+            return None
+        logger.info("stage %s already done; loading it from %s", name, stage_dir)
+        self.state.model = load_model(
+            str(stage_dir), device=self.recipe.model.device, with_tokenizer=False
+        ).model
+        self.steps.extend(manifest.get("steps", []))
+        self.resumed.append(name)
+        self.final_dir = stage_dir
+        cached_report = manifest.get("evaluation")
+        if manifest.get("evaluation_config") != config_to_dict(self.recipe.evaluation):
+            cached_report = None  # measured with other settings: measure again
+        if stage.evaluate and cached_report:
+            self.reports.append(EvaluationReport.from_dict(cached_report))
+            return False
+        return bool(stage.evaluate)
+
+    def run_stage(self, index: int, stage: Any, name: str, stage_dir: Path, chain: Any) -> None:
+        """Run a model-changing stage and save its checkpoint (the card gains the measured
+        results once the stage is evaluated)."""
+        recipe = self.recipe
+        # Named before it starts: a stage can run for minutes, and the log's last line should
+        # say what is happening now, not what finished before it.
+        logger.info("stage %d/%d: %s (%s)", index + 1, len(recipe.stages), name, stage.type)
+        started = time.perf_counter()
+        result = _run_model_stage(self.state, stage, name)
+        seconds = round(time.perf_counter() - started, 3)
+        self.steps.extend(result.steps)
+        manifest = build_manifest(
+            source=recipe.model.path,
+            recipe=config_to_dict(recipe),
+            timings={"stage": seconds},
+            extra={
+                "chain": chain,
+                "stage": config_to_dict(stage),
+                "steps": list(self.steps),
+                "stage_report": {"format": result.format, **result.report},
+            },
+        )
+        write_checkpoint(
+            result,
+            stage_dir,
+            tokenizer=self.state.tokenizer,
+            manifest=manifest,
+            title=_card_title(recipe),
+            source=recipe.model.path,
+            tags=_card_tags(recipe),
+            steps=self.steps,
+            overwrite=True,
+            protect=self.protect,
+        )
+        self.final_dir = stage_dir
+
+    def evaluate_stage(self, name: str, stage_dir: Path) -> None:
+        """Measure a saved stage and add the results to its manifest and card, atomically."""
+        recipe = self.recipe
+        evaluation = recipe.evaluation
+        report = _evaluate(
+            self.state, evaluation, name=name, reference=self.reference, weights_path=stage_dir
+        )
+        self.reports.append(report)
+        manifest = {
+            **(read_manifest(stage_dir) or {}),
+            "evaluation": report.to_dict(),
+            "evaluation_config": config_to_dict(evaluation),
+            "metrics": report.metrics,
+        }
+        _write_json_atomic(stage_dir / "swiss_knife.json", manifest)
+        baseline = [self.reports[0]] if recipe.evaluate_original else []
+        card = _stage_card(recipe, self.steps, [*baseline, report], manifest)
+        fd, tmp = tempfile.mkstemp(prefix=".README.", dir=stage_dir)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(card)
+        os.replace(tmp, stage_dir / "README.md")
+
+    def stage(self, index: int, stage: Any) -> None:
+        name = stage_name(stage, index)
+        if stage.type == "evaluate":
+            evaluation = getattr(stage, "evaluation", None) or self.recipe.evaluation
+            self.cached_evaluation(name, evaluation, index)
+            return
+        stage_dir = self.state.output_dir / "stages" / name
+        chain = _chain(self.recipe, index)
+        needs_evaluation = self.resumed_stage(stage, name, stage_dir, chain)
+        if needs_evaluation is None:
+            self.run_stage(index, stage, name, stage_dir, chain)
+            needs_evaluation = bool(stage.evaluate)
+        if needs_evaluation:
+            self.evaluate_stage(name, stage_dir)
+
+
 def run_recipe(
     recipe: CompressionConfig,
     output_dir: str | Path | None = None,
@@ -355,144 +510,28 @@ def run_recipe(
 
     `extra_inputs` names further paths (the recipe file) that the output may not contain.
     """
-    target = output_dir or recipe.output_dir
-    if target is None:
-        raise ConfigError("no output directory: pass --output-dir or set output_dir in the recipe")
-    _check_eval_text(recipe)
-    protect = [recipe.model.path] if Path(recipe.model.path).expanduser().exists() else []
-    out = Path(target).expanduser().resolve()
-    # The recipe's own files (model, data, the recipe itself) must survive an --overwrite.
-    inputs = [*protect, *_recipe_data_paths(recipe), *(extra_inputs or ())]
-    refuse_inside_inputs(out, [p for p in inputs if Path(p).expanduser().exists()])
-    check_writable_parent(out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output path {out} exists and is a file")
+    out, protect = _prepare_output(recipe, output_dir, extra_inputs)
     clear = _check_output(recipe, out, resume, overwrite)
-
     torch.manual_seed(recipe.seed)
     loaded = load_model(recipe.model)  # a model that cannot load leaves the output untouched
     _start_output(recipe, out, clear)
-    state = PipelineState(recipe, loaded, loaded.model, out, progress)
-    evaluation = recipe.evaluation
-    reports: list[EvaluationReport] = []
-    resumed: list[str] = []
-    needs_reference = evaluation.agreement.enabled and recipe.data.eval is not None
-    reference = copy.deepcopy(loaded.model) if needs_reference and recipe.stages else None
-
+    needs_reference = recipe.evaluation.agreement.enabled and recipe.data.eval is not None
+    run = _RecipeRun(
+        PipelineState(recipe, loaded, loaded.model, out, progress),
+        resume,
+        protect,
+        copy.deepcopy(loaded.model) if needs_reference and recipe.stages else None,
+    )
     if recipe.evaluate_original:
-        path = out / "evaluations" / "original.json"
-        key = _eval_key(recipe, evaluation, -1)
-        cached = _read_json(path)
-        if resume and cached and cached.get("key") == key:
-            reports.append(EvaluationReport.from_dict(cached["report"]))
-            resumed.append("original")
-        else:
-            report = _evaluate(
-                state, evaluation, name="original", reference=None, weights_path=loaded.weights_path
-            )
-            _write_json_atomic(path, {"key": key, "report": report.to_dict()})
-            reports.append(report)
-
-    final_dir: Path | None = None
-    steps: list[str] = []
+        run.cached_evaluation("original", recipe.evaluation, -1)
     for index, stage in enumerate(recipe.stages):
-        name = stage_name(stage, index)
-        stage_dir = out / "stages" / name
-        chain = _chain(recipe, index)
-        started = time.perf_counter()
-        if stage.type == "evaluate":
-            stage_eval = getattr(stage, "evaluation", None) or evaluation
-            path = out / "evaluations" / f"{name}.json"
-            key = _eval_key(recipe, stage_eval, index)
-            cached = _read_json(path)
-            if resume and cached and cached.get("key") == key:
-                reports.append(EvaluationReport.from_dict(cached["report"]))
-                resumed.append(name)
-                continue
-            report = _evaluate(
-                state, stage_eval, name=name, reference=reference, weights_path=final_dir
-            )
-            _write_json_atomic(path, {"key": key, "report": report.to_dict()})
-            reports.append(report)
-            continue
-
-        manifest = read_manifest(stage_dir) if resume else None
-        if manifest is not None and manifest.get("chain") == chain:
-            logger.info("stage %s already done; loading it from %s", name, stage_dir)
-            state.model = load_model(
-                str(stage_dir), device=recipe.model.device, with_tokenizer=False
-            ).model
-            steps.extend(manifest.get("steps", []))
-            resumed.append(name)
-            cached_report = manifest.get("evaluation")
-            if manifest.get("evaluation_config") != config_to_dict(evaluation):
-                cached_report = None  # measured with other settings: measure again
-            final_dir = stage_dir
-            if stage.evaluate and cached_report:
-                reports.append(EvaluationReport.from_dict(cached_report))
-                continue
-            if not stage.evaluate:
-                continue
-            seconds = manifest.get("timings_s", {}).get("stage", 0.0)
-        else:
-            # Named before it starts: a stage can run for minutes, and the log's last line
-            # should say what is happening now, not what finished before it.
-            logger.info("stage %d/%d: %s (%s)", index + 1, len(recipe.stages), name, stage.type)
-            result = _run_model_stage(state, stage, name)
-            seconds = round(time.perf_counter() - started, 3)
-            steps.extend(result.steps)
-            manifest = build_manifest(
-                source=recipe.model.path,
-                recipe=config_to_dict(recipe),
-                timings={"stage": seconds},
-                extra={
-                    "chain": chain,
-                    "stage": config_to_dict(stage),
-                    "steps": list(steps),
-                    "stage_report": {"format": result.format, **result.report},
-                },
-            )
-            # The card gains the measured results once the stage is evaluated.
-            write_checkpoint(
-                result,
-                stage_dir,
-                tokenizer=state.tokenizer,
-                manifest=manifest,
-                title=_card_title(recipe),
-                source=recipe.model.path,
-                tags=_card_tags(recipe),
-                steps=steps,
-                overwrite=True,
-                protect=protect,
-            )
-            final_dir = stage_dir
-            if not stage.evaluate:
-                continue
-        report = _evaluate(
-            state, evaluation, name=name, reference=reference, weights_path=stage_dir
-        )
-        reports.append(report)
-        # Add the results to the saved checkpoint: manifest and card replaced atomically.
-        manifest = {
-            **manifest,
-            "evaluation": report.to_dict(),
-            "evaluation_config": config_to_dict(evaluation),
-            "metrics": report.metrics,
-        }
-        _write_json_atomic(stage_dir / "swiss_knife.json", manifest)
-        baseline = [reports[0]] if recipe.evaluate_original else []
-        card = _stage_card(recipe, steps, [*baseline, report], manifest)
-        fd, tmp = tempfile.mkstemp(prefix=".README.", dir=stage_dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(card)
-        os.replace(tmp, stage_dir / "README.md")
-
-    if not reports:
+        run.stage(index, stage)
+    if not run.reports:
         raise UserInputError("the recipe evaluated nothing and has no stages; nothing to report")
     paths = write_reports(
         out,
-        reports,
+        run.reports,
         title=title or f"Swiss Knife run: {Path(recipe.model.path).name}",
         notes=notes,
     )
-    return PipelineResult(out, reports, final_dir, paths, resumed)
+    return PipelineResult(out, run.reports, run.final_dir, paths, run.resumed)

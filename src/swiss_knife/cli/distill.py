@@ -174,8 +174,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
     )
     if os.environ.get("RANK", "0") != "0":
         return 0
+    if args.json:
+        _print_json(_distill_summary(result))
+    else:
+        _print_distill(result)
+    return 0
+
+
+def _distill_summary(result: Any) -> dict[str, Any]:
+    """The --json summary of a distillation run."""
     evals = result.evaluations
-    summary = {
+    return {
         "output_dir": str(result.output_dir),
         "best_dir": str(result.best_dir) if result.best_dir else None,
         "final_dir": str(result.final_dir),
@@ -191,9 +200,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
         "eval_perplexity_best": result.best_perplexity,
         "best_step": result.best_step,
     }
-    if args.json:
-        _print_json(summary)
-        return 0
+
+
+def _print_distill(result: Any) -> None:
+    """The human-readable summary of a distillation run."""
+    evals = result.evaluations
     print(
         f"distilled {result.steps} steps, {result.tokens:,} tokens, "
         f"{result.tokens_per_s:,.0f} tokens/s"
@@ -210,4 +221,3 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(f"best: {result.best_dir}")
     print(f"final: {result.final_dir}")
     print(f"metrics: {result.output_dir / 'metrics.jsonl'}")
-    return 0
