@@ -100,7 +100,7 @@ def test_command_trains_resumes_and_refuses_bad_input(
         (["--train-data", train_text], "--student MODEL or --student-from-teacher"),
         (
             ["--train-data", train_text, "--student-from-teacher", "remove:1", "--max-steps", "0"],
-            "max_steps",
+            "--max-steps 0",
         ),
     ):
         code, _, stderr = main(

@@ -41,41 +41,35 @@ def _config_file(args: argparse.Namespace) -> dict[str, Any]:
     return loaded
 
 
+# Evaluation flags and the config keys they set.
+_EVAL_FLAGS = (
+    ("window", ("perplexity", "window")),
+    ("stride", ("perplexity", "stride")),
+    ("batch_size", ("perplexity", "batch_size")),
+    ("max_windows", ("perplexity", "max_windows"), lambda n: n or None),  # 0: the whole text
+    ("no_perplexity", ("perplexity", "enabled"), lambda _: False),
+    ("speed_batch_sizes", ("speed", "batch_sizes")),
+    ("prompt_len", ("speed", "prompt_len")),
+    ("new_tokens", ("speed", "new_tokens")),
+    ("repeats", ("speed", "repeats")),
+    ("warmup", ("speed", "warmup")),
+    ("no_speed", ("speed", "enabled"), lambda _: False),
+    ("bleu_data", ("bleu", "references")),
+    ("harness_tasks", ("harness", "tasks")),
+    ("harness_limit", ("harness", "limit")),
+    ("seed", ("seed",)),
+)
+
+
 def _eval_config(args: argparse.Namespace) -> Any:
-    """The evaluation config: a file (if given), then every flag given on the command line."""
-    from ..config import EvaluationConfig, validate_dict
+    """The evaluation config: a file (if given), then every flag given on the command line;
+    a bad value is reported by the flag that set it."""
+    from ..config import EvaluationConfig
+    from .validation import _validate_stage, flags_into
 
     data = _config_file(args)
-    ppl = dict(data.get("perplexity") or {})
-    speed = dict(data.get("speed") or {})
-    for flag, key in (("window", "window"), ("stride", "stride"), ("batch_size", "batch_size")):
-        if getattr(args, flag) is not None:
-            ppl[key] = getattr(args, flag)
-    if args.max_windows is not None:
-        ppl["max_windows"] = args.max_windows or None
-    if args.no_perplexity:
-        ppl["enabled"] = False
-    for flag, key in (
-        ("speed_batch_sizes", "batch_sizes"),
-        ("prompt_len", "prompt_len"),
-        ("new_tokens", "new_tokens"),
-        ("repeats", "repeats"),
-        ("warmup", "warmup"),
-    ):
-        if getattr(args, flag) is not None:
-            speed[key] = getattr(args, flag)
-    if args.no_speed:
-        speed["enabled"] = False
-    data["perplexity"], data["speed"] = ppl, speed
-    if args.bleu_data:
-        data["bleu"] = {**(data.get("bleu") or {}), "references": args.bleu_data}
-    if args.harness_tasks:
-        data["harness"] = {**(data.get("harness") or {}), "tasks": args.harness_tasks}
-    if args.harness_limit is not None:
-        data["harness"] = {**(data.get("harness") or {}), "limit": args.harness_limit}
-    if args.seed is not None:
-        data["seed"] = args.seed
-    return validate_dict(EvaluationConfig, data, args.config or "evaluation options")
+    given = flags_into(args, _EVAL_FLAGS, data)
+    return _validate_stage(EvaluationConfig, data, args, given, where="evaluation options")
 
 
 def _load(args: argparse.Namespace, path: str, with_tokenizer: bool = True) -> Any:

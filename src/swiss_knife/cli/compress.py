@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from ..cli_flags import (
     collect,
     method_options,
 )
-from ..errors import ConfigError, SwissKnifeError, UserInputError
+from ..errors import SwissKnifeError, UserInputError
 from .common import (
     _CALIBRATION_FLAGS,
     _calibration_settings,
@@ -31,6 +30,7 @@ from .common import (
     _text_source,
     _warn,
 )
+from .validation import GivenFlags, Options, _method_class, _validate_stage
 
 logger = logging.getLogger("swiss_knife")
 
@@ -44,37 +44,6 @@ def _stage_data(args: argparse.Namespace, stage_type: str) -> dict[str, Any]:
     if "method" not in data:
         raise UserInputError("give --method (or method: in --config)")
     return data
-
-
-# Which flag set which config key: {("calibration", "seq_len"): "--seq-len", ...}, so that a
-# validation error speaks of the flag the user typed rather than of the recipe key behind it.
-GivenFlags = dict[tuple[Any, ...], str]
-
-
-# (flag, top-level config key) of every method option a verb has, to say which ones a method takes.
-Options = Sequence[tuple[str, str]]
-
-
-def _method_class(union: Any, method: Any) -> Any:
-    """The config class of `method` in a discriminated union such as QuantizeConfig, or None."""
-    for cls in typing.get_args(typing.get_args(union)[0]):
-        if method in typing.get_args(cls.model_fields["method"].annotation):
-            return cls
-    return None
-
-
-def _method_flags(cls: Any, options: Options) -> list[str]:
-    """The flags of `options` that a method's config takes (targets and ignore go unsaid)."""
-    if cls is None:
-        return []
-    flags = [
-        flag
-        for flag, key in options
-        if key in cls.model_fields and key not in ("targets", "ignore")
-    ]
-    if "calibration" in cls.model_fields:
-        flags.append("--calibration-data with its flags")
-    return list(dict.fromkeys(flags))
 
 
 def _add_calibration_flags(
@@ -97,73 +66,6 @@ def _add_calibration_flags(
     for attr, key in _CALIBRATION_FLAGS:
         if getattr(args, attr) is not None:
             given[("calibration", key)] = _flag(attr)
-
-
-def _pydantic_message(item: Any) -> str:
-    message = str(item["msg"]).removeprefix("Value error, ")
-    if len(message) > 1 and message[1].islower():
-        message = message[0].lower() + message[1:]
-    return message
-
-
-def _flag_errors(
-    error: Any, data: dict[str, Any], given: GivenFlags, cls: Any, options: Options
-) -> str | None:
-    """A validation error as one line about the flags that caused it, e.g. `--bits does not
-    apply to --method bf16; ...`; None when a problem comes from the --config file, which is
-    then reported in the file's own terms."""
-    method = data.get("method")
-    foreign: list[str] = []
-    problems: list[str] = []
-    for item in error.errors():
-        if str(item["type"]).startswith("union_tag"):
-            return None
-        loc = tuple(item["loc"])
-        if loc and loc[0] == method:
-            loc = loc[1:]  # the discriminated union's tag, which nobody typed
-        if not loc:  # a rule across keys (a model validator): its message names them
-            problems.append(_pydantic_message(item))
-            continue
-        prefixes = (loc[:n] for n in range(len(loc), 0, -1))
-        flag = next((given[prefix] for prefix in prefixes if prefix in given), None)
-        if flag is None:
-            return None
-        if item["type"] == "extra_forbidden":
-            foreign.append(flag)
-        else:
-            value = item.get("input")
-            shown = f" {value}" if isinstance(value, int | float | str) else ""
-            problems.append(f"{flag}{shown}: {_pydantic_message(item)}")
-    if foreign:
-        foreign = list(dict.fromkeys(foreign))
-        takes = _method_flags(cls, options)
-        verb = "does" if len(foreign) == 1 else "do"
-        text = f"{', '.join(foreign)} {verb} not apply to --method {method}"
-        text += f"; it takes {', '.join(takes)}" if takes else ", which takes no options"
-        problems.insert(0, text)
-    return "; ".join(problems)
-
-
-def _validate_stage(
-    union: Any,
-    data: dict[str, Any],
-    args: argparse.Namespace,
-    given: GivenFlags | None = None,
-    options: Options = (),
-) -> Any:
-    from pydantic import TypeAdapter, ValidationError
-
-    from ..config import format_validation_error
-
-    try:
-        return TypeAdapter(union).validate_python(data)
-    except ValidationError as exc:
-        cls = _method_class(union, data.get("method"))
-        message = _flag_errors(exc, data, given or {}, cls, options)
-        if message is None:
-            # Report paths as the user wrote them in the --config file.
-            message = format_validation_error(exc, union, args.config or "options")
-        raise ConfigError(message) from None
 
 
 def _save_outcome(

@@ -21,40 +21,41 @@ from .common import (
     _progress,
     _refuse_output_inside,
 )
+from .validation import _validate_stage, flags_into
 
 logger = logging.getLogger("swiss_knife")
 
-# (flag attribute, config key) pairs copied into the distillation config when given.
+# Distillation flags and the config keys they set.
 _DISTILL_FLAGS = (
-    ("max_steps", "max_steps"),
-    ("epochs", "epochs"),
-    ("learning_rate", "learning_rate"),
-    ("weight_decay", "weight_decay"),
-    ("lr_schedule", "lr_schedule"),
-    ("warmup_steps", "warmup_steps"),
-    ("batch_size", "batch_size"),
-    ("seq_len", "seq_len"),
-    ("grad_accum", "grad_accum"),
-    ("mixed_precision", "mixed_precision"),
-    ("seed", "seed"),
-    ("eval_fraction", "eval_fraction"),
-    ("eval_every", "eval_every"),
-    ("eval_windows", "eval_windows"),
-    ("early_stopping", "early_stopping_patience"),
-    ("save_every", "save_every"),
-    ("keep_checkpoints", "keep_checkpoints"),
-    ("log_every", "log_every"),
-    ("teacher_topk", "teacher_topk"),
-    ("teacher_cache", "teacher_cache"),
-)
-
-
-_DISTILL_LOSS_FLAGS = (
-    ("loss", "kd"),
-    ("temperature", "temperature"),
-    ("alpha", "alpha"),
-    ("hidden_weight", "hidden_weight"),
-    ("hidden_loss", "hidden_loss"),
+    ("max_steps", ("max_steps",)),
+    ("epochs", ("epochs",)),
+    ("learning_rate", ("learning_rate",)),
+    ("weight_decay", ("weight_decay",)),
+    ("lr_schedule", ("lr_schedule",)),
+    ("warmup_steps", ("warmup_steps",)),
+    ("batch_size", ("batch_size",)),
+    ("seq_len", ("seq_len",)),
+    ("grad_accum", ("grad_accum",)),
+    ("max_grad_norm", ("max_grad_norm",), lambda norm: norm or None),  # 0: no clipping
+    ("gradient_checkpointing", ("gradient_checkpointing",)),
+    ("mixed_precision", ("mixed_precision",)),
+    ("seed", ("seed",)),
+    ("eval_fraction", ("eval_fraction",)),
+    ("eval_every", ("eval_every",)),
+    ("eval_windows", ("eval_windows",)),
+    ("early_stopping", ("early_stopping_patience",)),
+    ("save_every", ("save_every",)),
+    ("keep_checkpoints", ("keep_checkpoints",)),
+    ("log_every", ("log_every",)),
+    ("teacher_topk", ("teacher_topk",)),
+    ("teacher_cache", ("teacher_cache",)),
+    ("loss", ("loss", "kd")),
+    ("temperature", ("loss", "temperature")),
+    ("alpha", ("loss", "alpha")),
+    ("hidden_weight", ("loss", "hidden_weight")),
+    ("hidden_loss", ("loss", "hidden_loss")),
+    ("layer_map", ("loss", "layer_map"), lambda text: _layer_map(text)),
+    ("student_from_teacher", ("student_from_teacher",), lambda text: _student_spec(text)),
 )
 
 
@@ -84,27 +85,12 @@ def _layer_map(text: str) -> list[list[int]]:
 
 
 def _distill_config(args: argparse.Namespace) -> Any:
-    from ..config import DistillConfig, validate_dict
+    from ..config import DistillConfig
     from ..recipe import stage_class
 
     data = _config_file(args)
     data["type"] = "distill"
-    for flag, key in _DISTILL_FLAGS:
-        if getattr(args, flag) is not None:
-            data[key] = getattr(args, flag)
-    if args.max_grad_norm is not None:
-        data["max_grad_norm"] = args.max_grad_norm or None
-    if args.gradient_checkpointing:
-        data["gradient_checkpointing"] = True
-    loss = dict(data.get("loss") or {})
-    for flag, key in _DISTILL_LOSS_FLAGS:
-        if getattr(args, flag) is not None:
-            loss[key] = getattr(args, flag)
-    if args.layer_map:
-        loss["layer_map"] = _layer_map(args.layer_map)
-    data["loss"] = loss
-    if args.student_from_teacher:
-        data["student_from_teacher"] = _student_spec(args.student_from_teacher)
+    given = flags_into(args, _DISTILL_FLAGS, data)
     for flag, key in (("train_data", "train_data"), ("eval_data", "eval_data")):
         source = getattr(args, flag)
         if source:
@@ -114,9 +100,10 @@ def _distill_config(args: argparse.Namespace) -> Any:
                 "split_documents": args.split_documents,
                 "add_bos": not args.no_bos,
             }
+            given[(key,)] = "--" + flag.replace("_", "-")
     # The distill stage class: a --config file may be written as a recipe stage (type: distill).
-    return validate_dict(
-        stage_class("distill", DistillConfig), data, args.config or "distill options"
+    return _validate_stage(
+        stage_class("distill", DistillConfig), data, args, given, where="distill options"
     )
 
 
