@@ -1008,21 +1008,15 @@ def _single_pass_block(
     return tokens, solved, meters
 
 
-def _process_block(
-    index: int,
-    model: nn.Module,
-    spec: ArchSpec,
-    inputs: BlockInputs,
-    calibrator: BlockCalibrator,
-    measure_error: bool,
-    precision: Callable[[], Any],
-) -> tuple[BlockRecord, list[LinearRecord]]:
-    started = time.perf_counter()
+def _block_context(
+    index: int, model: nn.Module, spec: ArchSpec, inputs: BlockInputs
+) -> BlockContext:
+    """The `BlockContext` of block `index`: its module, its linears by full name, its config."""
     blocks = get_blocks(model, spec)
     block = blocks[index]
     prefix = f"{spec.blocks}.{index}"
     relative = block_linears(block, spec)
-    ctx = BlockContext(
+    return BlockContext(
         index=index,
         num_blocks=len(blocks),
         prefix=prefix,
@@ -1032,22 +1026,31 @@ def _process_block(
         config=getattr(model, "config", None),
         device=inputs.device,
     )
-    calibrator.start_block(ctx)
-    groups = _validated_groups(calibrator.groups(ctx), ctx)
-    if calibrator.solve_during_pass and inputs.num_batches == 1 and groups:
-        counts, timings, single_meters = _single_pass_block(
-            ctx, inputs, calibrator, groups, measure_error, precision
-        )
-        calibrator.end_block(ctx)
-        return _records(ctx, groups, counts, timings, single_meters, started, None)
+
+
+def _solve_groups(
+    ctx: BlockContext,
+    inputs: BlockInputs,
+    calibrator: BlockCalibrator,
+    groups: list[list[str]],
+    measure_error: bool,
+    measured: int,
+    reference: list[Tensor] | None,
+    precision: Callable[[], Any],
+) -> tuple[
+    dict[str, int],
+    dict[str, tuple[float, Mapping[str, float] | None]],
+    dict[str, tuple[Tensor, Tensor | None]],
+]:
+    """Observe and solve the block's linears group by group, one pass over the batches each.
+
+    The first group's pass also appends the original block output of the leading `measured`
+    batches to `reference` (when given). Returns the tokens each linear observed, its solve
+    time and metrics, and (with `measure_error`) a snapshot of its weights before the solve.
+    """
     tokens: dict[str, int] = {}
     solved: dict[str, tuple[float, Mapping[str, float] | None]] = {}
     snapshots: dict[str, tuple[Tensor, Tensor | None]] = {}
-    reference: list[Tensor] | None = [] if measure_error and groups else None
-    # Errors are measured on the leading mini-batches only (ERROR_MAX_TOKENS tokens): a relative
-    # error needs far fewer tokens than the statistics, and measuring it on every token would
-    # cost one more pass of every solved linear over the whole calibration set.
-    measured = _error_batches(inputs, ERROR_MAX_TOKENS) if reference is not None else 0
     stop = _GroupStop()
 
     for group_index, group in enumerate(groups):
@@ -1059,7 +1062,7 @@ def _process_block(
         if calibrator.stop_after_group:
             handles += [ctx.linears[name].register_forward_hook(stop.hook(name)) for name in group]
         try:
-            for batch, call in enumerate(inputs.calls[index]):
+            for batch, call in enumerate(inputs.calls[ctx.index]):
                 hidden = inputs.hidden[batch].to(inputs.device)  # (batch, seq, hidden)
                 keep = group_index == 0 and batch < measured
                 # The pass that records the original block output runs to the end.
@@ -1069,7 +1072,7 @@ def _process_block(
                     stop.disarm()
                 try:
                     with precision():
-                        out = _run_block(block, hidden, call)
+                        out = _run_block(ctx.block, hidden, call)
                 except _StopBlock:
                     continue
                 if keep and reference is not None:
@@ -1083,13 +1086,29 @@ def _process_block(
             if measure_error:
                 snapshots[name] = _snapshot(module)
             solved[name] = _timed_solve(calibrator, name, module)
+    return tokens, solved, snapshots
 
-    # Replay: the (compressed) block's outputs become the next block's inputs.
+
+def _replay_block(
+    ctx: BlockContext,
+    inputs: BlockInputs,
+    calibrator: BlockCalibrator,
+    snapshots: Mapping[str, tuple[Tensor, Tensor | None]],
+    measured: int,
+    reference: list[Tensor] | None,
+    precision: Callable[[], Any],
+) -> tuple[dict[str, _ErrorMeter], _ErrorMeter]:
+    """Run the (compressed) block on every batch: its outputs become the next block's inputs.
+
+    Over the leading `measured` batches, error hooks compare each snapshotted linear with its
+    original weights, and the block output is compared with `reference`. Returns the linears'
+    error meters and the block's.
+    """
     meters = {name: _ErrorMeter() for name in snapshots}
     error_handles: list[Any] = []
     block_meter = _ErrorMeter()
     try:
-        for batch, call in enumerate(inputs.calls[index]):
+        for batch, call in enumerate(inputs.calls[ctx.index]):
             if batch == 0 and measured:
                 error_handles = [
                     ctx.linears[name].register_forward_hook(
@@ -1103,7 +1122,7 @@ def _process_block(
                 error_handles = []
             hidden = inputs.hidden[batch].to(inputs.device)  # (batch, seq, hidden)
             with precision():
-                out = _run_block(block, hidden, call)  # (batch, seq, hidden)
+                out = _run_block(ctx.block, hidden, call)  # (batch, seq, hidden)
             out = out.to(hidden.dtype)
             calibrator.observe_block(ctx, hidden, out)
             if reference is not None and batch < measured:
@@ -1112,6 +1131,44 @@ def _process_block(
     finally:
         for handle in error_handles:
             handle.remove()
+    return meters, block_meter
+
+
+def _process_block(
+    index: int,
+    model: nn.Module,
+    spec: ArchSpec,
+    inputs: BlockInputs,
+    calibrator: BlockCalibrator,
+    measure_error: bool,
+    precision: Callable[[], Any],
+) -> tuple[BlockRecord, list[LinearRecord]]:
+    """Calibrate block `index`: solve its linears group by group, then replay it.
+
+    A calibrator that solves during the pass, on a single mini-batch, gets one pass instead.
+    Returns the block's record and its linears' records.
+    """
+    started = time.perf_counter()
+    ctx = _block_context(index, model, spec, inputs)
+    calibrator.start_block(ctx)
+    groups = _validated_groups(calibrator.groups(ctx), ctx)
+    if calibrator.solve_during_pass and inputs.num_batches == 1 and groups:
+        counts, timings, single_meters = _single_pass_block(
+            ctx, inputs, calibrator, groups, measure_error, precision
+        )
+        calibrator.end_block(ctx)
+        return _records(ctx, groups, counts, timings, single_meters, started, None)
+    reference: list[Tensor] | None = [] if measure_error and groups else None
+    # Errors are measured on the leading mini-batches only (ERROR_MAX_TOKENS tokens): a relative
+    # error needs far fewer tokens than the statistics, and measuring it on every token would
+    # cost one more pass of every solved linear over the whole calibration set.
+    measured = _error_batches(inputs, ERROR_MAX_TOKENS) if reference is not None else 0
+    tokens, solved, snapshots = _solve_groups(
+        ctx, inputs, calibrator, groups, measure_error, measured, reference, precision
+    )
+    meters, block_meter = _replay_block(
+        ctx, inputs, calibrator, snapshots, measured, reference, precision
+    )
     calibrator.end_block(ctx)
     return _records(
         ctx,

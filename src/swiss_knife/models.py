@@ -101,25 +101,10 @@ def _explain_load_failure(source: str, exc: BaseException) -> ModelLoadError:
     return ModelLoadError(f"could not load {source}: {first}")
 
 
-def load_model(
-    spec: ModelSpec | str,
-    *,
-    with_tokenizer: bool = True,
-    **overrides: Any,
-) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
-
-    `overrides` replace fields of the spec, e.g. `load_model("dir", dtype="bf16")`.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if isinstance(spec, str):
-        spec = ModelSpec(path=spec, **overrides)
-    elif overrides:
-        spec = spec.model_copy(update=overrides)
-    source = spec.path
+def _locate(source: str, gguf_file: str | None) -> tuple[Path | None, str | None]:
+    """The local directory holding the model (None for a hub id) and its GGUF file name, if
+    any; refuses a path that is not a model directory or a .gguf file."""
     path = Path(source).expanduser()
-    gguf_file = spec.gguf_file
     directory: Path | None
     if path.is_file():
         if path.suffix != ".gguf":
@@ -141,8 +126,14 @@ def load_model(
         raise ModelLoadError(f"model path not found: {source}")
     else:
         directory = None  # a hub id
+    return directory, gguf_file
 
-    target = str(directory) if directory is not None else source
+
+def _model_kwargs(
+    spec: ModelSpec, source: str, directory: Path | None, gguf_file: str | None
+) -> dict[str, Any]:
+    """The `from_pretrained` arguments: dtype, revision, GGUF dequantisation, safetensors (or a
+    warning about pickles), and hub-free loading of a cached hub model that cannot be fetched."""
     kwargs: dict[str, Any] = {
         "trust_remote_code": spec.trust_remote_code,
         "dtype": DTYPES.get(spec.dtype, "auto"),
@@ -163,23 +154,73 @@ def load_model(
         _warn_pickle(directory, source)
     if directory is None and _hub_unavailable(source, gguf_file, spec.revision):
         kwargs["local_files_only"] = True  # cached: load it without asking the hub
-    device = resolve_device(spec.device)
+    return kwargs
+
+
+def _load_weights(
+    source: str, target: str, directory: Path | None, gguf_file: str | None, kwargs: dict[str, Any]
+) -> Any:
+    """The model, through the loader its checkpoint format needs; any failure becomes a
+    `ModelLoadError` that says what went wrong."""
+    from transformers import AutoModelForCausalLM
+
     try:
         if directory is not None and not gguf_file and _is_sparse_bitmask(directory):
             # transformers 5.x cannot decompress this layout itself (see sparse_format).
             from .compression.pruning.sparse_format import load_sparse_bitmask
 
-            model: Any = load_sparse_bitmask(directory, **kwargs)
-        elif directory is not None and not gguf_file and _has_asymmetric_grid(directory):
+            return load_sparse_bitmask(directory, **kwargs)
+        if directory is not None and not gguf_file and _has_asymmetric_grid(directory):
             # compressed-tensors 0.18-0.20 cannot load asymmetric zero points on transformers'
             # plain path; its dequantize-on-load path can (see compressed_tensors_format).
             from .compression.quantization.compressed_tensors_format import load_compressed
 
-            model = load_compressed(directory, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+            return load_compressed(directory, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(target, **kwargs)
     except Exception as exc:  # OSError, ValueError, safetensors' own error type, ...
         raise _explain_load_failure(source, exc) from exc
+
+
+def _load_tokenizer(
+    spec: ModelSpec, source: str, target: str, gguf_file: str | None, local_files_only: bool
+) -> Any | None:
+    """The model's tokenizer, or None (with a warning) when there is none to load."""
+    from transformers import AutoTokenizer
+
+    tok_kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if gguf_file:
+        tok_kwargs["gguf_file"] = gguf_file
+    if spec.revision:
+        tok_kwargs["revision"] = spec.revision
+    if local_files_only:
+        tok_kwargs["local_files_only"] = True
+    try:
+        return AutoTokenizer.from_pretrained(target, **tok_kwargs)
+    except Exception as exc:
+        logger.warning("no tokenizer loaded for %s: %s", source, str(exc).splitlines()[0])
+        return None
+
+
+def load_model(
+    spec: ModelSpec | str,
+    *,
+    with_tokenizer: bool = True,
+    **overrides: Any,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a hub id, a local directory or a GGUF file.
+
+    `overrides` replace fields of the spec, e.g. `load_model("dir", dtype="bf16")`.
+    """
+    if isinstance(spec, str):
+        spec = ModelSpec(path=spec, **overrides)
+    elif overrides:
+        spec = spec.model_copy(update=overrides)
+    source = spec.path
+    directory, gguf_file = _locate(source, spec.gguf_file)
+    target = str(directory) if directory is not None else source
+    kwargs = _model_kwargs(spec, source, directory, gguf_file)
+    device = resolve_device(spec.device)
+    model = _load_weights(source, target, directory, gguf_file, kwargs)
     if gguf_file:
         _detach_gguf_quantizer(model, source)
     model.eval()
@@ -187,17 +228,8 @@ def load_model(
 
     tokenizer = None
     if with_tokenizer:
-        tok_kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
-        if gguf_file:
-            tok_kwargs["gguf_file"] = gguf_file
-        if spec.revision:
-            tok_kwargs["revision"] = spec.revision
-        if kwargs.get("local_files_only"):
-            tok_kwargs["local_files_only"] = True
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(target, **tok_kwargs)
-        except Exception as exc:
-            logger.warning("no tokenizer loaded for %s: %s", source, str(exc).splitlines()[0])
+        local_files_only = bool(kwargs.get("local_files_only"))
+        tokenizer = _load_tokenizer(spec, source, target, gguf_file, local_files_only)
     return LoadedModel(model, tokenizer, source, directory, gguf_file, device)
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .. import registry
-from ..arch import drop_blocks, get_arch, get_blocks
+from ..arch import ArchSpec, drop_blocks, get_arch, get_blocks
 from ..calibration import block_io_scores
 from ..config import LayerReductionConfig
 from ..errors import UnsupportedArchitectureError, UserInputError
@@ -178,6 +178,50 @@ def _num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def _data_free_choice(
+    total: int, count: int, config: LayerReductionConfig, by_importance: bool
+) -> tuple[list[int] | None, str]:
+    """The blocks to remove when no scores are needed (explicit indices or by position), and
+    how they were chosen, in words; (None, "") when they are chosen by importance."""
+    if config.layers is not None:
+        return explicit_indices(total, config), "explicit indices"
+    if not by_importance:
+        removed = select_by_position(
+            total, count, config.selection, config.keep_first, config.keep_last
+        )
+        return removed, f"position ({config.selection})"
+    return None, ""
+
+
+def _check_index_dependent(
+    model: nn.Module, spec: ArchSpec, total: int, removed: list[int] | None
+) -> None:
+    """Refuse anything but removing the last blocks of a model whose blocks compute differently
+    at another index (`spec.index_dependent_flags` set in its config)."""
+    flags = [flag for flag in spec.index_dependent_flags if getattr(model.config, flag, False)]
+    if flags and (removed is None or removed != list(range(total - len(removed), total))):
+        # Checked here, before any scoring; drop_blocks would refuse it too, but only later.
+        raise UnsupportedArchitectureError(
+            f"this {spec.name} model sets {', '.join(flags)}=True, so a block computes "
+            "differently at another index: only the last blocks can be removed "
+            "(selection 'last' with keep_last 0, or --layers naming the last blocks)"
+        )
+
+
+def _block_importance(
+    scores: list[float] | None, removed: list[int], total: int
+) -> list[dict[str, Any]]:
+    """The report's per-block rows: index, Block Influence (if scored) and whether removed."""
+    return [
+        {
+            "layer": index,
+            "block_influence": None if scores is None else round(scores[index], 6),
+            "removed": index in removed,
+        }
+        for index in range(total)
+    ]
+
+
 def reduce_layers(
     model: nn.Module,
     config: LayerReductionConfig,
@@ -202,23 +246,8 @@ def reduce_layers(
             "selection 'importance' needs calibration data: pass --calibration-data (or "
             "data.calibration in a recipe), or choose --selection last/first/evenly or --layers"
         )
-    removed: list[int] | None = None
-    how = ""
-    if config.layers is not None:
-        removed, how = explicit_indices(total, config), "explicit indices"
-    elif not by_importance:
-        removed = select_by_position(
-            total, count, config.selection, config.keep_first, config.keep_last
-        )
-        how = f"position ({config.selection})"
-    flags = [flag for flag in spec.index_dependent_flags if getattr(model.config, flag, False)]
-    if flags and (removed is None or removed != list(range(total - len(removed), total))):
-        # Checked here, before any scoring; drop_blocks would refuse it too, but only later.
-        raise UnsupportedArchitectureError(
-            f"this {spec.name} model sets {', '.join(flags)}=True, so a block computes "
-            "differently at another index: only the last blocks can be removed "
-            "(selection 'last' with keep_last 0, or --layers naming the last blocks)"
-        )
+    removed, how = _data_free_choice(total, count, config, by_importance)
+    _check_index_dependent(model, spec, total, removed)
 
     scores: list[float] | None = None
     if calibration is not None:
@@ -252,14 +281,7 @@ def reduce_layers(
         "removed": removed,
         "params_before": params_before,
         "params_after": params_after,
-        "block_importance": [
-            {
-                "layer": index,
-                "block_influence": None if scores is None else round(scores[index], 6),
-                "removed": index in removed,
-            }
-            for index in range(total)
-        ],
+        "block_importance": _block_importance(scores, removed, total),
         "importance_metric": "ShortGPT block influence: 1 - mean cos(block input, output)",
         "importance_table": table,
         "seconds": round(time.perf_counter() - started, 3),

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -86,6 +87,167 @@ def _warm_up(model: Any, device: torch.device) -> None:
         logger.debug("memory warm-up skipped: %s", exc)
 
 
+_T = TypeVar("_T")
+
+
+@dataclass
+class _Timer:
+    """Runs one model's measurements, timing each into the report and, when only this model
+    runs, recording its memory increase over a baseline read just before it."""
+
+    name: str
+    device: torch.device
+    memory: bool
+    report: EvaluationReport
+    increases: dict[str, int] = field(default_factory=dict)
+    process: dict[str, int] = field(default_factory=dict)
+
+    def __call__(self, key: str, fn: Callable[[], _T], *, own: bool = True) -> _T:
+        """Run one measurement, timing it and (when only this model runs) its memory."""
+        logger.info("%s: measuring %s", self.name, key)
+        start = time.perf_counter()
+        if own and self.memory:
+            with PeakMemory(self.device) as peak:
+                result = fn()
+            self.increases[key] = peak.increase_bytes
+            self.process.setdefault("baseline_bytes", peak.baseline_bytes)
+            self.process["peak_bytes"] = max(self.process.get("peak_bytes", 0), peak.peak_bytes)
+        else:
+            result = fn()
+        self.report.seconds[key] = round(time.perf_counter() - start, 4)
+        return result
+
+
+def _measure_perplexity(
+    timed: _Timer,
+    model: Any,
+    tokens: torch.Tensor | None,
+    config: EvaluationConfig,
+    progress: bool,
+) -> dict[str, Any]:
+    """Perplexity on `tokens`, cut to `max_windows` windows when the config sets it."""
+    ppl_cfg = config.perplexity
+    if tokens is None:
+        raise UserInputError("perplexity needs evaluation text: pass --eval-data")
+    window = ppl_cfg.window
+    stride = ppl_cfg.stride or window
+    stream = tokens
+    if ppl_cfg.max_windows is not None:
+        # Enough tokens for exactly max_windows windows at this stride, counted with the
+        # window perplexity() will use (clamped to the model's context, with a warning).
+        limit = max_positions(model)
+        used = min(window, limit) if limit is not None else window
+        step = min(stride, used)
+        stream = tokens[: used + step * (ppl_cfg.max_windows - 1)]
+    result = timed(
+        "perplexity",
+        lambda: perplexity(
+            model,
+            stream,
+            window=window,
+            stride=stride,
+            batch_size=ppl_cfg.batch_size,
+            progress=progress,
+        ),
+    )
+    return result.to_dict()
+
+
+def _measure_agreement(
+    timed: _Timer,
+    model: Any,
+    reference: Any,
+    tokens: torch.Tensor | None,
+    config: EvaluationConfig,
+    progress: bool,
+) -> dict[str, Any]:
+    """KL divergence and top-1 agreement with `reference` (its memory is not this model's)."""
+    agr = config.agreement
+    if tokens is None:
+        raise UserInputError("agreement with the original needs evaluation text")
+    result = timed(
+        "agreement",
+        lambda: agreement(
+            reference,
+            model,
+            tokens,
+            window=agr.window,
+            batch_size=agr.batch_size,
+            max_windows=agr.max_windows,
+            progress=progress,
+        ),
+        own=False,
+    )
+    return result.to_dict()
+
+
+def _measure_bleu(
+    timed: _Timer, model: Any, tokenizer: Any | None, config: EvaluationConfig, progress: bool
+) -> dict[str, Any]:
+    """BLEU of greedy continuations of the config's prompts against their references."""
+    if tokenizer is None:
+        raise UserInputError("BLEU needs a tokenizer, and this model has none")
+    assert config.bleu.references is not None
+    pairs = load_prompt_references(config.bleu.references)
+    result = timed(
+        "bleu",
+        lambda: bleu(
+            model,
+            tokenizer,
+            pairs,
+            max_new_tokens=config.bleu.max_new_tokens,
+            batch_size=config.bleu.batch_size,
+            progress=progress,
+        ),
+    )
+    return result.to_dict()
+
+
+def _measure_speed(
+    timed: _Timer, model: Any, config: EvaluationConfig, progress: bool
+) -> dict[str, Any]:
+    """Prefill and decode throughput at the config's batch sizes."""
+    sp = config.speed
+    result = timed(
+        "speed",
+        lambda: measure_speed(
+            model,
+            batch_sizes=tuple(sp.batch_sizes),
+            prompt_len=sp.prompt_len,
+            new_tokens=sp.new_tokens,
+            warmup=sp.warmup,
+            repeats=sp.repeats,
+            seed=config.seed,
+            progress=progress,
+        ),
+    )
+    return result.to_dict()
+
+
+def _memory_metrics(model: Any, device: torch.device, method: str, timed: _Timer) -> dict[str, Any]:
+    """The model's peak memory (weights, buffers and the largest measured increase), with the
+    process's own numbers for reference and how they were measured."""
+    params, buffers = parameter_bytes(model)
+    increase = max(timed.increases.values(), default=0)
+    return {
+        "device": str(device),
+        "method": method,
+        "model_peak_bytes": params + buffers + increase,
+        "parameter_bytes": params,
+        "buffer_bytes": buffers,
+        "increase_bytes": increase,
+        "increase_bytes_by_metric": timed.increases,
+        # The process as a whole, for reference: these do depend on what else it holds.
+        "peak_bytes": timed.process.get("peak_bytes", 0),
+        "baseline_bytes": timed.process.get("baseline_bytes", 0),
+        "note": MEMORY_METHOD_NOTE.format(
+            counter="allocated CUDA memory"
+            if method == "cuda_max_allocated"
+            else "process RSS (sampled every 5 ms)"
+        ),
+    }
+
+
 def evaluate(
     model: Any,
     tokenizer: Any | None,
@@ -110,133 +272,32 @@ def evaluate(
     report = EvaluationReport(name=name, source=source, eval_data=eval_data)
     device = next(model.parameters()).device
 
-    increases: dict[str, int] = {}
-    process: dict[str, int] = {}
     method = "cuda_max_allocated" if device.type == "cuda" else "rss_sampled"
     if config.memory:
         _warm_up(model, device)
+    timed = _Timer(name, device, config.memory, report)
 
-    def timed(key: str, fn: Any, *, own: bool = True) -> Any:
-        """Run one measurement, timing it and (when only this model runs) its memory."""
-        logger.info("%s: measuring %s", name, key)
-        start = time.perf_counter()
-        if own and config.memory:
-            with PeakMemory(device) as peak:
-                result = fn()
-            increases[key] = peak.increase_bytes
-            process.setdefault("baseline_bytes", peak.baseline_bytes)
-            process["peak_bytes"] = max(process.get("peak_bytes", 0), peak.peak_bytes)
-        else:
-            result = fn()
-        report.seconds[key] = round(time.perf_counter() - start, 4)
-        return result
-
-    ppl_cfg = config.perplexity
-    if ppl_cfg.enabled:
-        if tokens is None:
-            raise UserInputError("perplexity needs evaluation text: pass --eval-data")
-        window = ppl_cfg.window
-        stride = ppl_cfg.stride or window
-        stream = tokens
-        if ppl_cfg.max_windows is not None:
-            # Enough tokens for exactly max_windows windows at this stride, counted with the
-            # window perplexity() will use (clamped to the model's context, with a warning).
-            limit = max_positions(model)
-            used = min(window, limit) if limit is not None else window
-            step = min(stride, used)
-            stream = tokens[: used + step * (ppl_cfg.max_windows - 1)]
-        result = timed(
-            "perplexity",
-            lambda: perplexity(
-                model,
-                stream,
-                window=window,
-                stride=stride,
-                batch_size=ppl_cfg.batch_size,
-                progress=progress,
-            ),
-        )
-        report.metrics["perplexity"] = result.to_dict()
-    agr = config.agreement
-    if agr.enabled and reference is not None:
-        if tokens is None:
-            raise UserInputError("agreement with the original needs evaluation text")
-        result = timed(
-            "agreement",
-            lambda: agreement(
-                reference,
-                model,
-                tokens,
-                window=agr.window,
-                batch_size=agr.batch_size,
-                max_windows=agr.max_windows,
-                progress=progress,
-            ),
-            own=False,
-        )
-        report.metrics["agreement"] = result.to_dict()
+    metrics = report.metrics
+    if config.perplexity.enabled:
+        metrics["perplexity"] = _measure_perplexity(timed, model, tokens, config, progress)
+    if config.agreement.enabled and reference is not None:
+        metrics["agreement"] = _measure_agreement(timed, model, reference, tokens, config, progress)
     if config.bleu.references:
-        if tokenizer is None:
-            raise UserInputError("BLEU needs a tokenizer, and this model has none")
-        pairs = load_prompt_references(config.bleu.references)
-        result = timed(
-            "bleu",
-            lambda: bleu(
-                model,
-                tokenizer,
-                pairs,
-                max_new_tokens=config.bleu.max_new_tokens,
-                batch_size=config.bleu.batch_size,
-                progress=progress,
-            ),
-        )
-        report.metrics["bleu"] = result.to_dict()
+        metrics["bleu"] = _measure_bleu(timed, model, tokenizer, config, progress)
     if config.speed.enabled:
-        sp = config.speed
-        result = timed(
-            "speed",
-            lambda: measure_speed(
-                model,
-                batch_sizes=tuple(sp.batch_sizes),
-                prompt_len=sp.prompt_len,
-                new_tokens=sp.new_tokens,
-                warmup=sp.warmup,
-                repeats=sp.repeats,
-                seed=config.seed,
-                progress=progress,
-            ),
-        )
-        report.metrics["speed"] = result.to_dict()
+        metrics["speed"] = _measure_speed(timed, model, config, progress)
     if config.harness.tasks:
         h = config.harness
-        report.metrics["harness"] = timed(
+        metrics["harness"] = timed(
             "harness",
             lambda: run_harness(
                 model, tokenizer, list(h.tasks), batch_size=h.batch_size, limit=h.limit
             ),
         )
     if config.size:
-        report.metrics["size"] = model_size(model, weights_path).to_dict()
+        metrics["size"] = model_size(model, weights_path).to_dict()
     if config.memory:
-        params, buffers = parameter_bytes(model)
-        increase = max(increases.values(), default=0)
-        report.metrics["memory"] = {
-            "device": str(device),
-            "method": method,
-            "model_peak_bytes": params + buffers + increase,
-            "parameter_bytes": params,
-            "buffer_bytes": buffers,
-            "increase_bytes": increase,
-            "increase_bytes_by_metric": increases,
-            # The process as a whole, for reference: these do depend on what else it holds.
-            "peak_bytes": process.get("peak_bytes", 0),
-            "baseline_bytes": process.get("baseline_bytes", 0),
-            "note": MEMORY_METHOD_NOTE.format(
-                counter="allocated CUDA memory"
-                if method == "cuda_max_allocated"
-                else "process RSS (sampled every 5 ms)"
-            ),
-        }
-    report.metrics["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    report.metrics["device"] = str(device)
+        metrics["memory"] = _memory_metrics(model, device, method, timed)
+    metrics["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    metrics["device"] = str(device)
     return report

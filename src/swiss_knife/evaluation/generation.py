@@ -91,22 +91,16 @@ def _window_batches(num_tokens: int, window: int, batch_size: int) -> list[list[
     return batches
 
 
-def agreement(
+def _checked_window(
     reference: torch.nn.Module,
     model: torch.nn.Module,
     tokens: torch.Tensor,
-    *,
-    window: int = 512,
-    batch_size: int = 4,
-    max_windows: int | None = None,
-    progress: bool = False,
-) -> AgreementResult:
-    """KL divergence and top-1 agreement of ``model`` against ``reference`` on ``tokens``.
-
-    The models may live on different devices and in different dtypes; logits are compared in
-    float32 on the reference's device. ``window`` is clamped to the smaller
-    ``max_position_embeddings`` of the two models; ``max_windows`` caps the work.
-    """
+    window: int,
+    batch_size: int,
+    max_windows: int | None,
+) -> int:
+    """Refuse bad sizes, differing vocabularies and an unusable token stream; returns
+    `window` clamped to the smaller context of the two models."""
     if window < 1:
         raise UserInputError(f"window must be at least 1 token, got {window}")
     if batch_size < 1:
@@ -124,20 +118,61 @@ def agreement(
     for limit in (max_positions(reference), max_positions(model)):
         if limit is not None:
             window = min(window, limit)
+    return window
 
+
+def _first_windows(
+    batches: list[list[tuple[int, int]]], max_windows: int
+) -> list[list[tuple[int, int]]]:
+    """Cut the batch list so that exactly `max_windows` windows remain."""
+    kept: list[list[tuple[int, int]]] = []
+    remaining = max_windows
+    for batch in batches:
+        if remaining == 0:
+            break
+        kept.append(batch[:remaining])
+        remaining -= len(kept[-1])
+    return kept
+
+
+def _window_kl(
+    ref_logits: torch.Tensor, model_logits: torch.Tensor, ref_device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position ``KL(reference || model)`` in float32 and whether the argmaxes agree, both
+    (seq,), for one window's (seq, vocab) logits (`model_logits` moved to `ref_device`)."""
+    log_p_ref = torch.log_softmax(ref_logits.float(), dim=-1)  # (seq, vocab)
+    log_p_model = torch.log_softmax(model_logits.to(ref_device).float(), dim=-1)  # (seq, vocab)
+    p_ref = log_p_ref.exp()  # (seq, vocab)
+    terms = p_ref * (log_p_ref - log_p_model)  # (seq, vocab)
+    # 0 * log(0 / q) is 0 by convention; without this, -inf - -inf gives NaN.
+    terms = torch.where(p_ref > 0, terms, torch.zeros_like(terms))
+    kl = terms.sum(dim=-1)  # (seq,)
+    same = log_p_ref.argmax(dim=-1) == log_p_model.argmax(dim=-1)  # (seq,)
+    return kl, same
+
+
+def agreement(
+    reference: torch.nn.Module,
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    *,
+    window: int = 512,
+    batch_size: int = 4,
+    max_windows: int | None = None,
+    progress: bool = False,
+) -> AgreementResult:
+    """KL divergence and top-1 agreement of ``model`` against ``reference`` on ``tokens``.
+
+    The models may live on different devices and in different dtypes; logits are compared in
+    float32 on the reference's device. ``window`` is clamped to the smaller
+    ``max_position_embeddings`` of the two models; ``max_windows`` caps the work.
+    """
+    window = _checked_window(reference, model, tokens, window, batch_size, max_windows)
     ref_device, model_device_ = model_device(reference), model_device(model)
     stream = tokens.detach().to(dtype=torch.long, device="cpu")  # (num_tokens,)
     batches = _window_batches(stream.numel(), window, batch_size)
     if max_windows is not None:
-        # Cut the batch list so that exactly `max_windows` windows remain.
-        kept: list[list[tuple[int, int]]] = []
-        remaining = max_windows
-        for batch in batches:
-            if remaining == 0:
-                break
-            kept.append(batch[:remaining])
-            remaining -= len(kept[-1])
-        batches = kept
+        batches = _first_windows(batches, max_windows)
 
     kl_total = 0.0
     agree_total = 0
@@ -155,16 +190,7 @@ def agreement(
                 )
             # One row at a time keeps the float32 (seq, vocab) temporaries small for big vocabs.
             for row in range(len(batch)):
-                log_p_ref = torch.log_softmax(ref_logits[row].float(), dim=-1)  # (seq, vocab)
-                log_p_model = torch.log_softmax(
-                    model_logits[row].to(ref_device).float(), dim=-1
-                )  # (seq, vocab)
-                p_ref = log_p_ref.exp()  # (seq, vocab)
-                terms = p_ref * (log_p_ref - log_p_model)  # (seq, vocab)
-                # 0 * log(0 / q) is 0 by convention; without this, -inf - -inf gives NaN.
-                terms = torch.where(p_ref > 0, terms, torch.zeros_like(terms))
-                kl = terms.sum(dim=-1)  # (seq,)
-                same = log_p_ref.argmax(dim=-1) == log_p_model.argmax(dim=-1)  # (seq,)
+                kl, same = _window_kl(ref_logits[row], model_logits[row], ref_device)
                 window_kl = float(kl.double().sum())
                 kl_total += window_kl
                 agree_total += int(same.sum())

@@ -49,7 +49,7 @@ from .loop import (
     total_steps,
     train,
 )
-from .losses import DistillationLoss, ForwardKL, HiddenStateLoss, ReverseKL
+from .losses import DistillationLoss, ForwardKL, HiddenStateLoss, ReverseKL, TopKLogits
 from .student import (
     check_layer_map,
     check_pair,
@@ -186,6 +186,167 @@ def _fingerprint(
     }
 
 
+def _student_model(
+    config: DistillConfig, student: ModelLike | None, teacher_model: nn.Module
+) -> tuple[nn.Module, Any | None, list[int] | None]:
+    """The student, its tokenizer (if it brought one) and the teacher blocks it kept (if made
+    from the teacher with `config.student_from_teacher`)."""
+    if student is None:
+        if config.student_from_teacher is None:
+            raise UserInputError("give a student model, or student_from_teacher in the config")
+        student_model, kept = student_from_teacher(teacher_model, config.student_from_teacher)
+        return student_model, None, kept
+    if config.student_from_teacher is not None:
+        raise UserInputError("give a student model or student_from_teacher, not both")
+    student_model, student_tok, _ = _model_and_tokenizer(student, "student")
+    if student_model is teacher_model:
+        raise UserInputError("the teacher and the student are the same model object")
+    return student_model, student_tok, None
+
+
+def _checked_student(
+    config: DistillConfig,
+    student: ModelLike | None,
+    teacher_model: nn.Module,
+    tokenizer: Any | None,
+) -> tuple[nn.Module, list[int] | None]:
+    """The student (see `_student_model`) and the teacher blocks it kept, once checked to
+    pair with the teacher and to have something to train."""
+    student_model, student_tok, kept = _student_model(config, student, teacher_model)
+    check_pair(teacher_model, student_model, tokenizer, student_tok)
+    if not any(p.requires_grad for p in student_model.parameters()):
+        raise UserInputError("the student has no trainable parameters (all requires_grad=False)")
+    return student_model, kept
+
+
+def _token_streams(
+    config: DistillConfig,
+    train_data: DataLike | None,
+    eval_data: DataLike | None,
+    tokenizer: Any | None,
+    teacher_model: nn.Module,
+) -> tuple[Tensor, Tensor | None]:
+    """The training and held-out token streams (the arguments', else the config's), checked
+    against the teacher's vocabulary."""
+    train_source = train_data if train_data is not None else config.train_data
+    if train_source is None:
+        raise UserInputError("no training text: pass train_data (--train-data)")
+    eval_source = eval_data if eval_data is not None else config.eval_data
+    train_stream = _token_stream(train_source, tokenizer, "training text")
+    eval_stream = (
+        _token_stream(eval_source, tokenizer, "held-out text") if eval_source is not None else None
+    )
+    vocab = logit_width(teacher_model)
+    for stream, what in ((train_stream, "training"), (eval_stream, "held-out")):
+        if stream is not None and stream.numel() and int(stream.max()) >= vocab:
+            raise DataError(
+                f"{what} token ids reach {int(stream.max())}, beyond the vocabulary of {vocab}"
+            )
+    return train_stream, eval_stream
+
+
+def _prepare_run_data(
+    config: DistillConfig, accelerator: Any, train_stream: Tensor, eval_stream: Tensor | None
+) -> tuple[PackedData, int]:
+    """Pack the streams into sequences for this many processes; returns them and the step
+    count."""
+    processes = accelerator.num_processes
+    wants_eval = eval_stream is not None or config.eval_fraction > 0
+    if config.early_stopping_patience is not None and not wants_eval:
+        raise UserInputError("early stopping needs held-out text: eval_data or eval_fraction > 0")
+    data = prepare_data(
+        train_stream,
+        config.seq_len,
+        min_train_sequences=config.batch_size * processes,
+        eval_stream=eval_stream,
+        eval_fraction=config.eval_fraction,
+        eval_windows=config.eval_windows,
+        min_eval_sequences=processes,
+    )
+    steps = total_steps(
+        config, BatchOrder(data.train.shape[0], config.batch_size, processes, config.seed)
+    )
+    return data, steps
+
+
+def _resume_point(
+    out: Path,
+    resume: Resume,
+    named_checkpoint: Path | None,
+    clear: bool,
+    fingerprint: dict[str, Any],
+    accelerator: Any,
+) -> Path | None:
+    """The checkpoint to resume from (checked against `fingerprint`), if any; clears the
+    folder's earlier run when it must go (with "auto", also when it is a different run)."""
+    resume_from = named_checkpoint
+    if resume is True or resume == "auto":
+        latest = checkpoint_dirs(out)
+        if latest:
+            saved = read_checkpoint_state(latest[-1]).get("fingerprint", {})
+            if resume == "auto" and fingerprint_mismatch(saved, fingerprint):
+                logger.info("%s holds a different run; starting again", out)
+                clear = True
+            else:
+                resume_from = latest[-1]
+    if resume_from is not None:
+        check_resume(resume_from, fingerprint)
+    if clear:
+        if accelerator.is_main_process:
+            _clear_run(out)
+        accelerator.wait_for_everyone()
+    return resume_from
+
+
+def _teacher_topk(
+    config: DistillConfig,
+    out: Path,
+    fingerprint: dict[str, Any],
+    data: PackedData,
+    teacher_model: nn.Module,
+    accelerator: Any,
+    progress: bool,
+) -> TopKLogits | None:
+    """The teacher's cached top-k logits on the training data (with `config.teacher_topk`),
+    computed and stored on first use; None without `teacher_topk`."""
+    if config.teacher_topk is None:
+        return None
+    cache_dir = (
+        Path(config.teacher_cache).expanduser() if config.teacher_cache else out / "teacher-cache"
+    )
+    path = cache_path(cache_dir, fingerprint["teacher"], data.train, config.teacher_topk)
+    k = config.teacher_topk
+    return load_or_compute_topk(
+        path,
+        lambda: compute_topk(
+            teacher_model.to(accelerator.device),
+            data.train,
+            k,
+            batch_size=config.batch_size,
+            device=accelerator.device,
+            autocast=accelerator.autocast,
+            progress=progress,
+        ),
+        is_main_process=accelerator.is_main_process,
+        wait_for_everyone=accelerator.wait_for_everyone,
+    )
+
+
+def _write_run_file(
+    accelerator: Any,
+    out: Path,
+    config: DistillConfig,
+    fingerprint: dict[str, Any],
+    source: str | None,
+) -> None:
+    """Write run.json (config, fingerprint, source) from the main process; all processes wait."""
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        run = {"config": config_to_dict(config), "fingerprint": fingerprint, "source": source}
+        (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+    accelerator.wait_for_everyone()
+
+
 def distill(
     teacher: ModelLike,
     student: ModelLike | None,
@@ -217,54 +378,14 @@ def distill(
 
     teacher_model, teacher_tok, source = _model_and_tokenizer(teacher, "teacher")
     tokenizer = tokenizer if tokenizer is not None else teacher_tok
-    kept: list[int] | None = None
-    if student is None:
-        if config.student_from_teacher is None:
-            raise UserInputError("give a student model, or student_from_teacher in the config")
-        student_model, kept = student_from_teacher(teacher_model, config.student_from_teacher)
-        student_tok = None
-    else:
-        if config.student_from_teacher is not None:
-            raise UserInputError("give a student model or student_from_teacher, not both")
-        student_model, student_tok, _ = _model_and_tokenizer(student, "student")
-        if student_model is teacher_model:
-            raise UserInputError("the teacher and the student are the same model object")
-    check_pair(teacher_model, student_model, tokenizer, student_tok)
-    if not any(p.requires_grad for p in student_model.parameters()):
-        raise UserInputError("the student has no trainable parameters (all requires_grad=False)")
-
-    train_source = train_data if train_data is not None else config.train_data
-    if train_source is None:
-        raise UserInputError("no training text: pass train_data (--train-data)")
-    eval_source = eval_data if eval_data is not None else config.eval_data
-    train_stream = _token_stream(train_source, tokenizer, "training text")
-    eval_stream = (
-        _token_stream(eval_source, tokenizer, "held-out text") if eval_source is not None else None
+    student_model, kept = _checked_student(config, student, teacher_model, tokenizer)
+    train_stream, eval_stream = _token_streams(
+        config, train_data, eval_data, tokenizer, teacher_model
     )
-    vocab = logit_width(teacher_model)
-    for stream, what in ((train_stream, "training"), (eval_stream, "held-out")):
-        if stream is not None and stream.numel() and int(stream.max()) >= vocab:
-            raise DataError(
-                f"{what} token ids reach {int(stream.max())}, beyond the vocabulary of {vocab}"
-            )
 
     accelerator = create_accelerator(config, cpu=cpu)
     processes = accelerator.num_processes
-    wants_eval = eval_stream is not None or config.eval_fraction > 0
-    if config.early_stopping_patience is not None and not wants_eval:
-        raise UserInputError("early stopping needs held-out text: eval_data or eval_fraction > 0")
-    data = prepare_data(
-        train_stream,
-        config.seq_len,
-        min_train_sequences=config.batch_size * processes,
-        eval_stream=eval_stream,
-        eval_fraction=config.eval_fraction,
-        eval_windows=config.eval_windows,
-        min_eval_sequences=processes,
-    )
-    steps = total_steps(
-        config, BatchOrder(data.train.shape[0], config.batch_size, processes, config.seed)
-    )
+    data, steps = _prepare_run_data(config, accelerator, train_stream, eval_stream)
 
     # Seed before anything random is created (the hidden-state projections).
     from accelerate.utils import set_seed
@@ -272,53 +393,9 @@ def distill(
     set_seed(config.seed)
     loss = _build_loss(config, teacher_model, student_model, kept)
     fingerprint = _fingerprint(config, teacher_model, student_model, data, processes, steps)
-
-    resume_from = named_checkpoint
-    if resume is True or resume == "auto":
-        latest = checkpoint_dirs(out)
-        if latest:
-            saved = read_checkpoint_state(latest[-1]).get("fingerprint", {})
-            if resume == "auto" and fingerprint_mismatch(saved, fingerprint):
-                logger.info("%s holds a different run; starting again", out)
-                clear = True
-            else:
-                resume_from = latest[-1]
-    if resume_from is not None:
-        check_resume(resume_from, fingerprint)
-    if clear:
-        if accelerator.is_main_process:
-            _clear_run(out)
-        accelerator.wait_for_everyone()
-
-    topk = None
-    if config.teacher_topk is not None:
-        cache_dir = (
-            Path(config.teacher_cache).expanduser()
-            if config.teacher_cache
-            else out / "teacher-cache"
-        )
-        path = cache_path(cache_dir, fingerprint["teacher"], data.train, config.teacher_topk)
-        k = config.teacher_topk
-        topk = load_or_compute_topk(
-            path,
-            lambda: compute_topk(
-                teacher_model.to(accelerator.device),
-                data.train,
-                k,
-                batch_size=config.batch_size,
-                device=accelerator.device,
-                autocast=accelerator.autocast,
-                progress=progress,
-            ),
-            is_main_process=accelerator.is_main_process,
-            wait_for_everyone=accelerator.wait_for_everyone,
-        )
-
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        run = {"config": config_to_dict(config), "fingerprint": fingerprint, "source": source}
-        (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
-    accelerator.wait_for_everyone()
+    resume_from = _resume_point(out, resume, named_checkpoint, clear, fingerprint, accelerator)
+    topk = _teacher_topk(config, out, fingerprint, data, teacher_model, accelerator, progress)
+    _write_run_file(accelerator, out, config, fingerprint, source)
 
     job = TrainingJob(
         config=config,

@@ -43,7 +43,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -480,13 +480,33 @@ def optimizer_step(
     return records, grad_norm
 
 
-def train(accelerator: Any, job: TrainingJob) -> DistillResult:
-    """Run (or resume) the loop; returns the student with its best (or final) weights."""
-    cfg = job.config
-    out = job.output_dir
-    main = accelerator.is_main_process
-    device = accelerator.device
+_MicroBatch = tuple[Tensor, Tensor | TopKLogits | None, tuple[Tensor, ...] | None]
 
+
+@dataclass
+class _Window:
+    """The loss terms summed over the optimizer steps since the last log line, and their time."""
+
+    sums: dict[str, Tensor] = field(default_factory=dict)
+    steps: int = 0
+    seconds: float = 0.0
+
+    def add_terms(self, records: list[dict[str, Tensor]], grad_accum: int) -> None:
+        """Fold one optimizer step's micro-batch losses and terms into the sums."""
+        # Kept as tensors: reading them every micro-batch would stall a GPU each time.
+        for terms in records:
+            for name, value in terms.items():
+                term = value.float() / grad_accum
+                self.sums[name] = self.sums[name] + term if name in self.sums else term
+
+
+def _prepare_training(
+    accelerator: Any, job: TrainingJob
+) -> tuple[nn.Module, torch.optim.Optimizer, Any, LoopState]:
+    """The prepared student-with-loss module, its optimizer, its LR scheduler and the loop
+    counters (both registered for checkpointing); the teacher, if any, goes to the device
+    frozen."""
+    cfg = job.config
     module = StudentWithLoss(job.student, job.loss)
     module.train()
     if cfg.gradient_checkpointing:
@@ -503,168 +523,144 @@ def train(accelerator: Any, job: TrainingJob) -> DistillResult:
 
     teacher = job.teacher
     if teacher is not None:
-        teacher.to(device).eval().requires_grad_(False)
-    topk = job.teacher_topk
-    needs_hidden = job.loss.needs_hidden_states
+        teacher.to(accelerator.device).eval().requires_grad_(False)
+    return module, optimizer, scheduler, state
 
-    metrics_path = out / METRICS
+
+def _resume_or_start(accelerator: Any, job: TrainingJob, state: LoopState) -> list[Evaluation]:
+    """Load the checkpoint to resume (restoring `state`, dropping the metrics written after it)
+    or start a new metrics file; returns the evaluations made before the checkpoint."""
+    metrics_path = job.output_dir / METRICS
     if job.resume_from is not None:
         logger.info("resuming from %s", job.resume_from)
         accelerator.load_state(str(job.resume_from))
-        if main:
+        if accelerator.is_main_process:
             _truncate_metrics(metrics_path, state.step)
-    elif main:
+    elif accelerator.is_main_process:
         metrics_path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
-    evaluations = _read_evaluations(metrics_path) if job.resume_from is not None else []
+    return _read_evaluations(metrics_path) if job.resume_from is not None else []
 
-    order = BatchOrder(job.data.train.shape[0], cfg.batch_size, accelerator.num_processes, cfg.seed)
+
+def _run_eval(
+    accelerator: Any,
+    module: nn.Module,
+    job: TrainingJob,
+    state: LoopState,
+    evaluations: list[Evaluation],
+) -> None:
+    """Evaluate on the held-out sequences and log it; save the student to best/ when it
+    improved, and otherwise count towards early stopping."""
+    cfg = job.config
+    loss, count = evaluate_heldout(accelerator, module, job.data.eval, cfg.batch_size)
+    ppl = math.exp(loss)
+    evaluations.append(Evaluation(state.step, loss, ppl, count))
+    state.last_eval_perplexity = ppl
+    improved = loss < state.best_eval_loss
+    if improved:
+        state.best_eval_loss, state.best_step = loss, state.step
+        state.evals_without_improvement = 0
+        _save_student(
+            accelerator,
+            module,
+            job,
+            job.output_dir / "best",
+            {"step": state.step, "tokens": state.tokens, "eval_perplexity": ppl},
+        )
+    else:
+        state.evals_without_improvement += 1
+        patience = cfg.early_stopping_patience
+        if patience is not None and state.evals_without_improvement >= patience:
+            state.stopped_early = True
+    if accelerator.is_main_process:
+        _append_metrics(
+            job.output_dir / METRICS,
+            {
+                "event": "eval",
+                "step": state.step,
+                "tokens": state.tokens,
+                "eval_loss": loss,
+                "eval_perplexity": ppl,
+                "eval_tokens": count,
+                "best": improved,
+            },
+        )
+
+
+def _micro_batches(
+    accelerator: Any, job: TrainingJob, order: BatchOrder, step: int
+) -> Iterator[_MicroBatch]:
+    """This process's micro-batches of optimizer step `step`, with the teacher's outputs."""
+    cfg = job.config
+    device = accelerator.device
     rank = accelerator.process_index
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * accelerator.num_processes
-    has_eval = job.data.eval.shape[0] > 0
-    best_dir = out / "best"
-
-    def run_eval() -> None:
-        loss, count = evaluate_heldout(accelerator, module, job.data.eval, cfg.batch_size)
-        ppl = math.exp(loss)
-        evaluations.append(Evaluation(state.step, loss, ppl, count))
-        state.last_eval_perplexity = ppl
-        improved = loss < state.best_eval_loss
-        if improved:
-            state.best_eval_loss, state.best_step = loss, state.step
-            state.evals_without_improvement = 0
-            _save_student(
-                accelerator,
-                module,
-                job,
-                best_dir,
-                {"step": state.step, "tokens": state.tokens, "eval_perplexity": ppl},
+    teacher, topk = job.teacher, job.teacher_topk
+    needs_hidden = job.loss.needs_hidden_states
+    for micro in range(cfg.grad_accum):
+        rows = order.indices(step * cfg.grad_accum + micro, rank)
+        input_ids = job.data.train[rows].to(device)  # (batch, seq)
+        teacher_logits: Tensor | TopKLogits | None = None
+        teacher_hidden = None
+        if topk is not None:
+            teacher_logits = TopKLogits(topk.values[rows].to(device), topk.indices[rows].to(device))
+        elif teacher is not None:
+            teacher_logits, teacher_hidden = _teacher_forward(
+                accelerator, teacher, input_ids, needs_hidden
             )
-        else:
-            state.evals_without_improvement += 1
-            patience = cfg.early_stopping_patience
-            if patience is not None and state.evals_without_improvement >= patience:
-                state.stopped_early = True
-        if main:
-            _append_metrics(
-                metrics_path,
-                {
-                    "event": "eval",
-                    "step": state.step,
-                    "tokens": state.tokens,
-                    "eval_loss": loss,
-                    "eval_perplexity": ppl,
-                    "eval_tokens": count,
-                    "best": improved,
-                },
-            )
+        yield input_ids, teacher_logits, teacher_hidden
 
-    if has_eval and state.step == 0:
-        run_eval()  # the starting point: the best checkpoint is never worse than no training
 
-    bar = Progress(
-        "distill",
-        total=job.total_steps,
-        initial=state.step,
-        unit="step",
-        enabled=job.progress and main,
+def _log_window(
+    accelerator: Any,
+    job: TrainingJob,
+    scheduler: Any,
+    state: LoopState,
+    window: _Window,
+    grad_norm: float | None,
+    bar: Progress,
+) -> None:
+    """Write the train record of the steps since the last one (their mean loss terms over all
+    processes, LR, throughput) to the metrics file and the progress bar."""
+    sums = window.sums
+    tokens_per_step = _tokens_per_step(accelerator, job.config)
+    means = torch.stack([sums[k] for k in sorted(sums)]) / window.steps
+    means = accelerator.reduce(means, reduction="mean")
+    record: dict[str, Any] = {"event": "train", "step": state.step}
+    record.update({k: float(v) for k, v in zip(sorted(sums), means.tolist(), strict=True)})
+    record.update(
+        {
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens": state.tokens,
+            "tokens_per_s": tokens_per_step * window.steps / window.seconds,
+            "elapsed_s": state.train_seconds,
+        }
     )
-    MicroBatch = tuple[Tensor, Tensor | TopKLogits | None, tuple[Tensor, ...] | None]
+    if accelerator.is_main_process:
+        _append_metrics(job.output_dir / METRICS, record)
+    postfix = {
+        "loss": f"{record['loss']:.4f}",
+        "tok/s": f"{record['tokens_per_s']:.0f}",
+    }
+    if state.last_eval_perplexity is not None:
+        postfix["eval_ppl"] = f"{state.last_eval_perplexity:.3f}"
+    bar.set_postfix(postfix)
 
-    def micro_batches(step: int) -> Iterable[MicroBatch]:
-        """This process's micro-batches of optimizer step `step`, with the teacher's outputs."""
-        for micro in range(cfg.grad_accum):
-            rows = order.indices(step * cfg.grad_accum + micro, rank)
-            input_ids = job.data.train[rows].to(device)  # (batch, seq)
-            teacher_logits: Tensor | TopKLogits | None = None
-            teacher_hidden = None
-            if topk is not None:
-                teacher_logits = TopKLogits(
-                    topk.values[rows].to(device), topk.indices[rows].to(device)
-                )
-            elif teacher is not None:
-                teacher_logits, teacher_hidden = _teacher_forward(
-                    accelerator, teacher, input_ids, needs_hidden
-                )
-            yield input_ids, teacher_logits, teacher_hidden
 
-    def loss_fn(batch: MicroBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        result: tuple[Tensor, dict[str, Tensor]] = module(*batch)
-        return result
+def _tokens_per_step(accelerator: Any, cfg: DistillConfig) -> int:
+    """Training tokens per optimizer step, over all processes."""
+    return cfg.batch_size * cfg.seq_len * cfg.grad_accum * accelerator.num_processes
 
-    def clip() -> Tensor:
-        # accumulate() synchronised the gradients on the last micro-batch of the step.
-        norm: Tensor = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
-        return norm
 
-    sums: dict[str, Tensor] = {}
-    window_steps, window_seconds = 0, 0.0
-    last_checkpoint_step = state.step if job.resume_from is not None else -1
-    try:
-        while state.step < job.total_steps and not state.stopped_early:
-            started = time.perf_counter()
-            records, grad_norm = optimizer_step(
-                optimizer,
-                micro_batches(state.step),
-                loss_fn,
-                backward=accelerator.backward,
-                accumulate=lambda: accelerator.accumulate(module),
-                clip_grad_norm=clip if cfg.max_grad_norm is not None else None,
-                after_update=scheduler.step,
-            )
-            # Kept as tensors: reading them every micro-batch would stall a GPU each time.
-            for terms in records:
-                for name, value in terms.items():
-                    term = value.float() / cfg.grad_accum
-                    sums[name] = sums[name] + term if name in sums else term
-            elapsed = time.perf_counter() - started
-            state.step += 1
-            state.tokens += tokens_per_step
-            state.train_seconds += elapsed
-            window_steps += 1
-            window_seconds += elapsed
-
-            done = state.step >= job.total_steps
-            if state.step % cfg.log_every == 0 or done:
-                means = torch.stack([sums[k] for k in sorted(sums)]) / window_steps
-                means = accelerator.reduce(means, reduction="mean")
-                record: dict[str, Any] = {"event": "train", "step": state.step}
-                record.update(
-                    {k: float(v) for k, v in zip(sorted(sums), means.tolist(), strict=True)}
-                )
-                record.update(
-                    {
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm,
-                        "tokens": state.tokens,
-                        "tokens_per_s": tokens_per_step * window_steps / window_seconds,
-                        "elapsed_s": state.train_seconds,
-                    }
-                )
-                if main:
-                    _append_metrics(metrics_path, record)
-                postfix = {
-                    "loss": f"{record['loss']:.4f}",
-                    "tok/s": f"{record['tokens_per_s']:.0f}",
-                }
-                if state.last_eval_perplexity is not None:
-                    postfix["eval_ppl"] = f"{state.last_eval_perplexity:.3f}"
-                bar.set_postfix(postfix)
-                sums, window_steps, window_seconds = {}, 0, 0.0
-            bar.update(1)
-
-            if has_eval and ((cfg.eval_every and state.step % cfg.eval_every == 0) or done):
-                run_eval()
-            if cfg.save_every and state.step % cfg.save_every == 0 and not done:
-                _save_checkpoint(accelerator, job, state)
-                last_checkpoint_step = state.step
-            if job.callback is not None:
-                job.callback({"step": state.step, "tokens": state.tokens})
-    finally:
-        bar.close()
-
-    if last_checkpoint_step != state.step:
-        _save_checkpoint(accelerator, job, state)
+def _finish(
+    accelerator: Any,
+    module: nn.Module,
+    job: TrainingJob,
+    state: LoopState,
+    evaluations: list[Evaluation],
+) -> DistillResult:
+    """Save the final student, then return the best one (when evaluation ran and saved one)."""
+    out = job.output_dir
     final_dir = out / "final"
     _save_student(
         accelerator,
@@ -677,8 +673,10 @@ def train(accelerator: Any, job: TrainingJob) -> DistillResult:
         job.callback({"step": state.step, "tokens": state.tokens, "finished": True})
 
     student = accelerator.unwrap_model(module, keep_fp32_wrapper=False).student
-    if cfg.gradient_checkpointing:
+    if job.config.gradient_checkpointing:
         student.gradient_checkpointing_disable()
+    best_dir = out / "best"
+    has_eval = job.data.eval.shape[0] > 0
     has_best = has_eval and state.best_step >= 0 and (best_dir / "swiss_knife.json").is_file()
     if has_best and state.best_step != state.step:
         _load_saved_weights(student, best_dir)  # return the best student, not the last step's
@@ -698,3 +696,75 @@ def train(accelerator: Any, job: TrainingJob) -> DistillResult:
         best_step=state.best_step if has_best else None,
         best_perplexity=math.exp(state.best_eval_loss) if has_best else None,
     )
+
+
+def train(accelerator: Any, job: TrainingJob) -> DistillResult:
+    """Run (or resume) the loop; returns the student with its best (or final) weights."""
+    cfg = job.config
+    module, optimizer, scheduler, state = _prepare_training(accelerator, job)
+    evaluations = _resume_or_start(accelerator, job, state)
+    order = BatchOrder(job.data.train.shape[0], cfg.batch_size, accelerator.num_processes, cfg.seed)
+    tokens_per_step = _tokens_per_step(accelerator, cfg)
+    has_eval = job.data.eval.shape[0] > 0
+    if has_eval and state.step == 0:
+        # The starting point: the best checkpoint is never worse than no training.
+        _run_eval(accelerator, module, job, state, evaluations)
+
+    bar = Progress(
+        "distill",
+        total=job.total_steps,
+        initial=state.step,
+        unit="step",
+        enabled=job.progress and accelerator.is_main_process,
+    )
+
+    def loss_fn(batch: _MicroBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        result: tuple[Tensor, dict[str, Tensor]] = module(*batch)
+        return result
+
+    def clip() -> Tensor:
+        # accumulate() synchronised the gradients on the last micro-batch of the step.
+        norm: Tensor = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+        return norm
+
+    window = _Window()
+    last_checkpoint_step = state.step if job.resume_from is not None else -1
+    try:
+        while state.step < job.total_steps and not state.stopped_early:
+            started = time.perf_counter()
+            records, grad_norm = optimizer_step(
+                optimizer,
+                _micro_batches(accelerator, job, order, state.step),
+                loss_fn,
+                backward=accelerator.backward,
+                accumulate=lambda: accelerator.accumulate(module),
+                clip_grad_norm=clip if cfg.max_grad_norm is not None else None,
+                after_update=scheduler.step,
+            )
+            window.add_terms(records, cfg.grad_accum)
+            elapsed = time.perf_counter() - started
+            state.step += 1
+            state.tokens += tokens_per_step
+            state.train_seconds += elapsed
+            window.steps += 1
+            window.seconds += elapsed
+
+            done = state.step >= job.total_steps
+            if state.step % cfg.log_every == 0 or done:
+                _log_window(accelerator, job, scheduler, state, window, grad_norm, bar)
+                window = _Window()
+            bar.update(1)
+
+            if has_eval and ((cfg.eval_every and state.step % cfg.eval_every == 0) or done):
+                _run_eval(accelerator, module, job, state, evaluations)
+            if cfg.save_every and state.step % cfg.save_every == 0 and not done:
+                _save_checkpoint(accelerator, job, state)
+                last_checkpoint_step = state.step
+            if job.callback is not None:
+                job.callback({"step": state.step, "tokens": state.tokens})
+    finally:
+        bar.close()
+
+    if last_checkpoint_step != state.step:
+        _save_checkpoint(accelerator, job, state)
+    return _finish(accelerator, module, job, state, evaluations)

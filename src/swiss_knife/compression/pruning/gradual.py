@@ -56,6 +56,46 @@ def sparsity_schedule(target: float, steps: int, kind: ScheduleKind = "cubic") -
     return levels
 
 
+def _unfreeze(model: nn.Module) -> tuple[list[nn.Parameter], list[bool]]:
+    """Make every floating-point parameter of `model` trainable; returns them and their
+    previous `requires_grad` flags, to restore afterwards."""
+    params = [p for p in model.parameters() if p.is_floating_point()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    return params, flags
+
+
+def _finetune_loss(
+    model: nn.Module, kl: ForwardKL | None, teacher: nn.Module | None, batch: Tensor
+) -> Tensor:
+    """The loss on `batch` (batch, seq_len): the language-model loss, or with a teacher the KL
+    divergence from its logits over every position."""
+    if kl is None:
+        loss: Tensor = model(input_ids=batch, labels=batch, use_cache=False).loss
+        return loss
+    assert teacher is not None
+    with torch.no_grad():
+        target = teacher(input_ids=batch, use_cache=False).logits
+    logits = model(input_ids=batch, use_cache=False).logits  # (batch, seq_len, vocab)
+    return kl(logits, target)
+
+
+@torch.no_grad()
+def _mask_gradients(keep: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """Zero the gradients of pruned weights, so AdamW's moments never move them."""
+    for weight, mask in keep:
+        if weight.grad is not None:
+            weight.grad.mul_(mask)
+
+
+@torch.no_grad()
+def _mask_weights(keep: Sequence[tuple[Tensor, Tensor]]) -> None:
+    """Re-apply the keep masks after an update (float round-off must not revive a weight)."""
+    for weight, mask in keep:
+        weight.mul_(mask)
+
+
 def finetune_masked(
     model: nn.Module,
     masks: Sequence[tuple[Tensor, Tensor]],
@@ -87,10 +127,7 @@ def finetune_masked(
     windows = token_windows(tokens, seq_len)  # (num_windows, seq_len)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.is_floating_point()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
+    params, flags = _unfreeze(model)
     keep = [(weight, mask.to(device=weight.device, dtype=weight.dtype)) for weight, mask in masks]
     kl = ForwardKL(temperature) if teacher is not None else None
     # No weight decay: it would only shrink the kept weights toward the pruned ones' zero.
@@ -99,15 +136,7 @@ def finetune_masked(
     losses: list[float] = []
 
     def loss_fn(batch: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        # batch: (batch, seq_len)
-        if kl is None:
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        else:
-            assert teacher is not None
-            with torch.no_grad():
-                target = teacher(input_ids=batch, use_cache=False).logits
-            logits = model(input_ids=batch, use_cache=False).logits  # (batch, seq_len, vocab)
-            loss = kl(logits, target)
+        loss = _finetune_loss(model, kl, teacher, batch)
         value = float(loss.detach())
         if not math.isfinite(value):
             raise FloatingPointError(
@@ -115,17 +144,6 @@ def finetune_masked(
             )
         losses.append(value)
         return loss, {}
-
-    @torch.no_grad()
-    def mask_gradients() -> None:
-        for weight, mask in keep:
-            if weight.grad is not None:
-                weight.grad.mul_(mask)
-
-    @torch.no_grad()
-    def mask_weights() -> None:
-        for weight, mask in keep:
-            weight.mul_(mask)
 
     model.train()
     try:
@@ -137,8 +155,8 @@ def finetune_masked(
                     optimizer,
                     [batch],
                     loss_fn,
-                    after_backward=mask_gradients,
-                    after_update=mask_weights,
+                    after_backward=lambda: _mask_gradients(keep),
+                    after_update=lambda: _mask_weights(keep),
                 )
     finally:
         model.eval()

@@ -770,6 +770,46 @@ def _num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def _prune_block(index: int, block: nn.Module, plan: _Plan, scores: _Scores) -> dict[str, Any]:
+    """Cut block `index`'s least important MLP channels and key/value groups (as planned);
+    returns its per-layer report row."""
+    row: dict[str, Any] = {"layer": index}
+    if plan.prunes_mlp:
+        keep = top_indices(scores.mlp[index], plan.mlp_keep)
+        row["mlp_channels"] = plan.mlp_keep
+        row["mlp_importance_removed"] = round(removed_fraction(scores.mlp[index], keep), 4)
+        _prune_mlp(block, plan, keep)
+    if plan.prunes_heads:
+        keep_groups = top_indices(scores.groups[index], plan.groups_keep)
+        kept_heads = _prune_heads(block, plan, keep_groups)
+        row["heads"] = len(kept_heads)
+        row["kv_heads"] = plan.groups_keep
+        removed = sorted(set(range(plan.kv_heads)) - set(keep_groups.tolist()))
+        row["removed_kv_groups"] = removed
+        row["head_importance_removed"] = round(
+            removed_fraction(scores.groups[index], keep_groups), 4
+        )
+    return row
+
+
+def _summarize_removed_importance(
+    per_layer: list[dict[str, Any]], importance: dict[str, Any]
+) -> None:
+    """Add the min/mean/max over blocks of the removed MLP and head importance to
+    `importance`."""
+    for key, field_name in (
+        ("mlp", "mlp_importance_removed"),
+        ("heads", "head_importance_removed"),
+    ):
+        values = [row[field_name] for row in per_layer if field_name in row]
+        if values:
+            importance[f"{key}_importance_removed"] = {
+                "min": min(values),
+                "mean": round(sum(values) / len(values), 4),
+                "max": max(values),
+            }
+
+
 @register_method(
     "structured", StructuredPruneConfig, needs_calibration=lambda c: c.importance == "activation"
 )
@@ -787,23 +827,7 @@ def apply_structured(
     new_heads = plan.groups_keep * plan.group_size
     with torch.no_grad():
         for index, block in enumerate(blocks):
-            row: dict[str, Any] = {"layer": index}
-            if plan.prunes_mlp:
-                keep = top_indices(scores.mlp[index], plan.mlp_keep)
-                row["mlp_channels"] = plan.mlp_keep
-                row["mlp_importance_removed"] = round(removed_fraction(scores.mlp[index], keep), 4)
-                _prune_mlp(block, plan, keep)
-            if plan.prunes_heads:
-                keep_groups = top_indices(scores.groups[index], plan.groups_keep)
-                kept_heads = _prune_heads(block, plan, keep_groups)
-                row["heads"] = len(kept_heads)
-                row["kv_heads"] = plan.groups_keep
-                removed = sorted(set(range(plan.kv_heads)) - set(keep_groups.tolist()))
-                row["removed_kv_groups"] = removed
-                row["head_importance_removed"] = round(
-                    removed_fraction(scores.groups[index], keep_groups), 4
-                )
-            per_layer.append(row)
+            per_layer.append(_prune_block(index, block, plan, scores))
         hidden_keep_idx = None
         if plan.prunes_hidden:
             assert scores.hidden is not None
@@ -815,18 +839,7 @@ def apply_structured(
     _rewrite_config(model, plan)
     params_after = _num_params(model)
 
-    for key, field_name in (
-        ("mlp", "mlp_importance_removed"),
-        ("heads", "head_importance_removed"),
-    ):
-        values = [row[field_name] for row in per_layer if field_name in row]
-        if values:
-            importance[f"{key}_importance_removed"] = {
-                "min": min(values),
-                "mean": round(sum(values) / len(values), 4),
-                "max": max(values),
-            }
-
+    _summarize_removed_importance(per_layer, importance)
     steps = _describe(plan, config, importance)
     steps.append(
         f"parameters {params_before:,} -> {params_after:,} "

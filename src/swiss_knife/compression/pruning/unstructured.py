@@ -46,6 +46,7 @@ from ...calibration import (
 from ...config import (
     CalibratedPruneConfig,
     CalibrationSettings,
+    GradualSchedule,
     UnstructuredPruneConfig,
 )
 from ...errors import UserInputError
@@ -681,6 +682,74 @@ def _gradual(
     return keep, errors, history
 
 
+def _report_calibration(report: dict[str, Any], calibration: CalibrationReport) -> None:
+    """Add the calibration pass's tokens, time, precision and per-block errors to `report`."""
+    report["calibration_tokens"] = calibration.tokens
+    report["calibration_seconds"] = round(calibration.seconds, 3)
+    report["calibration_precision"] = calibration.precision
+    report["blocks"] = [
+        {"index": b.index, "rel_error": b.rel_error, "seconds": round(b.seconds, 3)}
+        for b in calibration.blocks
+    ]
+
+
+def _report_refit(report: dict[str, Any], steps: list[str], calibration: CalibrationReport) -> None:
+    """Add how much SparseGPT's re-fit lowered the layer loss (when it ran) to the report and
+    the steps."""
+    refits = [
+        record.metrics["refit_loss_reduction"]
+        for record in calibration.linears
+        if "refit_loss_reduction" in record.metrics
+    ]
+    if refits:
+        mean = sum(refits) / len(refits)
+        report["refit_loss_reduction"] = {"mean": mean, "min": min(refits), "max": max(refits)}
+        steps.append(
+            f"Re-fit of the kept weights lowered SparseGPT's layer loss by {mean:.1%} on average "
+            f"({min(refits):.1%} to {max(refits):.1%} over {len(refits)} layers)"
+        )
+
+
+def _report_owl(
+    report: dict[str, Any],
+    steps: list[str],
+    config: UnstructuredPruneConfig,
+    ratios: Mapping[int, float],
+    per_block: Mapping[int, float],
+    seconds: float,
+) -> None:
+    """Add OWL's outlier ratios and per-block sparsities to the report and the steps."""
+    values = list(per_block.values())
+    report["owl"] = {
+        "outlier_ratios": {str(k): v for k, v in sorted(ratios.items())},
+        "block_sparsity": {str(k): v for k, v in sorted(per_block.items())},
+        "seconds": round(seconds, 3),
+    }
+    steps.append(
+        f"OWL allocation: per-block sparsity {min(values):.1%} to {max(values):.1%} from the "
+        f"outlier ratio of Wanda scores (threshold {config.owl_threshold} x mean, lambda "
+        f"{config.owl_lambda}), {config.target_sparsity:.1%} over all targeted weights"
+    )
+
+
+def _report_gradual(
+    report: dict[str, Any],
+    steps: list[str],
+    schedule: GradualSchedule,
+    history: list[dict[str, Any]],
+) -> None:
+    """Add the gradual schedule's history to the report and describe it in the steps."""
+    report["gradual"] = history
+    loss = "KL to the unpruned model" if schedule.teacher == "original" else "LM loss"
+    steps.append(
+        f"Gradual: {schedule.steps} {schedule.kind} steps "
+        + " -> ".join(f"{h['sparsity']:.1%}" for h in history)
+        + f", each followed by {schedule.finetune_steps} AdamW steps (lr "
+        f"{schedule.learning_rate:g}, {schedule.batch_size} x {schedule.seq_len} tokens, "
+        f"{loss}) with the masks fixed"
+    )
+
+
 def apply(model: nn.Module, config: UnstructuredPruneConfig, ctx: PruneContext) -> PruneOutcome:
     """Prune `model` in place as `config` says (magnitude, wanda or sparsegpt)."""
     targets = plan_targets(model, config)
@@ -730,50 +799,15 @@ def apply(model: nn.Module, config: UnstructuredPruneConfig, ctx: PruneContext) 
         )
     calibration = pruner.calibration
     if calibration is not None:
-        report["calibration_tokens"] = calibration.tokens
-        report["calibration_seconds"] = round(calibration.seconds, 3)
-        report["calibration_precision"] = calibration.precision
-        report["blocks"] = [
-            {"index": b.index, "rel_error": b.rel_error, "seconds": round(b.seconds, 3)}
-            for b in calibration.blocks
-        ]
+        _report_calibration(report, calibration)
     steps = [_method_step(config, calibration)]
-    refits = [
-        record.metrics["refit_loss_reduction"]
-        for record in (calibration.linears if calibration is not None else [])
-        if "refit_loss_reduction" in record.metrics
-    ]
-    if refits:
-        mean = sum(refits) / len(refits)
-        report["refit_loss_reduction"] = {"mean": mean, "min": min(refits), "max": max(refits)}
-        steps.append(
-            f"Re-fit of the kept weights lowered SparseGPT's layer loss by {mean:.1%} on average "
-            f"({min(refits):.1%} to {max(refits):.1%} over {len(refits)} layers)"
-        )
+    if calibration is not None:
+        _report_refit(report, steps, calibration)
     if ratios is not None:
         per_block = block_sparsities(targets, blocks, config.target_sparsity, config, ratios)
-        values = list(per_block.values())
-        report["owl"] = {
-            "outlier_ratios": {str(k): v for k, v in sorted(ratios.items())},
-            "block_sparsity": {str(k): v for k, v in sorted(per_block.items())},
-            "seconds": round(owl_seconds, 3),
-        }
-        steps.append(
-            f"OWL allocation: per-block sparsity {min(values):.1%} to {max(values):.1%} from the "
-            f"outlier ratio of Wanda scores (threshold {config.owl_threshold} x mean, lambda "
-            f"{config.owl_lambda}), {config.target_sparsity:.1%} over all targeted weights"
-        )
+        _report_owl(report, steps, config, ratios, per_block, owl_seconds)
     if config.schedule is not None:
-        schedule = config.schedule
-        report["gradual"] = history
-        loss = "KL to the unpruned model" if schedule.teacher == "original" else "LM loss"
-        steps.append(
-            f"Gradual: {schedule.steps} {schedule.kind} steps "
-            + " -> ".join(f"{h['sparsity']:.1%}" for h in history)
-            + f", each followed by {schedule.finetune_steps} AdamW steps (lr "
-            f"{schedule.learning_rate:g}, {schedule.batch_size} x {schedule.seq_len} tokens, "
-            f"{loss}) with the masks fixed"
-        )
+        _report_gradual(report, steps, config.schedule, history)
     steps.append(
         f"{zeros:,} of {targeted:,} weights in {len(rows)} pruned layers are zero "
         f"({report['overall_sparsity']:.2%}); the model keeps {nonzero:,} non-zero parameters "

@@ -472,6 +472,32 @@ def block_stages(spec: ArchSpec, model_config: Any, block: nn.Module) -> list[St
     )
 
     # v -> o: one scale per v output channel, repeated for each query head of its kv group.
+    attn_out = _v_to_o_group(spec, block, heads, kv_heads, head_dim)
+    stages.append(Stage("attn_out", (spec.o_proj,), attn_out))
+
+    # MLP norm -> gate, up (or the single MLP input)
+    mlp_module = _parent(spec.mlp_down)
+    if spec.mlp_norm is not None and pre_norm:
+        mlp_in: ScalingGroup | None = ScalingGroup(
+            spec.mlp_up, spec.mlp_norm, "norm", hidden, offset, inspect=mlp_module
+        )
+        reason = None
+    else:
+        mlp_in, reason = None, post_norm_reason
+    stages.append(Stage("mlp_in", spec.mlp_up, mlp_in, reason))
+
+    # up -> down, when a scale can pass between them
+    mlp_out, reason = _up_to_down_group(spec, block)
+    stages.append(Stage("mlp_out", (spec.mlp_down,), mlp_out, reason))
+    return stages
+
+
+def _v_to_o_group(
+    spec: ArchSpec, block: nn.Module, heads: int, kv_heads: int, head_dim: int
+) -> ScalingGroup:
+    """The v -> o scaling group: one scale per v output channel (v_proj's, or the v rows of a
+    fused qkv), repeated for each query head of its kv group. Raises
+    `UnsupportedArchitectureError` when the shapes do not match the attention geometry."""
     o_in = linear_in_out(get_module(block, spec.o_proj))[0]
     v_channels = kv_heads * head_dim
     if spec.v_proj is not None:
@@ -496,40 +522,26 @@ def block_stages(spec: ArchSpec, model_config: Any, block: nn.Module) -> list[St
         column = torch.arange(o_in)
         # repeat_kv: query head h reads kv head h // (heads / kv_heads).
         expand = (column // head_dim // (heads // kv_heads)) * head_dim + column % head_dim
-    attn_out = ScalingGroup(
+    return ScalingGroup(
         (spec.o_proj,), v_path, "linear", v_channels, prev_rows=v_rows, expand=expand
     )
-    stages.append(Stage("attn_out", (spec.o_proj,), attn_out))
 
-    # MLP norm -> gate, up (or the single MLP input)
-    mlp_module = _parent(spec.mlp_down)
-    if spec.mlp_norm is not None and pre_norm:
-        mlp_in: ScalingGroup | None = ScalingGroup(
-            spec.mlp_up, spec.mlp_norm, "norm", hidden, offset, inspect=mlp_module
-        )
-        reason = None
-    else:
-        mlp_in, reason = None, post_norm_reason
-    stages.append(Stage("mlp_in", spec.mlp_up, mlp_in, reason))
 
-    # up -> down, when a scale can pass between them
+def _up_to_down_group(spec: ArchSpec, block: nn.Module) -> tuple[ScalingGroup | None, str | None]:
+    """The up -> down scaling group, or None and why when no scale passes the activation."""
     inter = linear_in_out(get_module(block, spec.mlp_down))[0]
-    mlp_out: ScalingGroup | None = None
-    reason = None
     if spec.mlp_gated and spec.fused_gate_up:
         # Phi-3: gate, up = gate_up(x).chunk(2); the up half is rows [inter, 2 * inter).
         rows = torch.arange(inter) + inter
-        mlp_out = ScalingGroup((spec.mlp_down,), spec.mlp_up[0], "linear", inter, prev_rows=rows)
-    elif spec.mlp_gated:
+        group = ScalingGroup((spec.mlp_down,), spec.mlp_up[0], "linear", inter, prev_rows=rows)
+        return group, None
+    if spec.mlp_gated:
         # The table lists (gate, up); down(act(gate(x)) * up(x)) is linear in up's rows.
-        mlp_out = ScalingGroup((spec.mlp_down,), spec.mlp_up[-1], "linear", inter)
-    elif isinstance(get_module(block, spec.mlp_act), nn.ReLU):
-        mlp_out = ScalingGroup((spec.mlp_down,), spec.mlp_up[0], "linear", inter)
-    else:
-        act = type(get_module(block, spec.mlp_act)).__name__
-        reason = f"{act}: a scale does not pass through this activation (only through a ReLU)"
-    stages.append(Stage("mlp_out", (spec.mlp_down,), mlp_out, reason))
-    return stages
+        return ScalingGroup((spec.mlp_down,), spec.mlp_up[-1], "linear", inter), None
+    if isinstance(get_module(block, spec.mlp_act), nn.ReLU):
+        return ScalingGroup((spec.mlp_down,), spec.mlp_up[0], "linear", inter), None
+    act = type(get_module(block, spec.mlp_act)).__name__
+    return None, f"{act}: a scale does not pass through this activation (only through a ReLU)"
 
 
 def _tensor(module: nn.Module, name: str = "weight") -> Tensor | None:
@@ -736,6 +748,8 @@ class AWQCalibrator(BlockCalibrator):
     # -- one stage ----------------------------------------------------------------------------
 
     def _solve_stage(self, state: _StageState) -> None:
+        """Search the stage's scales (when it has a scaling group), fold them in, then
+        clip-search and quantize each targeted linear of the stage."""
         ctx = self._ctx
         assert ctx is not None, "solve called outside a block"
         stage, block = state.stage, ctx.block
@@ -748,75 +762,111 @@ class AWQCalibrator(BlockCalibrator):
 
         group = stage.scaling
         if group is not None:
-            loss = self._candidate_loss(state, H, modules, targeted, originals)
-            result = awq_scale_search(group.salience(state.norms.abs_mean), loss, self.grid_points)
-            apply_scales(block, group, result.scales)
-            prev_name = ctx.full_name(group.prev)
-            if prev_name in self.quantized:
-                # v or up was quantized in an earlier stage: keep the grid and the fake-quantized
-                # weight in step with the folded scales.
-                qw = fold_scales_into_quantized(
-                    self.quantized[prev_name], result.scales.cpu(), group.prev_rows
-                )
-                self.quantized[prev_name] = qw
-                prev_weight = _weight(get_module(block, group.prev))
-                with torch.no_grad():
-                    prev_weight.copy_(qw.dequantize().to(prev_weight.device, prev_weight.dtype))
+            result = self._search_scales(state, group, H, modules, targeted, originals)
             alpha = result.alpha
             s_in = group.input_scales(result.scales.to(H.device))
-            self.searches.append(
-                {
-                    "block": ctx.index,
-                    "stage": stage.name,
-                    "alpha": alpha,
-                    "loss": result.loss,
-                    "rtn_loss": result.losses[0],
-                }
-            )
 
         # The clip search reads what the linears now read: the inputs divided by s.
         X_clip = torch.cat(state.clip_inputs).float() / s_in  # (<= CLIP_MAX_TOKENS, in)
         for path in targeted:
-            name = ctx.full_name(path)
-            grid = self.grids[name]
-            weight = _weight(modules[path])
-            W = weight.detach().float()  # (out, in), scaled
-            clip = self.clip_search and path not in (
-                ctx.spec.q_proj,
-                ctx.spec.k_proj,
-                ctx.spec.qkv_proj,
+            self._quantize_linear(
+                state, path, modules[path], H, originals[path], X_clip, s_in, alpha
             )
-            ratio = awq_clip_search(W, X_clip, grid, scale_dtype=weight.dtype) if clip else None
-            qw = quantize_with_clip(W, grid, ratio, scale_dtype=weight.dtype)
-            deq = qw.dequantize()  # (out, in)
+
+    def _search_scales(
+        self,
+        state: _StageState,
+        group: ScalingGroup,
+        H: Tensor,
+        modules: Mapping[str, nn.Module],
+        targeted: Sequence[str],
+        originals: Mapping[str, Tensor],
+    ) -> ScaleSearchResult:
+        """Search the group's scales and fold them into the block (and into `prev`'s quantized
+        weight when an earlier stage quantized it); records the search for the report."""
+        ctx = self._ctx
+        assert ctx is not None
+        block = ctx.block
+        loss = self._candidate_loss(state, H, modules, targeted, originals)
+        result = awq_scale_search(group.salience(state.norms.abs_mean), loss, self.grid_points)
+        apply_scales(block, group, result.scales)
+        prev_name = ctx.full_name(group.prev)
+        if prev_name in self.quantized:
+            # v or up was quantized in an earlier stage: keep the grid and the fake-quantized
+            # weight in step with the folded scales.
+            qw = fold_scales_into_quantized(
+                self.quantized[prev_name], result.scales.cpu(), group.prev_rows
+            )
+            self.quantized[prev_name] = qw
+            prev_weight = _weight(get_module(block, group.prev))
             with torch.no_grad():
-                weight.copy_(deq.to(weight.dtype))
-            # Both errors on the unscaled inputs: the effective weight is deq / s.
-            rel = relative_output_error(H, originals[path], deq.float() / s_in)
-            rtn = rtn_quantize(originals[path], grid, scale_dtype=weight.dtype).dequantize()
-            rtn_rel = relative_output_error(H, originals[path], rtn)
-            # The integers leave the compute device: only one block lives there at a time.
-            self.quantized[name] = QuantizedWeight(
-                q=qw.q.cpu(),
-                scale=qw.scale.cpu(),
-                zero=None if qw.zero is None else qw.zero.cpu(),
-                grid=grid,
-            )
-            metrics = {"rel_error": rel, "rtn_rel_error": rtn_rel}
-            if alpha is not None:
-                metrics["alpha"] = alpha
-            state.metrics[name] = metrics
-            self.layers.append(
-                {
-                    "name": name,
-                    "bits": grid.bits,
-                    "rel_error": rel,
-                    "sqnr_db": sqnr_db(rel),
-                    "rtn_rel_error": rtn_rel,
-                    "alpha": alpha,
-                    "clip": clip,
-                }
-            )
+                prev_weight.copy_(qw.dequantize().to(prev_weight.device, prev_weight.dtype))
+        self.searches.append(
+            {
+                "block": ctx.index,
+                "stage": state.stage.name,
+                "alpha": result.alpha,
+                "loss": result.loss,
+                "rtn_loss": result.losses[0],
+            }
+        )
+        return result
+
+    def _quantize_linear(
+        self,
+        state: _StageState,
+        path: str,
+        module: nn.Module,
+        H: Tensor,
+        original: Tensor,
+        X_clip: Tensor,
+        s_in: Tensor,
+        alpha: float | None,
+    ) -> None:
+        """Clip-search (unless q/k) and quantize one (already scaled) linear in place; keep its
+        integers on the CPU and record its errors against `original` and against plain RTN."""
+        ctx = self._ctx
+        assert ctx is not None
+        name = ctx.full_name(path)
+        grid = self.grids[name]
+        weight = _weight(module)
+        W = weight.detach().float()  # (out, in), scaled
+        clip = self.clip_search and path not in (
+            ctx.spec.q_proj,
+            ctx.spec.k_proj,
+            ctx.spec.qkv_proj,
+        )
+        ratio = awq_clip_search(W, X_clip, grid, scale_dtype=weight.dtype) if clip else None
+        qw = quantize_with_clip(W, grid, ratio, scale_dtype=weight.dtype)
+        deq = qw.dequantize()  # (out, in)
+        with torch.no_grad():
+            weight.copy_(deq.to(weight.dtype))
+        # Both errors on the unscaled inputs: the effective weight is deq / s.
+        rel = relative_output_error(H, original, deq.float() / s_in)
+        rtn = rtn_quantize(original, grid, scale_dtype=weight.dtype).dequantize()
+        rtn_rel = relative_output_error(H, original, rtn)
+        # The integers leave the compute device: only one block lives there at a time.
+        self.quantized[name] = QuantizedWeight(
+            q=qw.q.cpu(),
+            scale=qw.scale.cpu(),
+            zero=None if qw.zero is None else qw.zero.cpu(),
+            grid=grid,
+        )
+        metrics = {"rel_error": rel, "rtn_rel_error": rtn_rel}
+        if alpha is not None:
+            metrics["alpha"] = alpha
+        state.metrics[name] = metrics
+        self.layers.append(
+            {
+                "name": name,
+                "bits": grid.bits,
+                "rel_error": rel,
+                "sqnr_db": sqnr_db(rel),
+                "rtn_rel_error": rtn_rel,
+                "alpha": alpha,
+                "clip": clip,
+            }
+        )
 
     def _candidate_loss(
         self,

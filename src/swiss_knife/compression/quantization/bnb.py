@@ -266,36 +266,34 @@ def _snapshot_writer(snapshot: tempfile.TemporaryDirectory[str]) -> Callable[[Pa
     return write
 
 
-def _quantize(
-    model: nn.Module,
-    config: BnB8bitConfig | BnB4bitConfig,
-    ctx: QuantizeContext,
-) -> QuantizationOutcome:
-    bnb = _import_bitsandbytes()
-    _check_model(model)
-    _check_device(bnb, ctx.device)
-    quantize, keep, left_dense = _plan(model, config, ctx.device)
-
+def _bnb_config(config: BnB8bitConfig | BnB4bitConfig, keep: list[str]) -> Any:
+    """transformers' BitsAndBytesConfig for `config`, with the `keep` linears left dense."""
     from transformers import BitsAndBytesConfig
 
     common: dict[str, Any] = {"llm_int8_skip_modules": keep}
     if isinstance(config, BnB8bitConfig):
         _silence_cast_notice()
-        bnb_config = BitsAndBytesConfig(
-            load_in_8bit=True, llm_int8_threshold=config.threshold, **common
-        )
-    else:
-        bnb_config = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=config.quant_type,
-            bnb_4bit_use_double_quant=config.double_quant,
-            bnb_4bit_compute_dtype=DTYPES[config.compute_dtype],
-            **common,
-        )
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=config.threshold, **common)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.quant_type,
+        bnb_4bit_use_double_quant=config.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[config.compute_dtype],
+        **common,
+    )
 
+
+def _round_trip(
+    model: nn.Module, bnb_config: Any, device: torch.device
+) -> tuple[Any, tempfile.TemporaryDirectory[str]]:
+    """Quantize by reloading a dense save of `model` with `bnb_config`, save the result at once
+    to a snapshot folder and reload it from there (see the module notes).
+
+    Returns the reloaded model, in eval mode, and the snapshot folder (the caller owns it).
+    """
     model_cls: Any = type(model)
     dtype = next(model.parameters()).dtype  # non-target layers keep the model's dtype
-    device_map = _device_map(ctx.device)
+    device_map = _device_map(device)
     snapshot = tempfile.TemporaryDirectory(prefix="swiss-knife-bnb-")
     try:
         with tempfile.TemporaryDirectory(prefix="swiss-knife-dense-") as dense_dir:
@@ -311,7 +309,19 @@ def _quantize(
         snapshot.cleanup()
         raise
     quantized.eval()
+    return quantized, snapshot
 
+
+def _check_conversion(
+    bnb: Any,
+    quantized: nn.Module,
+    quantize: list[str],
+    keep: list[str],
+    left_dense: dict[str, str],
+    snapshot: tempfile.TemporaryDirectory[str],
+) -> set[str]:
+    """The layers bitsandbytes converted; refuses (deleting the snapshot) any meant to stay
+    dense, and adds the targets transformers kept dense to `left_dense`, with a warning."""
     converted = {
         name
         for name, module in quantized.named_modules()
@@ -330,12 +340,16 @@ def _quantize(
             len(left_dense),
             *next(iter(left_dense.items())),
         )
+    return converted
 
-    fused_cpu = bool(
-        isinstance(config, BnB4bitConfig)
-        and ctx.device.type == "cpu"
-        and getattr(bnb.functional, "has_avx512bf16", lambda: False)()
-    )
+
+def _step(
+    config: BnB8bitConfig | BnB4bitConfig,
+    converted: set[str],
+    left_dense: dict[str, str],
+    fused_cpu: bool,
+) -> str:
+    """What was done, in words, for the outcome's steps."""
     step = f"bitsandbytes {_describe(config)} ({len(converted)} linear layers)"
     if left_dense:
         step += (
@@ -343,11 +357,33 @@ def _quantize(
         )
     if fused_cpu:
         step += "; this CPU's fused 4-bit kernel computes in bf16"
+    return step
+
+
+def _quantize(
+    model: nn.Module,
+    config: BnB8bitConfig | BnB4bitConfig,
+    ctx: QuantizeContext,
+) -> QuantizationOutcome:
+    """Quantize `model` with bitsandbytes as `config` says (see the module notes)."""
+    bnb = _import_bitsandbytes()
+    _check_model(model)
+    _check_device(bnb, ctx.device)
+    quantize, keep, left_dense = _plan(model, config, ctx.device)
+    bnb_config = _bnb_config(config, keep)
+    quantized, snapshot = _round_trip(model, bnb_config, ctx.device)
+    converted = _check_conversion(bnb, quantized, quantize, keep, left_dense, snapshot)
+
+    fused_cpu = bool(
+        isinstance(config, BnB4bitConfig)
+        and ctx.device.type == "cpu"
+        and getattr(bnb.functional, "has_avx512bf16", lambda: False)()
+    )
     return QuantizationOutcome(
         model=quantized,
         writer=_snapshot_writer(snapshot),
         format=FORMAT,
-        steps=[step],
+        steps=[_step(config, converted, left_dense, fused_cpu)],
         report={
             "bitsandbytes": bnb.__version__,
             "quantized_layers": len(converted),

@@ -37,6 +37,8 @@ copy of ``W``. The per-column loop runs ``in`` small vector steps; everything el
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -98,6 +100,92 @@ def gptq_quantize(
         )
 
 
+def _check_arguments(W: Tensor, H: Tensor, grid: QuantGrid, block_size: int, damp: float) -> None:
+    """Refuse shapes that do not match, a block size below 1, negative damping, and a group
+    size that does not divide the input width."""
+    if W.ndim != 2:
+        raise ValueError(f"W must be 2-D (out, in), got shape {tuple(W.shape)}")
+    in_features = W.shape[1]
+    if tuple(H.shape) != (in_features, in_features):
+        raise ValueError(f"H must be ({in_features}, {in_features}), got {tuple(H.shape)}")
+    if block_size < 1:
+        raise UserInputError(f"block_size must be at least 1, got {block_size}")
+    if damp < 0:
+        raise UserInputError(f"damp must be non-negative, got {damp}")
+    check_group_size(in_features, grid.group_size)
+
+
+def _float32_copies(W: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
+    """float32 copies of ``W`` ``(out, in)`` and ``H`` ``(in, in)`` (on W's device), with every
+    dead input (``H_jj = 0``) given ``H_jj = 1`` and a zero weight column."""
+    W = W.detach().to(torch.float32, copy=True)  # (out, in)
+    H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)  # (in, in)
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    return W, H
+
+
+def _initial_qparams(
+    W: Tensor,
+    fit: Callable[[Tensor], tuple[Tensor, Tensor]],
+    group: int,
+    sdtype: torch.dtype,
+    fit_up_front: bool,
+) -> tuple[Tensor, Tensor]:
+    """The ``(out, n_groups)`` scale and zero-point tensors, every group fitted on the original
+    weights when `fit_up_front` (otherwise left to the column loop)."""
+    out_features, in_features = W.shape
+    n_groups = in_features // group
+    scale = torch.empty(out_features, n_groups, dtype=sdtype, device=W.device)
+    zero = torch.zeros(out_features, n_groups, dtype=torch.int8, device=W.device)
+    if fit_up_front:
+        s, z = fit(W.reshape(out_features * n_groups, group))  # (out * n_groups, 1)
+        scale.copy_(s.reshape(out_features, n_groups))
+        zero.copy_(z.reshape(out_features, n_groups))
+    return scale, zero
+
+
+def _step_groups(
+    perm: Tensor | None, group: int, in_features: int, fit_up_front: bool
+) -> list[int]:
+    """Group of the column processed at each step: its original group when groups are fixed,
+    else the step's position (a group is the next `group` columns in processing order)."""
+    if fit_up_front and perm is not None:
+        return (perm // group).tolist()
+    return [j // group for j in range(in_features)]
+
+
+def _in_original_order(
+    Q: Tensor,
+    perm: Tensor | None,
+    scale: Tensor,
+    zero: Tensor,
+    grid: QuantGrid,
+    group: int,
+    fit_up_front: bool,
+) -> QuantizedWeight:
+    """The result with ``Q``'s columns back in their original order; groups fitted on the fly
+    under act order become a ``g_idx`` unless every group stayed together."""
+    in_features = Q.shape[1]
+    g_idx: Tensor | None = None
+    if perm is not None:
+        inverse = torch.argsort(perm)
+        Q = Q[:, inverse]
+        if not fit_up_front:
+            contiguous = torch.arange(in_features, device=Q.device) // group  # (in,)
+            g_idx = contiguous[inverse]
+            if torch.equal(g_idx, contiguous):  # the order kept every group together
+                g_idx = None
+    return QuantizedWeight(
+        q=Q.to(torch.int8),
+        scale=scale,
+        zero=None if grid.symmetric else zero,
+        grid=grid,
+        g_idx=g_idx,
+    )
+
+
 def _gptq_quantize(
     W: Tensor,
     H: Tensor,
@@ -110,38 +198,21 @@ def _gptq_quantize(
     clip_search: bool,
     scale_dtype: torch.dtype | None,
 ) -> tuple[QuantizedWeight, float]:
-    if W.ndim != 2:
-        raise ValueError(f"W must be 2-D (out, in), got shape {tuple(W.shape)}")
+    """`gptq_quantize` itself, under the caller's thread setting."""
+    _check_arguments(W, H, grid, block_size, damp)
     out_features, in_features = W.shape
-    if tuple(H.shape) != (in_features, in_features):
-        raise ValueError(f"H must be ({in_features}, {in_features}), got {tuple(H.shape)}")
-    if block_size < 1:
-        raise UserInputError(f"block_size must be at least 1, got {block_size}")
-    if damp < 0:
-        raise UserInputError(f"damp must be non-negative, got {damp}")
-    check_group_size(in_features, grid.group_size)
     qmin, qmax = grid.qmin, grid.qmax
     group = grid.group_size or in_features
     n_groups = in_features // group
     sdtype = resolve_scale_dtype(W, scale_dtype)
-
-    W = W.detach().to(torch.float32, copy=True)  # (out, in)
-    H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)  # (in, in)
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    W, H = _float32_copies(W, H)
 
     def fit(columns: Tensor) -> tuple[Tensor, Tensor]:
         return fit_qparams(columns, grid, clip_search=clip_search, scale_dtype=sdtype)
 
-    scale = torch.empty(out_features, n_groups, dtype=sdtype, device=W.device)
-    zero = torch.zeros(out_features, n_groups, dtype=torch.int8, device=W.device)
     # Per channel there is one group, fitted up front on the whole row, as in the reference code.
     fit_up_front = static_groups or n_groups == 1
-    if fit_up_front:
-        s, z = fit(W.reshape(out_features * n_groups, group))  # (out * n_groups, 1)
-        scale.copy_(s.reshape(out_features, n_groups))
-        zero.copy_(z.reshape(out_features, n_groups))
+    scale, zero = _initial_qparams(W, fit, group, sdtype, fit_up_front)
 
     perm: Tensor | None = None
     if act_order:
@@ -151,12 +222,7 @@ def _gptq_quantize(
     U, _ = inverse_cholesky_upper(H, damp, label="GPTQ")  # (in, in) upper triangular
     del H
 
-    # Group of the column processed at each step: its original group when groups are fixed,
-    # else the step's position (a group is the next `group` columns in processing order).
-    if fit_up_front and perm is not None:
-        step_group = (perm // group).tolist()
-    else:
-        step_group = [j // group for j in range(in_features)]
+    step_group = _step_groups(perm, group, in_features, fit_up_front)
     if not fit_up_front:
         # Align blocks to groups so a group never spans two blocks: its scale is then fitted on
         # weights that carry the updates of every earlier column.
@@ -191,20 +257,5 @@ def _gptq_quantize(
         W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)  # lazy batch update
         loss += Err1.double().square().sum(dim=1)  # each column's (w - q)^2 / U_jj^2
 
-    g_idx: Tensor | None = None
-    if perm is not None:
-        inverse = torch.argsort(perm)
-        Q = Q[:, inverse]
-        if not fit_up_front:
-            contiguous = torch.arange(in_features, device=W.device) // group  # (in,)
-            g_idx = contiguous[inverse]
-            if torch.equal(g_idx, contiguous):  # the order kept every group together
-                g_idx = None
-    result = QuantizedWeight(
-        q=Q.to(torch.int8),
-        scale=scale,
-        zero=None if grid.symmetric else zero,
-        grid=grid,
-        g_idx=g_idx,
-    )
+    result = _in_original_order(Q, perm, scale, zero, grid, group, fit_up_front)
     return result, float(loss.sum())
