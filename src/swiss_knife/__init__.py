@@ -24,6 +24,7 @@ _EXPORTS = {
     "save": "api",
     "quantize": "api",
     "prune": "api",
+    "export_gguf": "api",
     "Compressed": "api",
     "CastConfig": "config",
     "CompressionConfig": "recipe",
@@ -76,6 +77,7 @@ __all__ = [
     "device_info",
     "distill",
     "evaluate",
+    "export_gguf",
     "get_arch",
     "load",
     "load_config",
@@ -121,7 +123,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .api import Compressed, load, prune, quantize, save
+    from .api import Compressed, export_gguf, load, prune, quantize, save
     from .arch import get_arch
     from .compression.distillation.api import distill
     from .compression.layers import reduce_layers

@@ -277,3 +277,38 @@ def save(
 
     _without_override(network, write)
     return saved[0]
+
+
+def export_gguf(
+    model: LoadedModel | nn.Module | str | Path,
+    output_file: str | Path,
+    config: Any = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write a GGUF file that llama.cpp (ollama, LM Studio, llama-cpp-python) runs; the report.
+
+        sk.export_gguf("out-gptq", "model.gguf", sk.GGUFExportConfig(tensor_type="auto"))
+        sk.export_gguf(model, "model-q4_k.gguf", sk.GGUFExportConfig(tensor_type="q4_k"))
+
+    `model` is a checkpoint folder, or a model from `sk.load` / `sk.quantize` / `sk.prune`, which
+    is saved to a temporary folder in its compressed format first (so `tensor_type="auto"` keeps
+    its grid). `config` defaults to `GGUFExportConfig()` (q8_0). `overwrite` replaces only a GGUF
+    file Swiss Knife wrote.
+    """
+    import tempfile
+
+    from .export.method import GGUFExportConfig
+    from .export.method import export as run_export
+
+    config = config if config is not None else GGUFExportConfig()
+    if not isinstance(config, GGUFExportConfig):
+        raise UserInputError(
+            f"sk.export_gguf takes a GGUFExportConfig, got {type(config).__name__}"
+        )
+    if isinstance(model, str | Path):
+        return run_export(model, config, output_file, overwrite=overwrite, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="swiss-knife-export-") as scratch:
+        folder = save(model, Path(scratch) / "model")
+        return run_export(folder, config, output_file, overwrite=overwrite, progress=progress)

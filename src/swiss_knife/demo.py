@@ -153,17 +153,20 @@ def demo_variants(quick: bool) -> list[tuple[str, list[dict[str, Any]]]]:
     calibration = {"num_samples": samples, "seq_len": 512}
     variants: list[tuple[str, list[dict[str, Any]]]] = [
         ("bf16", [{"type": "cast", "name": "bf16", "dtype": "bf16"}]),
+        # GPTQ on llama.cpp's Q4_0 grid (4-bit symmetric, groups of 32), then the same integers
+        # packed into a GGUF file, measured in llama.cpp when llama-cpp-python is installed.
         (
-            "gptq-w4-g64",
+            "gptq-w4-g32",
             [
                 {
                     "type": "quantize",
-                    "name": "gptq-w4-g64",
+                    "name": "gptq-w4-g32",
                     "method": "gptq",
                     "bits": 4,
-                    "group_size": 64,
+                    "group_size": 32,
                     "calibration": calibration,
-                }
+                },
+                {"type": "export", "name": "gptq-w4-g32-gguf", "tensor_type": "auto"},
             ],
         ),
     ]
@@ -248,6 +251,11 @@ def demo_recipes(
     ]
     if importlib.util.find_spec("torchao") is None:
         notes.append("int8-dynamic skipped: torchao is not installed")
+    if importlib.util.find_spec("llama_cpp") is None:
+        notes.append(
+            "gptq-w4-g32-gguf is written but not measured: llama-cpp-python is not installed "
+            "(pip install 'swiss-knife[llama-cpp]')"
+        )
     recipes = []
     for index, (name, stages) in enumerate(demo_variants(quick)):
         # Distillation trains on the calibration text, never on the text it is scored on.
@@ -293,7 +301,8 @@ def run_demo(
     quick: bool = False,
     progress: bool = True,
 ) -> str:
-    """Evaluate SmolLM2-135M, make bf16 / GPTQ 4-bit / int8 versions, compare; return a summary."""
+    """Evaluate SmolLM2-135M, make bf16 / GPTQ 4-bit (and its GGUF) / int8 / sparse / reduced
+    versions, compare; return a summary."""
     out = Path(output_dir).resolve()
     if overwrite and (out / "runs").is_dir():
         if read_manifest(out / "model-fp32") is None:
@@ -320,6 +329,8 @@ def run_demo(
         resumed.extend(f"{name}/{r}" for r in result.resumed_stages)
         if result.final_model_dir:
             models.append(str(result.final_model_dir))
+        if result.gguf_file:
+            models.append(f"{result.gguf_file} (GGUF, for llama.cpp)")
     paths = write_reports(
         out, reports, title="Swiss Knife demo: SmolLM2-135M-Instruct", notes=notes
     )

@@ -238,6 +238,8 @@ class PipelineResult:
     final_model_dir: Path | None
     report_paths: dict[str, Path]
     resumed_stages: list[str]
+    # The GGUF file of the last export stage, if the recipe has one.
+    gguf_file: Path | None = None
 
 
 def _recipe_data_paths(recipe: CompressionConfig) -> list[str]:
@@ -313,6 +315,30 @@ def _evaluate(
     )
 
 
+def _evaluate_gguf(
+    state: PipelineState,
+    evaluation: EvaluationConfig,
+    name: str,
+    path: Path,
+    reference: Any | None,
+) -> EvaluationReport:
+    """Measure a GGUF file in llama.cpp on the same tokens as the transformers stages."""
+    from .evaluation.llama_cpp import evaluate_gguf
+
+    logger.info("evaluating %s in llama.cpp", name)
+    eval_data = state.recipe.data.eval
+    return evaluate_gguf(
+        path,
+        state.tokenizer,
+        evaluation,
+        tokens=state.eval_tokens(),
+        reference=reference,
+        name=name,
+        eval_data=eval_data.source if eval_data else None,
+        progress=state.progress,
+    )
+
+
 def _card_title(recipe: CompressionConfig) -> str:
     return f"{Path(recipe.model.path).name} (Swiss Knife)"
 
@@ -374,14 +400,17 @@ class _RecipeRun:
     resumed: list[str] = field(default_factory=list)
     steps: list[str] = field(default_factory=list)
     final_dir: Path | None = None
+    gguf_file: Path | None = None
 
     @property
     def recipe(self) -> CompressionConfig:
         return self.state.recipe
 
-    def cached_evaluation(self, name: str, evaluation: EvaluationConfig, upto: int) -> bool:
+    def cached_evaluation(
+        self, name: str, evaluation: EvaluationConfig, upto: int, gguf: Path | None = None
+    ) -> bool:
         """Reuse evaluations/NAME.json when it was measured with the same chain and settings,
-        else measure now and write it; True when it was reused."""
+        else measure now (the GGUF file `gguf` in llama.cpp) and write it; True when reused."""
         path = self.state.output_dir / "evaluations" / f"{name}.json"
         key = _eval_key(self.recipe, evaluation, upto)
         cached = _read_json(path)
@@ -393,9 +422,12 @@ class _RecipeRun:
             weights, reference = self.state.loaded.weights_path, None
         else:
             weights, reference = self.final_dir, self.reference
-        report = _evaluate(
-            self.state, evaluation, name=name, reference=reference, weights_path=weights
-        )
+        if gguf is not None:
+            report = _evaluate_gguf(self.state, evaluation, name, gguf, self.reference)
+        else:
+            report = _evaluate(
+                self.state, evaluation, name=name, reference=reference, weights_path=weights
+            )
         _write_json_atomic(path, {"key": key, "report": report.to_dict()})
         self.reports.append(report)
         return False
@@ -479,11 +511,80 @@ class _RecipeRun:
             handle.write(card)
         os.replace(tmp, stage_dir / "README.md")
 
+    def export_source(self, name: str) -> Path:
+        """The checkpoint folder an export stage reads: the last saved stage, or the original
+        model when it is a local folder."""
+        if self.final_dir is not None:
+            return self.final_dir
+        original = Path(self.recipe.model.path).expanduser()
+        if original.is_dir():
+            return original
+        raise ConfigError(
+            f"stage {name!r} exports a checkpoint folder, and no earlier stage saved one and the "
+            f"model {self.recipe.model.path!r} is not a local folder: put a stage before it "
+            "(e.g. cast) or point model.path at a folder"
+        )
+
+    def export_stage(self, index: int, stage: Any, name: str) -> None:
+        """Write the stage's file into stages/NAME/; its manifest, written last, marks it done
+        (a re-run with the same chain reuses the file)."""
+        from . import registry
+
+        stage_dir = self.state.output_dir / "stages" / name
+        target = stage_dir / stage.file_name
+        chain = _chain(self.recipe, index)
+        manifest = read_manifest(stage_dir) if self.resume else None
+        if manifest is not None and manifest.get("chain") == chain and target.is_file():
+            logger.info("stage %s already done: %s", name, target)
+            self.resumed.append(name)
+        else:
+            source = self.export_source(name)
+            logger.info(
+                "stage %d/%d: %s (export to %s)", index + 1, len(self.recipe.stages), name, target
+            )
+            started = time.perf_counter()
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            report = registry.for_config(stage).apply(
+                source, stage, target, overwrite=True, progress=self.state.progress
+            )
+            manifest = build_manifest(
+                source=str(source),
+                recipe=config_to_dict(self.recipe),
+                timings={"stage": round(time.perf_counter() - started, 3)},
+                extra={
+                    "chain": chain,
+                    "stage": config_to_dict(stage),
+                    "steps": [*self.steps, f"exported to GGUF ({report['file_type']})"],
+                    "stage_report": {k: v for k, v in report.items() if k != "tensors"},
+                },
+            )
+            _write_json_atomic(stage_dir / "swiss_knife.json", manifest)
+        self.gguf_file = target
+        if stage.evaluate:
+            self.evaluate_gguf(name, target, index)
+
+    def evaluate_gguf(self, name: str, path: Path, index: int) -> None:
+        """Measure an exported GGUF file in llama.cpp when llama-cpp-python is installed."""
+        from .evaluation.llama_cpp import llama_cpp_available
+
+        if not llama_cpp_available():
+            logger.warning(
+                "stage %s: %s is not measured: llama-cpp-python is not installed "
+                "(pip install 'swiss-knife[llama-cpp]')",
+                name,
+                path.name,
+            )
+            return
+        self.cached_evaluation(name, self.recipe.evaluation, index, gguf=path)
+
     def stage(self, index: int, stage: Any) -> None:
         name = stage_name(stage, index)
         if stage.type == "evaluate":
             evaluation = getattr(stage, "evaluation", None) or self.recipe.evaluation
             self.cached_evaluation(name, evaluation, index)
+            return
+        if stage.type == "export":
+            self.export_stage(index, stage, name)
             return
         stage_dir = self.state.output_dir / "stages" / name
         chain = _chain(self.recipe, index)
@@ -534,4 +635,4 @@ def run_recipe(
         title=title or f"Swiss Knife run: {Path(recipe.model.path).name}",
         notes=notes,
     )
-    return PipelineResult(out, run.reports, run.final_dir, paths, run.resumed)
+    return PipelineResult(out, run.reports, run.final_dir, paths, run.resumed, run.gguf_file)

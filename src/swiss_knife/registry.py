@@ -7,8 +7,9 @@ The built-in methods of a kind are found by importing every module of the kind's
 method is one new module: no import list to edit. A second registration of a name or a config
 class is an error.
 
-The kinds: `quantize` and `prune` (methods chosen by `method:`), and `reduce_layers` and
-`distill` (one config each, registered under the kind's own name).
+The kinds: `quantize` and `prune` (methods chosen by `method:`), `reduce_layers` and `distill`
+(one config each, registered under the kind's own name), and `export` (file formats, chosen by
+`format:`; GGUF today).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _PACKAGES = {
     "prune": "swiss_knife.compression.pruning",
     "reduce_layers": "swiss_knife.compression.layers",
     "distill": "swiss_knife.compression.distillation.api",
+    "export": "swiss_knife.export.method",
 }
 KINDS = tuple(_PACKAGES)
 # What a kind's methods are called in messages.

@@ -22,6 +22,7 @@ from .common import _library_progress, _print_json, _progress, _warn
 from .compress import _prune_config, _quant_config, cmd_prune, cmd_quantize, cmd_reduce_layers
 from .distill import cmd_distill
 from .evaluate import cmd_compare, cmd_evaluate
+from .export import cmd_export
 from .parser import build_parser
 
 logger = logging.getLogger("swiss_knife")
@@ -36,6 +37,7 @@ __all__ = [
     "cmd_device_info",
     "cmd_distill",
     "cmd_evaluate",
+    "cmd_export",
     "cmd_prune",
     "cmd_quantize",
     "cmd_reduce_layers",
@@ -66,6 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             {
                 "output_dir": str(result.output_dir),
                 "final_model": str(result.final_model_dir) if result.final_model_dir else None,
+                "gguf_file": str(result.gguf_file) if result.gguf_file else None,
                 "resumed": result.resumed_stages,
                 "rows": comparison_rows(result.reports),
             }
@@ -76,6 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\nreused from an earlier run: {', '.join(result.resumed_stages)}")
     if result.final_model_dir:
         print(f"final model: {result.final_model_dir}")
+    if result.gguf_file:
+        print(f"gguf file: {result.gguf_file}")
     print(f"report: {result.report_paths['markdown']}")
     return 0
 
@@ -203,7 +208,7 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     if not verbose:
         # transformers and friends are chatty at INFO; keep their warnings.
-        for name in ("transformers", "accelerate", "urllib3", "filelock", "httpx"):
+        for name in ("transformers", "accelerate", "urllib3", "filelock", "httpx", "gguf"):
             logging.getLogger(name).setLevel(logging.WARNING)
         # Imported by transformers on CPU-only machines, torchao reports its CUDA-only
         # extensions and torch's pytree deprecations: noise for a user, not a problem.

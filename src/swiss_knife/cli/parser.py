@@ -450,6 +450,31 @@ def _demo_parser(add: Callable[..., Any]) -> None:
     p.add_argument("--quick", action="store_true", help="fewer windows and repeats (a smoke run)")
 
 
+def _export_parser(add: Callable[..., Any]) -> None:
+    p = add(
+        "export",
+        "Export a model to a GGUF file for llama.cpp (and ollama, LM Studio, llama-cpp-python).",
+        """
+        swiss-knife export ./model --type q8_0 --output-file model-q8_0.gguf
+        swiss-knife export ./model-gptq-g32 --type auto --output-file model-gptq.gguf
+        swiss-knife export ./model --type q4_k --type-override 're:.*down_proj=q6_k' \\
+            --output-file model-q4_k.gguf
+
+        --type auto keeps the grid a Swiss Knife GPTQ/AWQ/RTN/HQQ checkpoint already has: 4-bit
+        (symmetric or not), 5-bit or symmetric 8-bit in groups of 32 become Q4_0/Q4_1/Q5_0/Q5_1/
+        Q8_0 with the same integers; other grids are refused. Quantize with --group-size 32 to
+        export a calibrated model without re-rounding it.
+        """,
+    )
+    p.add_argument("model", help="a local model folder (a Swiss Knife output or a HF checkpoint)")
+    p.add_argument("--output-file", required=True, metavar="FILE", help="the .gguf file to write")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a GGUF file Swiss Knife wrote earlier"
+    )
+    add_method_options(p, "export", "format options (from the config)")
+    _add_output_options(p)
+
+
 _VERBS = (
     _evaluate_parser,
     _compare_parser,
@@ -457,6 +482,7 @@ _VERBS = (
     _reduce_layers_parser,
     _prune_parser,
     _distill_parser,
+    _export_parser,
     _run_parser,
     _create_configs_parser,
     _validate_parser,

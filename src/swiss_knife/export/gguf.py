@@ -37,6 +37,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUFValueType, GGUFWriter, LlamaFileType
 from numpy.typing import NDArray
@@ -168,12 +169,39 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     _fsync_dir(out.parent)
 
 
-def _check_output(output_file: str | os.PathLike[str], overwrite: bool) -> Path:
+# Written into every file we make: `overwrite` replaces only a file that carries it.
+WRITER_NAME = "Swiss Knife"
+
+
+def written_by_us(path: Path) -> bool:
+    """Whether `path` is a GGUF file this exporter wrote (its general.quantized_by says so)."""
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(path).get_field(gguf.Keys.General.QUANTIZED_BY)
+    except Exception:  # not a GGUF file, or an unreadable one
+        return False
+    return field is not None and field.contents() == WRITER_NAME
+
+
+def _check_output(
+    output_file: str | os.PathLike[str], overwrite: bool, source: Path | None = None
+) -> Path:
     out = Path(output_file).expanduser().resolve()
     if out.is_dir():
         raise OutputFileExistsError(f"output path {out} is a folder; give a .gguf file path")
+    if source is not None and out.is_relative_to(source):
+        raise GGUFExportError(
+            f"output file {out} is inside the model folder {source}, which is never modified; "
+            "write the GGUF file elsewhere"
+        )
     if out.exists() and not overwrite:
         raise OutputFileExistsError(f"output file {out} exists; pass overwrite=True to replace it")
+    if out.exists() and not written_by_us(out):
+        raise OutputFileExistsError(
+            f"output file {out} is not a GGUF file Swiss Knife wrote; overwrite replaces only "
+            "those, so choose another file name"
+        )
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -232,8 +260,8 @@ def export_gguf(
     start = time.monotonic()
     base = check_type(str(type).lower(), "the export")
     parsed = parse_overrides(overrides)
-    out = _check_output(output_file, overwrite)
     directory = Path(source).expanduser().resolve()
+    out = _check_output(output_file, overwrite, directory)
     config = read_config(directory)
     arch = resolve_arch(config)
     hp = read_hparams(config)
@@ -249,6 +277,7 @@ def export_gguf(
         writer = GGUFFileWriter(path=None, arch=arch.gguf_name)
         writer.add_type("model")
         writer.add_name(str(config.get("_name_or_path") or directory.name))
+        writer.add_string(gguf.Keys.General.QUANTIZED_BY, WRITER_NAME)
         write_hparams(writer, hp, config.get("original_max_position_embeddings"))
         writer.add_file_type(int(_FILE_TYPES[file_kind]))
         writer.add_quantization_version(GGML_QUANT_VERSION)
