@@ -895,7 +895,7 @@ REASONS: dict[str, str] = {
     "evaluate-empty-data": "holds no text",
     "evaluate-three-tokens": "fewer than one perplexity window",
     "evaluate-window-one": "--window 1: input should be greater than or equal to 2",
-    "evaluate-zero-batch-size": "speed.batch_sizes",
+    "evaluate-zero-batch-size": "--speed-batch-sizes 0: input should be greater than or equal to 1",
     "evaluate-missing-model": "model path not found",
     "evaluate-missing-reference": "model path not found",
     "evaluate-output-inside-model": "--output: refusing",
