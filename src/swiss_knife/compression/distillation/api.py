@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +39,7 @@ from .cache import cache_path, compute_topk, load_or_compute_topk, model_digest,
 from .data import BatchOrder, PackedData, prepare_data
 from .loop import (
     CHECKPOINTS,
+    FSDP_ON_CPU,
     METRICS,
     DistillResult,
     TrainingJob,
@@ -120,6 +122,70 @@ def _build_loss(
     return DistillationLoss(
         kd=kd, alpha=spec.alpha, hidden=hidden, hidden_weight=spec.hidden_weight
     )
+
+
+# What an MPI launcher puts in the environment of each process it starts (Open MPI, MPICH /
+# Intel MPI, MVAPICH): with one of them, `accelerate launch --cpu` does start several processes.
+_MPI_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+MULTI_PROCESS_HINT = (
+    "for N CPU processes run `accelerate launch --multi_gpu --num_processes N -m swiss_knife.cli "
+    "distill ... --device cpu` (gloo); on N GPUs, `accelerate launch --multi_gpu --num_processes N`"
+)
+
+
+def check_launch(processes: int, env: Mapping[str, str] | None = None) -> None:
+    """Refuse a launch that runs fewer processes than were asked for.
+
+    `accelerate launch --cpu --num_processes 2` (and `--num_processes 2` with no flag on a machine
+    without GPUs) starts ONE process with its "simple" launcher unless MPI is installed; the
+    count is not passed on, but that launcher sets MASTER_ADDR / MASTER_PORT only when more than
+    one process (or machine) was asked for, and sets no WORLD_SIZE (torchrun does). So: accelerate
+    launched us (its ACCELERATE_DYNAMO_BACKEND is set), a rendezvous address is set, yet neither
+    torchrun nor MPI says how many processes there are, and this run has one. The number asked
+    for cannot be read back, only that it was more than one. Also refused: a WORLD_SIZE (or MPI
+    size) larger than the processes the accelerator joined.
+    """
+    env = os.environ if env is None else env
+    sizes = [env[name] for name in ("WORLD_SIZE", *_MPI_SIZE) if env.get(name, "").isdigit()]
+    asked = max((int(size) for size in sizes), default=None)
+    if asked is not None and asked > processes:
+        raise UserInputError(
+            f"the launcher asked for {asked} processes but this run joined {processes}; "
+            f"{MULTI_PROCESS_HINT}"
+        )
+    accelerate_simple = "ACCELERATE_DYNAMO_BACKEND" in env and "MASTER_ADDR" in env
+    if processes == 1 and accelerate_simple and "MASTER_PORT" in env and asked is None:
+        raise UserInputError(
+            "accelerate launch started 1 process although more were asked for (--cpu, or no "
+            f"--multi_gpu without GPUs, runs one process unless MPI is installed); "
+            f"{MULTI_PROCESS_HINT} (unset MASTER_ADDR to run one process on purpose)"
+        )
+
+
+def check_backend(distributed_type: str, env: Mapping[str, str] | None = None) -> None:
+    """Refuse a run that would silently not use the sharding the launch asked for.
+
+    `accelerate launch --use_fsdp` (or `--use_deepspeed`) with `--device cpu` or on CPU
+    processes: accelerate (1.16) picks FSDP or DeepSpeed only for accelerator devices
+    (`AcceleratorState` sets `DistributedType.FSDP` in its GPU/NPU/XPU branch; DeepSpeed is skipped
+    with `cpu=True`), so CPU processes would run as MULTI_CPU (DDP), each holding the whole
+    student, with no error.
+    """
+    env = os.environ if env is None else env
+    for flag, wanted in (
+        ("ACCELERATE_USE_FSDP", "FSDP"),
+        ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED"),
+    ):
+        if env.get(flag, "").lower() in ("true", "1") and distributed_type != wanted:
+            if wanted == "FSDP":
+                raise UserInputError(
+                    f"the launch asked for FSDP but accelerate set up {distributed_type}: "
+                    f"{FSDP_ON_CPU}"
+                )
+            raise UserInputError(
+                f"the launch asked for DeepSpeed but accelerate set up {distributed_type} "
+                "(DeepSpeed needs GPUs; drop --device cpu or launch with --multi_gpu)"
+            )
 
 
 _RUN_ENTRIES = (RUN_FILE, METRICS, CHECKPOINTS, "best", "final")
@@ -316,17 +382,27 @@ def _teacher_topk(
     )
     path = cache_path(cache_dir, fingerprint["teacher"], data.train, config.teacher_topk)
     k = config.teacher_topk
+
+    def compute() -> TopKLogits:
+        # Only the main process runs the teacher, and only for this pass: it goes back where it
+        # was afterwards, so no process keeps a copy on its device while the student trains.
+        home = next(teacher_model.parameters()).device
+        try:
+            return compute_topk(
+                teacher_model.to(accelerator.device),
+                data.train,
+                k,
+                batch_size=config.batch_size,
+                device=accelerator.device,
+                autocast=accelerator.autocast,
+                progress=progress,
+            )
+        finally:
+            teacher_model.to(home)
+
     return load_or_compute_topk(
         path,
-        lambda: compute_topk(
-            teacher_model.to(accelerator.device),
-            data.train,
-            k,
-            batch_size=config.batch_size,
-            device=accelerator.device,
-            autocast=accelerator.autocast,
-            progress=progress,
-        ),
+        compute,
         is_main_process=accelerator.is_main_process,
         wait_for_everyone=accelerator.wait_for_everyone,
     )
@@ -385,6 +461,8 @@ def distill(
 
     accelerator = create_accelerator(config, cpu=cpu)
     processes = accelerator.num_processes
+    check_launch(processes)
+    check_backend(accelerator.distributed_type.value)
     data, steps = _prepare_run_data(config, accelerator, train_stream, eval_stream)
 
     # Seed before anything random is created (the hidden-state projections).
@@ -414,12 +492,14 @@ def distill(
         callback=callback,
     )
     logger.info(
-        "distilling for %d steps: %d training sequences of %d tokens, %d held out, %d process(es)",
+        "distilling for %d steps: %d training sequences of %d tokens, %d held out, "
+        "%d process(es), %s",
         steps,
         data.train.shape[0],
         config.seq_len,
         data.eval.shape[0],
         processes,
+        accelerator.distributed_type.value,
     )
     result = train(accelerator, job)
     result.kept_blocks = kept

@@ -177,6 +177,12 @@ class TrainingJob:
 # --------------------------------------------------------------------------- accelerate setup
 
 
+FSDP_ON_CPU = (
+    "accelerate runs FSDP only on GPUs (or other accelerators): CPU processes get plain DDP; for "
+    "CPU processes run `accelerate launch --multi_gpu --num_processes N ... --device cpu`"
+)
+
+
 def create_accelerator(config: DistillConfig, *, cpu: bool = False) -> Any:
     """An Accelerator for this run's mixed precision and gradient accumulation."""
     from accelerate import Accelerator
@@ -195,7 +201,11 @@ def create_accelerator(config: DistillConfig, *, cpu: bool = False) -> Any:
             cpu=cpu,
         )
     except (ValueError, RuntimeError) as exc:
-        raise UserInputError(f"accelerate: {str(exc).splitlines()[0]}") from None
+        message = str(exc).splitlines()[0].rstrip(".")
+        if "sync_module_states" in message and "not supported on cpu" in message:
+            # Turning sync_module_states off would not help: see api.check_backend.
+            raise UserInputError(f"accelerate: {message}; {FSDP_ON_CPU}") from None
+        raise UserInputError(f"accelerate: {message}") from None
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:
         # DeepSpeed sizes its batches from a prepared data loader, which this loop does not use.
