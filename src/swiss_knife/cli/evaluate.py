@@ -1,11 +1,19 @@
-"""swiss-knife evaluate and compare: measure one model, or an original beside its compressed ones."""
+"""swiss-knife evaluate and compare: measure one model, or an original beside its compressed ones.
+
+A .gguf file runs in llama.cpp (llama-cpp-python, the `llama-cpp` extra) when `--runtime` is
+`auto` and the package is installed, or when `--runtime llama.cpp` asks for it; otherwise
+transformers loads it, dequantized. Every model reads the same token stream, made by the
+original's tokenizer; agreement is always measured against the original in transformers.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
+from ..errors import UserInputError
 from .common import (
     _check_eval_tokens,
     _data_config,
@@ -14,9 +22,87 @@ from .common import (
     _print_json,
     _progress,
     _refuse_output_inside,
+    _warn,
 )
 
 logger = logging.getLogger("swiss_knife")
+
+TRANSFORMERS = "transformers"
+LLAMA_CPP = "llama.cpp"
+
+
+def _gguf_path(args: argparse.Namespace, path: str) -> Path | None:
+    """The GGUF file a model argument names (a .gguf file, or a folder with --gguf-file)."""
+    local = Path(path).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        return local
+    if args.gguf_file and local.is_dir() and (local / args.gguf_file).is_file():
+        return local / args.gguf_file
+    return None
+
+
+def _runtimes(args: argparse.Namespace, paths: list[str]) -> list[str]:
+    """Which runtime measures each model: llama.cpp for GGUF files when --runtime allows it and
+    llama-cpp-python is installed, transformers for everything else."""
+    from ..evaluation.llama_cpp import INSTALL_HINT, import_llama_cpp, llama_cpp_available
+
+    choice = getattr(args, "runtime", "auto")
+    ggufs = [_gguf_path(args, path) is not None for path in paths]
+    if choice == TRANSFORMERS or (choice == "auto" and not any(ggufs)):
+        return [TRANSFORMERS] * len(paths)
+    if choice == LLAMA_CPP:
+        if not any(ggufs):
+            names = ", ".join(paths)
+            raise UserInputError(f"--runtime llama.cpp runs .gguf files, and {names} is not one")
+        import_llama_cpp()  # a one-line error naming the extra when it is missing
+    elif not llama_cpp_available():
+        _warn(
+            "llama-cpp-python is not installed, so .gguf files are measured in transformers "
+            f"(dequantized); to run them in llama.cpp: {INSTALL_HINT}"
+        )
+        return [TRANSFORMERS] * len(paths)
+    return [LLAMA_CPP if gguf else TRANSFORMERS for gguf in ggufs]
+
+
+def _evaluate_gguf(
+    args: argparse.Namespace,
+    path: str,
+    config: Any,
+    tokens: Any,
+    reference: Any,
+    progress: bool,
+) -> Any:
+    from ..evaluation.llama_cpp import evaluate_gguf
+
+    file = _gguf_path(args, path)
+    assert file is not None
+    return evaluate_gguf(
+        file,
+        None,
+        config,
+        tokens=tokens,
+        reference=reference,
+        name=Path(path).name or path,
+        source=path,
+        eval_data=args.eval_data,
+        progress=progress,
+    )
+
+
+def _gguf_side(args: argparse.Namespace, path: str, with_tokenizer: bool) -> tuple[Any, Any]:
+    """A GGUF file run in llama.cpp: the tokenizer transformers builds from it (or None) and
+    its context and vocabulary, for the checks the text must pass."""
+    from ..evaluation.llama_cpp import gguf_info, load_gguf_tokenizer
+
+    file = _gguf_path(args, path)
+    assert file is not None
+    info = gguf_info(file)
+    tokenizer = (
+        load_gguf_tokenizer(file, trust_remote_code=args.trust_remote_code)
+        if with_tokenizer
+        else None
+    )
+    return tokenizer, info
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -28,24 +114,40 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config = _eval_config(args)
     data_cfg = _data_config(args)
     _refuse_output_inside(args.output, "--output", [args.model, args.reference])
+    (runtime,) = _runtimes(args, [args.model])
     # Read the text before loading the model: a bad path fails in a second, not a minute.
     docs = read_documents(data_cfg) if data_cfg else None
-    loaded = _load(args, args.model)
-    tokens = tokenize_documents(docs, loaded.tokenizer, add_bos=data_cfg.add_bos) if docs else None
-    _check_eval_tokens(tokens, config, loaded.model, args.eval_data)
-    reference = _load(args, args.reference, with_tokenizer=False).model if args.reference else None
-    report = evaluate(
-        loaded.model,
-        loaded.tokenizer,
-        config,
-        tokens=tokens,
-        reference=reference,
-        weights_path=loaded.weights_path,
-        name=Path(args.model).name or args.model,
-        source=args.model,
-        eval_data=args.eval_data,
-        progress=_progress(args),
-    )
+    progress = _progress(args)
+    name = Path(args.model).name or args.model
+    if runtime == LLAMA_CPP:
+        tokenizer, info = _gguf_side(args, args.model, with_tokenizer=docs is not None)
+        tokens = tokenize_documents(docs, tokenizer, add_bos=data_cfg.add_bos) if docs else None
+        _check_eval_tokens(tokens, config, info, args.eval_data)
+        reference = (
+            _load(args, args.reference, with_tokenizer=False).model if args.reference else None
+        )
+        report = _evaluate_gguf(args, args.model, config, tokens, reference, progress)
+    else:
+        loaded = _load(args, args.model)
+        tokens = (
+            tokenize_documents(docs, loaded.tokenizer, add_bos=data_cfg.add_bos) if docs else None
+        )
+        _check_eval_tokens(tokens, config, loaded.model, args.eval_data)
+        reference = (
+            _load(args, args.reference, with_tokenizer=False).model if args.reference else None
+        )
+        report = evaluate(
+            loaded.model,
+            loaded.tokenizer,
+            config,
+            tokens=tokens,
+            reference=reference,
+            weights_path=loaded.weights_path,
+            name=name,
+            source=args.model,
+            eval_data=args.eval_data,
+            progress=progress,
+        )
     if args.output:
         write_reports(args.output, [report], title=f"Evaluation of {args.model}")
     if args.json:
@@ -66,27 +168,43 @@ def cmd_compare(args: argparse.Namespace) -> int:
     config = _eval_config(args)
     data_cfg = _data_config(args)
     _refuse_output_inside(args.report_dir, "--report-dir", [args.original, *args.compressed])
+    runtimes = _runtimes(args, [args.original, *args.compressed])
     docs = read_documents(data_cfg) if data_cfg else None
-    original = _load(args, args.original)
-    tokens = (
-        tokenize_documents(docs, original.tokenizer, add_bos=data_cfg.add_bos) if docs else None
-    )
-    _check_eval_tokens(tokens, config, original.model, args.eval_data)
     progress = _progress(args)
-    reports = [
-        evaluate(
-            original.model,
-            original.tokenizer,
+    if runtimes[0] == LLAMA_CPP:
+        # The original runs in llama.cpp; transformers still gives the tokens and, when
+        # agreement is measured, the reference every other model is compared with.
+        tokenizer, checked = _gguf_side(args, args.original, with_tokenizer=True)
+        wants_reference = config.agreement.enabled
+        reference = (
+            _load(args, args.original, with_tokenizer=False).model if wants_reference else None
+        )
+        weights_path = None
+    else:
+        original = _load(args, args.original)
+        tokenizer, checked, reference = original.tokenizer, original.model, original.model
+        weights_path = original.weights_path
+    tokens = tokenize_documents(docs, tokenizer, add_bos=data_cfg.add_bos) if docs else None
+    _check_eval_tokens(tokens, config, checked, args.eval_data)
+    if runtimes[0] == LLAMA_CPP:
+        first = _evaluate_gguf(args, args.original, config, tokens, None, progress)
+    else:
+        first = evaluate(
+            reference,
+            tokenizer,
             config,
             tokens=tokens,
-            weights_path=original.weights_path,
+            weights_path=weights_path,
             name=Path(args.original).name or args.original,
             source=args.original,
             eval_data=args.eval_data,
             progress=progress,
         )
-    ]
-    for path in args.compressed:
+    reports = [first]
+    for path, runtime in zip(args.compressed, runtimes[1:], strict=True):
+        if runtime == LLAMA_CPP:
+            reports.append(_evaluate_gguf(args, path, config, tokens, reference, progress))
+            continue
         loaded = _load(args, path)
         reports.append(
             evaluate(
@@ -94,7 +212,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 loaded.tokenizer,
                 config,
                 tokens=tokens,
-                reference=original.model,
+                reference=reference,
                 weights_path=loaded.weights_path,
                 name=Path(path).name or path,
                 source=path,

@@ -83,6 +83,13 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--harness-limit", type=int, help="examples per harness task")
     group.add_argument("--seed", type=int, help="random seed (default 0)")
+    group.add_argument(
+        "--runtime",
+        choices=["auto", "transformers", "llama.cpp"],
+        default="auto",
+        help="what runs .gguf files: llama.cpp (the llama-cpp extra) or transformers "
+        "(dequantized); auto, the default: llama.cpp when it is installed",
+    )
 
 
 def _add_calibration_options(
@@ -184,6 +191,7 @@ def _evaluate_parser(add: Callable[..., Any]) -> None:
             --window 256 --speed-batch-sizes 1,8 --json
         swiss-knife evaluate ./model-int8 --eval-data data.jsonl --field text \\
             --reference ./model --output reports/
+        swiss-knife evaluate ./model-q4_k.gguf --eval-data wiki.test.raw   # in llama.cpp
         """,
     )
     p.add_argument("model", help="hub id, local directory or .gguf file")
@@ -202,6 +210,7 @@ def _compare_parser(add: Callable[..., Any]) -> None:
         """
         swiss-knife compare ./model ./model-bf16 --eval-data wiki.test.raw
         swiss-knife compare ./model ./a ./b --eval-data text.txt --report-dir reports/ --json
+        swiss-knife compare ./model ./model-q4_k.gguf --eval-data text.txt   # GGUF in llama.cpp
         """,
     )
     p.add_argument("original", help="the baseline model")

@@ -52,11 +52,15 @@ class Column:
     #: For a ratio of timings: the row key saying whether it is within noise (True), beyond it
     #: (False) or cannot be judged (None, fewer than two repeats on one side).
     noise: str | None = None
+    #: A value that hides the column when every row has it (or none): the runtime column shows
+    #: only when some model ran outside transformers.
+    hidden_if_all: str | None = None
 
 
 COLUMNS: tuple[Column, ...] = (
     Column("name", "model", ""),
     Column("dtype", "dtype", ""),
+    Column("runtime", "runtime", "", hidden_if_all="transformers"),
     Column("params_m", "params (M)", ".2f"),
     Column("sparsity_pct", "zeros %", ".1f"),
     Column("disk_mb", "disk (MB)", ".2f"),
@@ -146,6 +150,7 @@ def summarize(report: EvaluationReport) -> dict[str, Any]:
     return {
         "name": report.name,
         "dtype": m.get("dtype"),
+        "runtime": m.get("runtime"),
         "params_m": params / 1e6 if params is not None else None,
         "sparsity_pct": sparsity * 100 if sparsity is not None else None,
         "disk_mb": disk / 1e6 if disk is not None else None,
@@ -227,4 +232,13 @@ def format_cell(row: Mapping[str, Any], column: Column) -> str:
 
 def visible_columns(rows: list[dict[str, Any]]) -> list[Column]:
     """Columns that have at least one value (a run without BLEU shows no BLEU column)."""
-    return [c for c in COLUMNS if any(row.get(c.key) is not None for row in rows)]
+
+    def shown(column: Column) -> bool:
+        values = [row.get(column.key) for row in rows]
+        if column.hidden_if_all is not None and all(
+            v in (None, column.hidden_if_all) for v in values
+        ):
+            return False
+        return any(v is not None for v in values)
+
+    return [c for c in COLUMNS if shown(c)]

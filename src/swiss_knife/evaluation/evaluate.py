@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from ..config import EvaluationConfig
+from ..config import EvaluationConfig, PerplexityConfig
 from ..errors import UserInputError
 from .generation import agreement, bleu, load_prompt_references
 from .harness import run_harness
@@ -118,6 +118,20 @@ class _Timer:
         return result
 
 
+def perplexity_stream(
+    tokens: torch.Tensor, config: PerplexityConfig, limit: int | None
+) -> torch.Tensor:
+    """The head of `tokens` that the perplexity measurement reads: enough for exactly
+    `config.max_windows` windows at its stride (all of it when that is None), counted with the
+    window perplexity() will use, clamped to a context of `limit` positions. The llama.cpp path
+    cuts a GGUF's stream with it too, so both runtimes score the same windows."""
+    if config.max_windows is None:
+        return tokens
+    used = min(config.window, limit) if limit is not None else config.window
+    step = min(config.stride or config.window, used)
+    return tokens[: used + step * (config.max_windows - 1)]
+
+
 def _measure_perplexity(
     timed: _Timer,
     model: Any,
@@ -131,14 +145,7 @@ def _measure_perplexity(
         raise UserInputError("perplexity needs evaluation text: pass --eval-data")
     window = ppl_cfg.window
     stride = ppl_cfg.stride or window
-    stream = tokens
-    if ppl_cfg.max_windows is not None:
-        # Enough tokens for exactly max_windows windows at this stride, counted with the
-        # window perplexity() will use (clamped to the model's context, with a warning).
-        limit = max_positions(model)
-        used = min(window, limit) if limit is not None else window
-        step = min(stride, used)
-        stream = tokens[: used + step * (ppl_cfg.max_windows - 1)]
+    stream = perplexity_stream(tokens, ppl_cfg, max_positions(model))
     result = timed(
         "perplexity",
         lambda: perplexity(
@@ -300,4 +307,5 @@ def evaluate(
         metrics["memory"] = _memory_metrics(model, device, method, timed)
     metrics["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     metrics["device"] = str(device)
+    metrics["runtime"] = "transformers"  # evaluation.llama_cpp writes "llama.cpp"
     return report
