@@ -6,6 +6,7 @@ here: the interfaces a user drives, their output in text and JSON, and their ref
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,40 @@ def test_api_export_of_an_in_memory_model(tiny_llama_dir: Path, tmp_path: Path) 
     assert q.tensor_type.name == "Q4_0" and np.asarray(q.data).size > 0
     with pytest.raises(sk.UserInputError, match="GGUFExportConfig"):
         sk.export_gguf(model, tmp_path / "x.gguf", sk.RTNConfig())
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed"
+)
+def test_recipe_measures_its_gguf_in_llama_cpp(
+    tiny_llama_dir: Path, eval_text: Path, tmp_path: Path
+) -> None:
+    """quantize (RTN on Q8_0's grid) -> export auto, evaluated: the GGUF row runs in llama.cpp,
+    on the same windows, close to the quantized model measured in transformers."""
+    from swiss_knife.config import validate_dict
+    from swiss_knife.pipeline import run_recipe
+    from swiss_knife.recipe import CompressionConfig
+
+    evaluation = {**SMALL_EVALUATION, "speed": {**SMALL_EVALUATION["speed"], "repeats": 1}}
+    recipe = validate_dict(
+        CompressionConfig,
+        {
+            "model": {"path": str(tiny_llama_dir), "device": "cpu"},
+            "data": {"eval": str(eval_text)},
+            "evaluation": evaluation,
+            "stages": [
+                {"type": "quantize", "method": "rtn", "bits": 8, "group_size": 32},
+                {"type": "export", "tensor_type": "auto"},
+            ],
+        },
+        "test recipe",
+    )
+    result = run_recipe(recipe, tmp_path / "run", progress=False)
+    names = [r.name for r in result.reports]
+    assert names == ["original", "00-quantize", "01-export"]
+    quantized, exported = result.reports[1].metrics, result.reports[2].metrics
+    assert exported["runtime"] == "llama.cpp" and quantized["runtime"] == "transformers"
+    ours, theirs = quantized["perplexity"], exported["perplexity"]
+    assert ours["tokens_scored"] == theirs["tokens_scored"]
+    # The same integers in both runtimes: llama.cpp's f16 KV cache is the only difference.
+    assert abs(theirs["perplexity"] / ours["perplexity"] - 1) < 0.01

@@ -46,6 +46,7 @@ _EXPORTS = {
     "sample_calibration": "data",
     "token_windows": "data",
     "evaluate": "evaluation",
+    "evaluate_gguf": "evaluation.llama_cpp",
     "EvaluationReport": "evaluation",
     "write_reports": "evaluation",
     "run_recipe": "pipeline",
@@ -77,6 +78,7 @@ __all__ = [
     "device_info",
     "distill",
     "evaluate",
+    "evaluate_gguf",
     "export_gguf",
     "get_arch",
     "load",
@@ -142,6 +144,7 @@ if TYPE_CHECKING:
     from .device import device_info, resolve_device
     from .errors import SwissKnifeError, UserInputError
     from .evaluation.evaluate import EvaluationReport, evaluate
+    from .evaluation.llama_cpp import evaluate_gguf
     from .evaluation.report import write_reports
     from .models import LoadedModel, cast_model, load_model, save_model
     from .pipeline import run_recipe

@@ -625,6 +625,91 @@ def _size_metrics(info: GGUFInfo, facts: dict[str, int]) -> dict[str, Any]:
     }
 
 
+def _score(
+    run: _Run,
+    info: GGUFInfo,
+    config: EvaluationConfig,
+    tokens: torch.Tensor | None,
+    reference: torch.nn.Module | None,
+    threads: int,
+    progress: bool,
+) -> None:
+    """Perplexity and agreement in one context that keeps every position's logits (also loaded
+    when nothing else runs, for the memory and size llama.cpp reports); closed before speed
+    loads its own."""
+    metrics = run.report.metrics
+    ppl_cfg = config.perplexity
+    with_agreement = config.agreement.enabled and reference is not None
+    n_ctx = _eval_context(info, config, with_agreement)
+    with contextlib.ExitStack() as stack:
+        with run.measured("perplexity" if ppl_cfg.enabled else "load"):
+            scoring = stack.enter_context(
+                run.load("scoring", info.path, info, n_ctx, logits_all=True, n_threads=threads)
+            )
+            if ppl_cfg.enabled and tokens is not None:
+                stream = perplexity_stream(tokens, ppl_cfg, info.context_length)
+                metrics["perplexity"] = run.timed(
+                    "perplexity",
+                    lambda: gguf_perplexity(
+                        scoring,
+                        stream,
+                        window=ppl_cfg.window,
+                        stride=ppl_cfg.stride,
+                        progress=progress,
+                    ).to_dict(),
+                )
+        if with_agreement and reference is not None and tokens is not None:
+            agr = config.agreement
+            metrics["agreement"] = run.timed(
+                "agreement",
+                lambda: gguf_agreement(
+                    reference,
+                    scoring,
+                    tokens,
+                    window=agr.window,
+                    max_windows=agr.max_windows,
+                    progress=progress,
+                ).to_dict(),
+            )
+
+
+def _speed(
+    run: _Run, info: GGUFInfo, config: EvaluationConfig, threads: int, progress: bool
+) -> None:
+    """Batch-1 prefill and decode speed in a context of its own, without all-position logits."""
+    sp = config.speed
+    with run.measured("speed"):
+        n_ctx = sp.prompt_len + sp.new_tokens
+        if info.context_length is not None:
+            n_ctx = min(n_ctx, info.context_length)
+        with run.load("speed", info.path, info, n_ctx, logits_all=False, n_threads=threads) as fast:
+            run.report.metrics["speed"] = run.timed(
+                "speed",
+                lambda: gguf_speed(
+                    fast,
+                    batch_sizes=tuple(sp.batch_sizes),
+                    prompt_len=sp.prompt_len,
+                    new_tokens=sp.new_tokens,
+                    warmup=sp.warmup,
+                    repeats=sp.repeats,
+                    seed=config.seed,
+                    progress=progress,
+                ),
+            )
+
+
+def _not_measured(config: EvaluationConfig, name: str) -> dict[str, str]:
+    """What the config asks for that llama.cpp does not measure here, each said once."""
+    skipped: dict[str, str] = {}
+    if config.bleu.references:
+        skipped["bleu"] = "BLEU runs through transformers' generate(); not in llama.cpp"
+    if config.harness.tasks:
+        skipped["harness"] = "lm-evaluation-harness is not wired to llama.cpp here"
+    for key, why in skipped.items():
+        logger.warning("%s: %s not measured: %s", name, key, why)
+    return skipped
+
+
 def evaluate_gguf(
     path: str | Path,
     tokenizer: Any | None = None,
@@ -661,73 +746,11 @@ def evaluate_gguf(
     if (ppl_cfg.enabled or with_agreement) and tokens is None:
         what = "perplexity" if ppl_cfg.enabled else "agreement with the original"
         raise UserInputError(f"{what} needs evaluation text: pass --eval-data")
-
     if ppl_cfg.enabled or with_agreement or not config.speed.enabled:
-        # One context with every position's logits for scoring (also loaded when nothing else
-        # runs, for the memory and size llama.cpp reports), closed before speed loads its own.
-        n_ctx = _eval_context(info, config, with_agreement)
-        with contextlib.ExitStack() as stack:
-            with run.measured("perplexity" if ppl_cfg.enabled else "load"):
-                scoring = stack.enter_context(
-                    run.load("scoring", info.path, info, n_ctx, logits_all=True, n_threads=threads)
-                )
-                if ppl_cfg.enabled and tokens is not None:
-                    stream = perplexity_stream(tokens, ppl_cfg, info.context_length)
-                    metrics["perplexity"] = run.timed(
-                        "perplexity",
-                        lambda: gguf_perplexity(
-                            scoring,
-                            stream,
-                            window=ppl_cfg.window,
-                            stride=ppl_cfg.stride,
-                            progress=progress,
-                        ).to_dict(),
-                    )
-            if with_agreement and reference is not None and tokens is not None:
-                agr = config.agreement
-                metrics["agreement"] = run.timed(
-                    "agreement",
-                    lambda: gguf_agreement(
-                        reference,
-                        scoring,
-                        tokens,
-                        window=agr.window,
-                        max_windows=agr.max_windows,
-                        progress=progress,
-                    ).to_dict(),
-                )
-
-    not_measured: dict[str, str] = {}
-    if config.bleu.references:
-        not_measured["bleu"] = "BLEU runs through transformers' generate(); not in llama.cpp"
-    if config.harness.tasks:
-        not_measured["harness"] = "lm-evaluation-harness is not wired to llama.cpp here"
-    for key, why in not_measured.items():
-        logger.warning("%s: %s not measured: %s", report.name, key, why)
-
+        _score(run, info, config, tokens, reference, threads, progress)
+    not_measured = _not_measured(config, report.name)
     if config.speed.enabled:
-        sp = config.speed
-        with run.measured("speed"):
-            n_ctx = sp.prompt_len + sp.new_tokens
-            if info.context_length is not None:
-                n_ctx = min(n_ctx, info.context_length)
-            with run.load(
-                "speed", info.path, info, n_ctx, logits_all=False, n_threads=threads
-            ) as fast:
-                metrics["speed"] = run.timed(
-                    "speed",
-                    lambda: gguf_speed(
-                        fast,
-                        batch_sizes=tuple(sp.batch_sizes),
-                        prompt_len=sp.prompt_len,
-                        new_tokens=sp.new_tokens,
-                        warmup=sp.warmup,
-                        repeats=sp.repeats,
-                        seed=config.seed,
-                        progress=progress,
-                    ),
-                )
-
+        _speed(run, info, config, threads, progress)
     if config.size:
         metrics["size"] = _size_metrics(info, run.facts)
     if config.memory:

@@ -27,11 +27,12 @@ average is recorded at the start and the end. Timings are only compared where no
 
 Usage::
 
-    python benchmarks/gguf.py                 # both models
-    python benchmarks/gguf.py --quick         # stories260K only, fewer windows (smoke)
-    python benchmarks/gguf.py --no-write      # print only
+    python benchmarks/gguf_export.py                 # both models
+    python benchmarks/gguf_export.py --quick         # stories260K only, fewer windows (smoke)
+    python benchmarks/gguf_export.py --no-write      # print only
 
-The tables are written between the ``gguf`` markers of benchmarks/RESULTS.md.
+The tables are written between the ``gguf`` markers of benchmarks/RESULTS.md. (The script is not
+called ``gguf.py``: run as a script, that name would shadow the ``gguf`` package it uses.)
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ def main() -> None:
     load_start = os.getloadavg()
     log(f"load average at start (1/5/15 min): {load_start}")
     sections = [
-        "## GGUF in llama.cpp: Swiss Knife export vs llama.cpp's quantizer (`benchmarks/gguf.py`)",
+        "## GGUF in llama.cpp: Swiss Knife export vs llama.cpp's quantizer (`benchmarks/gguf_export.py`)",
         "",
         f"Run {dt.date.today()} on {os.cpu_count()} CPU cores, torch threads "
         f"{torch.get_num_threads()}, one row after another with no other heavy job on the "
