@@ -363,7 +363,13 @@ def test_auto_writes_the_same_integers(
     }[method]()
     checkpoint, expected = quantized_checkpoint(tiny_dir, tmp_path / method, config)
     out = tmp_path / f"{method}.gguf"
-    report = export_gguf(checkpoint, out, "auto")
+    # Embeddings and head in f32, so that the logits compare the grids alone (auto gives them
+    # llama.cpp's usual types otherwise: checked below with a second file).
+    keep_float = [("model.embed_tokens", "f32"), ("lm_head", "f32")]
+    report = export_gguf(checkpoint, out, "auto", overrides=keep_float)
+    plain = export_gguf(checkpoint, tmp_path / f"{method}-plain.gguf", "auto")
+    plain_types = {row["name"]: row["type"] for row in plain["tensors"]}
+    assert plain_types["token_embd.weight"] not in ("f32", "f16"), plain_types
     assert report["source_layout"] == "pack-quantized" and report["file_type"] == kind
     assert len(report["exact_tensors"]) == 14  # 7 linears in each of 2 blocks
 
@@ -376,7 +382,7 @@ def test_auto_writes_the_same_integers(
         for row in report["tensors"]:
             qtype, values = tensors[row["name"]]
             if not row["exact"]:
-                assert qtype in ("F32",), row  # embeddings, head and norms keep fp32
+                assert qtype == "F32", row
                 continue
             assert qtype == kind.upper()
             qw = ck.quantized(row["source"])
@@ -688,7 +694,9 @@ def test_llama_cpp_runs_the_files(wide_dir: Path, tiny_dir: Path, tmp_path: Path
         tiny_dir, tmp_path / "rtn", sk.RTNConfig(bits=4, group_size=32)
     )
     kept = tmp_path / "rtn.gguf"
-    export_gguf(checkpoint, kept, "auto")
+    export_gguf(
+        checkpoint, kept, "auto", overrides=[("model.embed_tokens", "f32"), ("lm_head", "f32")]
+    )
     assert rel(run(kept, ids)[1], expected) < 0.02
     if not (STORIES / "config.json").is_file():
         return
@@ -731,6 +739,13 @@ def test_bad_requests_fail_in_one_line_and_write_nothing(tiny_dir: Path, tmp_pat
     with pytest.raises(OutputFileExistsError, match="overwrite=True"):
         export_gguf(tiny_dir, out, "f32")
     assert out.read_bytes() == b"keep me"
+    # overwrite replaces only a file this exporter wrote: not someone's notes...
+    with pytest.raises(OutputFileExistsError, match="not a GGUF file Swiss Knife wrote"):
+        export_gguf(tiny_dir, out, "f32", overwrite=True)
+    assert out.read_bytes() == b"keep me"
+    # ...but its own earlier output.
+    out.unlink()
+    export_gguf(tiny_dir, out, "f16")
     export_gguf(tiny_dir, out, "f32", overwrite=True)
     assert out.read_bytes()[:4] == b"GGUF"
 

@@ -10,7 +10,10 @@ tensor, in one of these types (``type``):
 - ``auto``: keep what the model has. A Swiss Knife GPTQ/AWQ/RTN/HQQ checkpoint whose grid is a
   block type (4- or 5-bit, symmetric or not, or 8-bit symmetric, in groups of 32) is written
   with the very integers the method chose, only the scales rounded to fp16 (`gguf_blocks`); a
-  grid that is no block type is refused; dense weights keep their dtype (f32/f16/bf16).
+  grid that is no block type is refused; dense weights keep their dtype (f32/f16/bf16). A
+  checkpoint quantized on a llama.cpp K grid (``grid: gguf:q4_k``) has its Q4_K/Q5_K/Q6_K blocks
+  copied byte for byte from its ``gguf-grid.safetensors`` (also under an explicit ``type`` equal
+  to theirs).
 
 Tensor by tensor, the choices follow llama.cpp (``llama-quant.cpp`` and ``convert_hf_to_gguf.py``):
 1-D tensors (norms, biases) are always f32; with a quantized type the output head, or the token
@@ -114,6 +117,9 @@ def _encode(checkpoint: Checkpoint, item: PlannedTensor) -> NDArray[Any]:
     assert item.source is not None
     name = item.source.name
     order = item.row_order
+    if item.exact and item.source.gguf_type is not None:
+        blocks = checkpoint.gguf_blocks(name)
+        return blocks if order is None else blocks[order]
     if item.exact:
         qw = checkpoint.quantized(name)
         q = qw.q.numpy()
@@ -261,8 +267,8 @@ def export_gguf(
     base = check_type(str(type).lower(), "the export")
     parsed = parse_overrides(overrides)
     directory = Path(source).expanduser().resolve()
+    config = read_config(directory)  # "not a model folder" before any complaint about the output
     out = _check_output(output_file, overwrite, directory)
-    config = read_config(directory)
     arch = resolve_arch(config)
     hp = read_hparams(config)
     rope_type(hp)  # refuse an unsupported RoPE scaling before any work

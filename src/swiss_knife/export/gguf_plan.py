@@ -2,7 +2,8 @@
 
 The rules are llama.cpp's (``llama-quant.cpp``'s type choice and shape fallback,
 ``convert_hf_to_gguf.py``'s float handling), summarised in `swiss_knife.export.gguf`; `auto`
-maps a packed integer grid to the block type that holds it exactly (`gguf_blocks.GRID_TYPES`).
+maps a packed integer grid to the block type that holds it exactly (`gguf_blocks.GRID_TYPES`),
+and keeps the K-quant blocks of a weight quantized on a llama.cpp K grid (its sidecar bytes).
 """
 
 from __future__ import annotations
@@ -121,18 +122,32 @@ def parse_overrides(overrides: Overrides | None) -> dict[str, str]:
 
 
 def _choose(
-    entry: SourceTensor, gguf_name: str, base: str, override: str | None, tied: bool
+    entry: SourceTensor,
+    gguf_name: str,
+    base: str,
+    override: str | None,
+    tied: bool,
+    auto_base: str | None = None,
 ) -> tuple[str, str, bool]:
     """``(kind, wanted, exact)`` for one tensor: the type written, the type llama.cpp's rules
-    asked for before the shape fallback, and whether the source integers are kept."""
+    asked for before the shape fallback, and whether the source integers are kept.
+
+    Under ``auto`` a tensor with a grid keeps it; in a quantized checkpoint (``auto_base``: its
+    most common block type) the float embeddings and output head get what llama.cpp gives them
+    in a file of that type; any other float matrix (a layer left out of quantization) keeps
+    its dtype."""
     if len(entry.shape) != 2:
         return "f32", "f32", False
     wanted = override or base
+    if entry.gguf_type is not None and wanted in ("auto", entry.gguf_type):
+        return entry.gguf_type, entry.gguf_type, True  # its blocks, byte for byte
     if wanted == "auto":
         if entry.grid is not None:
             kind = grid_type(entry)
             return kind, kind, True
-        return entry.dtype, entry.dtype, False
+        if auto_base is None or gguf_name not in ("token_embd.weight", "output.weight"):
+            return entry.dtype, entry.dtype, False
+        wanted = auto_base
     cols = entry.shape[-1]
     is_output = gguf_name == "output.weight" or (tied and gguf_name == "token_embd.weight")
     if override is None and is_output and wanted not in FLOAT_TYPES and wanted != "q8_0":
@@ -182,10 +197,11 @@ def plan_tensors(
     except UserInputError as exc:
         raise GGUFExportError(str(exc)) from None
 
+    auto_base = _grid_base(entry for entry, _ in mapped) if base == "auto" else None
     plan: list[PlannedTensor] = []
     for entry, gguf_name in mapped:
         override = chosen.get(entry.name.removesuffix(".weight")) if len(entry.shape) == 2 else None
-        kind, wanted, exact = _choose(entry, gguf_name, base, override, bool(hp.tied))
+        kind, wanted, exact = _choose(entry, gguf_name, base, override, bool(hp.tied), auto_base)
         order = None
         if arch.permute_qk and gguf_name.split(".")[-2] in ("attn_q", "attn_k"):
             heads = hp.n_head if ".attn_q." in gguf_name else hp.n_kv
@@ -202,6 +218,22 @@ def plan_tensors(
         return (2, 0) if parts[0] in ("output_norm", "output") else (0, 0)
 
     return sorted(plan, key=position)  # stable: source order within a block
+
+
+def _grid_base(entries: Iterable[SourceTensor]) -> str | None:
+    """The block type holding the most weights among tensors that have a grid, or None for a
+    checkpoint without any (a float model keeps its dtype under auto)."""
+    counts: Counter[str] = Counter()
+    for entry in entries:
+        kind = entry.gguf_type
+        if kind is None and entry.grid is not None:
+            try:
+                kind = grid_type(entry)
+            except GGUFExportError:
+                continue  # refused with its own message when its turn comes
+        if kind is not None:
+            counts[kind] += int(np.prod(entry.shape))
+    return max(counts, key=lambda k: counts[k]) if counts else None
 
 
 def dominant_type(plan: list[PlannedTensor]) -> str:

@@ -14,6 +14,11 @@ A Swiss Knife output is one of:
 - another compressed-tensors layout (e.g. the static int8 ``int-quantized``): loaded dense
   through `swiss_knife.models.load_model`, transformers doing the decompression.
 
+A dense checkpoint quantized on a llama.cpp K grid (``grid: gguf:q4_k``, see
+`compression.quantization.gguf_grid`) also holds ``gguf-grid.safetensors``: the GGUF block bytes
+of each quantized linear. Its weights are listed with their ``gguf_type``, and
+`Checkpoint.gguf_blocks` returns the bytes once they are checked to decode to the dense weight.
+
 Tensors are read lazily, one at a time, from memory-mapped safetensors files, so exporting a
 model needs about one tensor of extra memory beyond what the writer keeps.
 """
@@ -34,7 +39,9 @@ from numpy.typing import NDArray
 from torch import Tensor
 
 from swiss_knife.compression.quantization.compressed_tensors_format import unpack_weight
+from swiss_knife.compression.quantization.gguf_grid import GRID_FILE, read_grid_types
 from swiss_knife.compression.quantization.grid import QuantGrid, QuantizedWeight
+from swiss_knife.errors import UserInputError
 from swiss_knife.export.errors import GGUFExportError
 
 FLOAT_DTYPES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -48,13 +55,15 @@ class SourceTensor:
 
     ``name`` is the Hugging Face tensor name (``model.layers.0.mlp.down_proj.weight``), ``shape``
     its logical torch shape, ``dtype`` the float dtype it is stored in (for a packed grid, the
-    dtype of its scales), ``grid`` the integer grid of a packed weight, else None.
+    dtype of its scales), ``grid`` the integer grid of a packed weight, else None, and
+    ``gguf_type`` the GGUF type of its block bytes in the K-grid sidecar, else None.
     """
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     grid: QuantGrid | None = None
+    gguf_type: str | None = None
 
 
 @dataclass
@@ -68,6 +77,7 @@ class Checkpoint:
     _read: Callable[[str], Tensor]
     _stack: ExitStack = field(default_factory=ExitStack)
     _raw_names: set[str] = field(default_factory=set)  # stored tensor names of a packed layout
+    _blocks: Callable[[str], Tensor] | None = None  # K-grid sidecar reader, by module name
 
     def dense(self, name: str) -> NDArray[np.float32]:
         """The float32 values of tensor ``name`` (a packed grid is dequantized exactly as the
@@ -88,6 +98,32 @@ class Checkpoint:
             if f"{module}.{suffix}" in self._raw_names
         }
         return unpack_weight(parts, entry.grid)
+
+    def gguf_blocks(self, name: str) -> NDArray[np.uint8]:
+        """The GGUF bytes ``(rows, bytes per row)`` of the K-grid weight ``name``, checked to
+        decode to exactly its dense values (in their stored dtype): a weight changed after it
+        was quantized is refused rather than exported stale."""
+        from swiss_knife.export.gguf_blocks import decode, encoded_nbytes
+
+        entry = self.tensors[name]
+        kind = entry.gguf_type
+        if kind is None or self._blocks is None:
+            raise KeyError(f"{name} has no GGUF blocks")
+        blocks = self._blocks(name.removesuffix(".weight")).numpy()
+        rows = entry.shape[0]
+        if blocks.dtype != np.uint8 or blocks.size != encoded_nbytes(kind, entry.shape):
+            raise GGUFExportError(
+                f"{name}: its {GRID_FILE} entry is not {kind} blocks of shape {list(entry.shape)}"
+            )
+        blocks = blocks.reshape(rows, -1)
+        decoded = torch.from_numpy(decode(blocks, kind).reshape(entry.shape))
+        stored = self._read(name)
+        if not torch.equal(decoded.to(stored.dtype), stored):
+            raise GGUFExportError(
+                f"{name}: the weight no longer matches its {kind} blocks in {GRID_FILE} (was the "
+                "model changed after quantizing?); export with an explicit --type instead"
+            )
+        return blocks
 
     def close(self) -> None:
         """Release the memory-mapped files."""
@@ -130,7 +166,7 @@ def _open_raw(
     directory: Path, stack: ExitStack
 ) -> tuple[dict[str, tuple[tuple[int, ...], str]], Callable[[str], Tensor]]:
     """Names -> (shape, dtype tag) of every stored tensor, and a reader for one of them."""
-    files = _safetensors_files(directory)
+    files = [path for path in _safetensors_files(directory) if path.name != GRID_FILE]
     if files:
         from safetensors import safe_open
 
@@ -240,6 +276,36 @@ def _read_packed(
     return tensors, read, set(info)
 
 
+def _attach_grid(
+    directory: Path, tensors: dict[str, SourceTensor], stack: ExitStack
+) -> Callable[[str], Tensor] | None:
+    """Mark the weights the K-grid sidecar holds blocks for; the reader of those blocks."""
+    path = directory / GRID_FILE
+    if not path.is_file():
+        return None
+    try:
+        types = read_grid_types(path)
+    except UserInputError as exc:
+        raise GGUFExportError(str(exc)) from None
+    for module, kind in types.items():
+        name = f"{module}.weight"
+        entry = tensors.get(name)
+        if entry is None or entry.grid is not None or len(entry.shape) != 2:
+            raise GGUFExportError(
+                f"{GRID_FILE} holds blocks for {module}, which has no dense 2-D weight here"
+            )
+        tensors[name] = SourceTensor(name, entry.shape, entry.dtype, gguf_type=kind)
+    from safetensors import safe_open
+
+    handle = stack.enter_context(safe_open(str(path), framework="pt"))
+
+    def read(module: str) -> Tensor:
+        tensor: Tensor = handle.get_tensor(module)
+        return tensor
+
+    return read
+
+
 def _load_dense_via_transformers(directory: Path) -> dict[str, Tensor]:
     """Dense state dict of a checkpoint only transformers can decompress."""
     from swiss_knife.models import load_model
@@ -256,10 +322,14 @@ def open_checkpoint(directory: Path) -> Checkpoint:
     stack = ExitStack()
     raw: set[str] = set()
     layout = "dense"
+    blocks = None
     try:
         if not qconfig:
             info, read = _open_raw(directory, stack)
             tensors = {name: SourceTensor(name, *entry) for name, entry in info.items()}
+            blocks = _attach_grid(directory, tensors, stack)
+            if blocks is not None:
+                layout = "dense + gguf-grid"
         elif not isinstance(qconfig, dict) or qconfig.get("quant_method") != "compressed-tensors":
             method = qconfig.get("quant_method") if isinstance(qconfig, dict) else qconfig
             raise GGUFExportError(
@@ -292,7 +362,7 @@ def open_checkpoint(directory: Path) -> Checkpoint:
     except BaseException:
         stack.close()
         raise
-    return Checkpoint(directory, config, layout, tensors, read, stack, raw)
+    return Checkpoint(directory, config, layout, tensors, read, stack, raw, blocks)
 
 
 def iter_weights(checkpoint: Checkpoint) -> Iterator[SourceTensor]:

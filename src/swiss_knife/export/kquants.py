@@ -21,12 +21,19 @@ Q6_K, 256 weights in 16 sub-blocks of 16, 210 bytes:
     a signed scale by a sweep of 19 candidate step sizes maximising ``(sum w x l)^2 / sum w l^2``
     with ``w = x^2``; the scales are quantized to int8 against the largest (in magnitude).
 
+`k_scales` exposes the scale choice alone (optionally weighted by a per-weight importance, as
+llama.cpp's importance matrix weights its fits) and `pack_k_blocks` the packing of chosen scales
+and levels, for the methods that quantize on these grids themselves
+(`compression.quantization.gguf_grid`: RTN, and GPTQ with its error feedback).
+
 Rounding is to nearest, ties to even (llama.cpp's ``nearest_int``). Cost: about 20 passes over
 the tensor for Q4_K/Q5_K and 19 for Q6_K, O(numel) memory; the tests check the bytes decode
 through `gguf.quants.dequantize` to exactly the values these functions meant to store.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
@@ -36,7 +43,10 @@ _SCALE_BITS_MAX = 63  # 6-bit sub-block scales and mins of Q4_K / Q5_K
 _EPS = 1e-15  # llama.cpp's GROUP_MAX_EPS: a sub-block below this is all zeros
 
 F32 = NDArray[np.float32]
+F16 = NDArray[np.float16]
 U8 = NDArray[np.uint8]
+I8 = NDArray[np.int8]
+K_KINDS = ("q4_k", "q5_k", "q6_k")
 
 
 def _blocks(rows: NDArray[np.floating], qk: int) -> F32:
@@ -115,13 +125,19 @@ def _f16_bytes(values: NDArray[np.floating]) -> U8:
     return np.ascontiguousarray(values.astype("<f2")).view(np.uint8).reshape(-1, 2)
 
 
-def _quantize_qk(x: F32, nmax: int, rmin: float, nstep: int) -> tuple[U8, U8, U8, F32]:
-    """Shared Q4_K/Q5_K work: ``(d, dmin)`` bytes, packed scales, levels ``(n, 256)`` and the
-    values the block decodes to ``(n, 256)``."""
+def _qk_scales(
+    x: F32, nmax: int, rmin: float, nstep: int, importance: F32 | None = None
+) -> tuple[F16, F16, U8, U8]:
+    """Q4_K/Q5_K scales of ``(n, 256)`` super-blocks: fp16 ``d`` and ``dmin`` ``(n,)``, and the
+    6-bit sub-block scale and min codes ``sc``, ``mn`` ``(n, 8)``. ``importance`` ``(n, 256)``,
+    if given, multiplies the fit's per-weight weights."""
     n = x.shape[0]
     sub = x.reshape(n * 8, 32)  # (n * 8, 32)
     rms = np.sqrt((sub * sub).mean(axis=1, keepdims=True))
-    scale, the_min = _fit_scale_min(sub, rms + np.abs(sub), nmax, rmin, 0.1, nstep)
+    weights = rms + np.abs(sub)
+    if importance is not None:
+        weights = weights * importance.reshape(n * 8, 32)
+    scale, the_min = _fit_scale_min(sub, weights, nmax, rmin, 0.1, nstep)
     scale = scale.reshape(n, 8)
     the_min = the_min.reshape(n, 8)
     max_scale = np.maximum(scale.max(axis=1), 0.0)  # (n,)
@@ -132,15 +148,20 @@ def _quantize_qk(x: F32, nmax: int, rmin: float, nstep: int) -> tuple[U8, U8, U8
     mn = np.clip(np.rint(inv_min[:, None] * the_min), 0, _SCALE_BITS_MAX).astype(np.uint8)
     d = (max_scale / _SCALE_BITS_MAX).astype(np.float16)
     dmin = (max_min / _SCALE_BITS_MAX).astype(np.float16)
-    # Levels for the scales the file will hold, not for the float fit.
+    return d, dmin, sc, mn
+
+
+def _qk_levels(x: F32, d: F16, dmin: F16, sc: U8, mn: U8, nmax: int) -> tuple[U8, F32]:
+    """Levels ``(n, 256)`` for the scales the file will hold (not for the float fit), and the
+    values they decode to."""
+    n = x.shape[0]
     step = (d.astype(np.float32)[:, None] * sc).reshape(n, 8, 1)  # (n, 8, 1)
     low = (dmin.astype(np.float32)[:, None] * mn).reshape(n, 8, 1)
     safe = np.where(step != 0, step, 1.0)
     q = np.clip(np.rint((x.reshape(n, 8, 32) + low) / safe), 0, nmax)
     q = np.where(step != 0, q, 0).astype(np.uint8)  # (n, 8, 32)
     values = (step * q.astype(np.float32) - low).reshape(n, QK_K)
-    header = np.concatenate([_f16_bytes(d), _f16_bytes(dmin)], axis=1)
-    return header, _pack_scales_mins(sc, mn), q.reshape(n, QK_K), values
+    return q.reshape(n, QK_K), values
 
 
 def _nibbles_q4k(q: U8) -> U8:
@@ -150,21 +171,36 @@ def _nibbles_q4k(q: U8) -> U8:
     return (chunks[:, :, 0, :] | (chunks[:, :, 1, :] << 4)).reshape(-1, 128).astype(np.uint8)
 
 
-def _encode_q4_k(x: F32) -> tuple[U8, F32]:
-    header, scales, q, values = _quantize_qk(x, 15, -1.0, 20)
-    return np.concatenate([header, scales, _nibbles_q4k(q)], axis=1), values
+def _pack_q4_k(d: F16, dmin: F16, sc: U8, mn: U8, q: U8) -> U8:
+    """Q4_K blocks ``(n, 144)`` from fp16 ``d``, ``dmin`` ``(n,)``, 6-bit ``sc``, ``mn``
+    ``(n, 8)`` and levels ``q`` ``(n, 256)`` in ``[0, 15]``."""
+    header = np.concatenate([_f16_bytes(d), _f16_bytes(dmin)], axis=1)
+    return np.concatenate([header, _pack_scales_mins(sc, mn), _nibbles_q4k(q)], axis=1)
 
 
-def _encode_q5_k(x: F32) -> tuple[U8, F32]:
-    header, scales, q, values = _quantize_qk(x, 31, -0.5, 15)
+def _pack_q5_k(d: F16, dmin: F16, sc: U8, mn: U8, q: U8) -> U8:
+    """Q5_K blocks ``(n, 176)``: as `_pack_q4_k`, levels in ``[0, 31]``."""
+    header = np.concatenate([_f16_bytes(d), _f16_bytes(dmin)], axis=1)
     # Fifth bits: byte l of the 32-byte plane holds, in bit k, weight l of sub-block k.
     high = (q.reshape(-1, 8, 32) >> 4).astype(np.uint8)  # (n, 8, 32)
     shifts = np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
     qh = np.bitwise_or.reduce(high << shifts, axis=1).astype(np.uint8)  # (n, 32)
-    return np.concatenate([header, scales, qh, _nibbles_q4k(q)], axis=1), values
+    return np.concatenate([header, _pack_scales_mins(sc, mn), qh, _nibbles_q4k(q)], axis=1)
 
 
-def _fit_signed_scale(x: F32, nmax: int) -> F32:
+def _encode_q4_k(x: F32) -> tuple[U8, F32]:
+    d, dmin, sc, mn = _qk_scales(x, 15, -1.0, 20)
+    q, values = _qk_levels(x, d, dmin, sc, mn, 15)
+    return _pack_q4_k(d, dmin, sc, mn, q), values
+
+
+def _encode_q5_k(x: F32) -> tuple[U8, F32]:
+    d, dmin, sc, mn = _qk_scales(x, 31, -0.5, 15)
+    q, values = _qk_levels(x, d, dmin, sc, mn, 31)
+    return _pack_q5_k(d, dmin, sc, mn, q), values
+
+
+def _fit_signed_scale(x: F32, nmax: int, importance: F32 | None = None) -> F32:
     """Per sub-block signed scale with ``x ~ scale * l``, ``l`` in ``[-nmax, nmax - 1]``.
 
     The step is anchored on the value of largest magnitude (``-nmax / max``, so that value maps
@@ -175,7 +211,7 @@ def _fit_signed_scale(x: F32, nmax: int) -> F32:
     peak = x[np.arange(x.shape[0]), idx]  # (n,) signed value of largest magnitude
     zero = np.abs(peak) < _EPS
     peak_safe = np.where(zero, 1.0, peak).astype(np.float32)[:, None]
-    w = x * x
+    w = x * x if importance is None else x * x * importance
     nudges = [0, *range(-9, 0), *range(1, 10)]
     best_metric = np.full(x.shape[0], -np.inf, dtype=np.float32)
     best_scale = np.zeros(x.shape[0], dtype=np.float32)
@@ -194,20 +230,37 @@ def _fit_signed_scale(x: F32, nmax: int) -> F32:
     return np.where(zero, 0.0, best_scale).astype(np.float32)
 
 
-def _encode_q6_k(x: F32) -> tuple[U8, F32]:
+def _q6_scales(x: F32, importance: F32 | None = None) -> tuple[F16, I8]:
+    """Q6_K scales of ``(n, 256)`` super-blocks: fp16 ``d`` ``(n,)`` and the int8 sub-block
+    scale codes ``sc`` ``(n, 16)``."""
     n = x.shape[0]
-    scales = _fit_signed_scale(x.reshape(n * 16, 16), 32).reshape(n, 16)
+    weights = None if importance is None else importance.reshape(n * 16, 16)
+    scales = _fit_signed_scale(x.reshape(n * 16, 16), 32, weights).reshape(n, 16)
     pick = np.abs(scales).argmax(axis=1)
     max_scale = scales[np.arange(n), pick]  # (n,) signed scale of largest magnitude
     empty = np.abs(max_scale) < _EPS
     inv = np.where(empty, 0.0, -128.0 / np.where(empty, 1.0, max_scale))  # (n,)
     d = np.where(empty, 0.0, 1.0 / np.where(empty, 1.0, inv)).astype(np.float16)
     sc = np.minimum(127, np.rint(inv[:, None] * scales)).astype(np.int8)  # (n, 16)
+    return d, sc
+
+
+def _q6_levels(x: F32, d: F16, sc: I8) -> tuple[U8, F32]:
+    """Unsigned levels ``(n, 256)`` in ``[0, 63]`` (signed level + 32) for the stored scales,
+    and the values they decode to."""
+    n = x.shape[0]
     step = (d.astype(np.float32)[:, None] * sc).reshape(n, 16, 1)
     safe = np.where(step != 0, step, 1.0)
     lv = np.where(step != 0, np.clip(np.rint(x.reshape(n, 16, 16) / safe), -32, 31), 0)
     values = (step * lv.astype(np.float32)).reshape(n, QK_K)
-    q = (lv + 32).astype(np.uint8).reshape(n, 2, 4, 32)
+    return (lv + 32).astype(np.uint8).reshape(n, QK_K), values
+
+
+def _pack_q6_k(d: F16, sc: I8, levels: U8) -> U8:
+    """Q6_K blocks ``(n, 210)`` from fp16 ``d`` ``(n,)``, int8 ``sc`` ``(n, 16)`` and unsigned
+    levels ``(n, 256)`` in ``[0, 63]``."""
+    n = levels.shape[0]
+    q = levels.reshape(n, 2, 4, 32)
     # Per 128-weight half: ql[l] = q[l] | q[l+64] << 4, ql[l+32] = q[l+32] | q[l+96] << 4,
     # qh[l] = top 2 bits of q[l], q[l+32], q[l+64], q[l+96] at bit offsets 0, 2, 4, 6.
     low = q & 0xF
@@ -218,10 +271,67 @@ def _encode_q6_k(x: F32) -> tuple[U8, F32]:
     qh = (top[:, :, 0] | (top[:, :, 1] << 2) | (top[:, :, 2] << 4) | (top[:, :, 3] << 6)).reshape(
         n, 64
     )
-    out = np.concatenate(
+    return np.concatenate(
         [ql.astype(np.uint8), qh.astype(np.uint8), sc.view(np.uint8), _f16_bytes(d)], axis=1
     )
-    return out, values
+
+
+def _encode_q6_k(x: F32) -> tuple[U8, F32]:
+    d, sc = _q6_scales(x)
+    q, values = _q6_levels(x, d, sc)
+    return _pack_q6_k(d, sc, q), values
+
+
+@dataclass(frozen=True)
+class KScales:
+    """The scales of ``n`` super-blocks of one K-quant type, as the file stores them.
+
+    ``d`` ``(n,)`` fp16; Q4_K/Q5_K: ``dmin`` ``(n,)`` fp16 and 6-bit codes ``sc``, ``mn``
+    ``(n, 8)`` uint8 (a weight is ``d * sc * q - dmin * mn``); Q6_K: ``dmin`` and ``mn`` None,
+    ``sc`` ``(n, 16)`` int8 (a weight is ``d * sc * (q - 32)``).
+    """
+
+    kind: str
+    d: F16
+    sc: NDArray[np.integer]
+    dmin: F16 | None = None
+    mn: U8 | None = None
+
+
+_QK_SEARCH = {"q4_k": (15, -1.0, 20), "q5_k": (31, -0.5, 15)}
+
+
+def k_scales(
+    rows: NDArray[np.floating], kind: str, importance: NDArray[np.floating] | None = None
+) -> KScales:
+    """The scales `quantize_k_with_values` chooses for the super-blocks ``rows`` ``(n, 256)``
+    (llama.cpp's reference search, see the module docstring).
+
+    ``importance`` (shaped like ``rows``, non-negative), if given, multiplies the per-weight
+    weights of the search's least-squares fits, as llama.cpp's importance matrix does.
+    """
+    x = _blocks(rows, QK_K)
+    imp = None if importance is None else _blocks(importance, QK_K)
+    if kind == "q6_k":
+        d6, sc6 = _q6_scales(x, imp)
+        return KScales(kind, d6, sc6)
+    try:
+        nmax, rmin, nstep = _QK_SEARCH[kind]
+    except KeyError:
+        raise ValueError(f"unknown K-quant type {kind!r}; expected one of {K_KINDS}") from None
+    d, dmin, sc, mn = _qk_scales(x, nmax, rmin, nstep, imp)
+    return KScales(kind, d, sc, dmin, mn)
+
+
+def pack_k_blocks(scales: KScales, levels: NDArray[np.integer]) -> U8:
+    """The GGUF bytes ``(n, type size)`` of super-blocks with the given scales and unsigned
+    levels ``(n, 256)`` (``[0, 15]`` Q4_K, ``[0, 31]`` Q5_K, ``[0, 63]`` Q6_K)."""
+    q = np.ascontiguousarray(levels, dtype=np.uint8).reshape(-1, QK_K)
+    if scales.kind == "q6_k":
+        return _pack_q6_k(scales.d, scales.sc.astype(np.int8), q)
+    assert scales.dmin is not None and scales.mn is not None
+    pack = _pack_q4_k if scales.kind == "q4_k" else _pack_q5_k
+    return pack(scales.d, scales.dmin, scales.sc.astype(np.uint8), scales.mn, q)
 
 
 _ENCODERS = {"q4_k": _encode_q4_k, "q5_k": _encode_q5_k, "q6_k": _encode_q6_k}
@@ -261,4 +371,14 @@ def quantize_q6_k(rows: NDArray[np.floating]) -> U8:
     return quantize_k_with_values(rows, "q6_k")[0]
 
 
-__all__ = ["QK_K", "quantize_k_with_values", "quantize_q4_k", "quantize_q5_k", "quantize_q6_k"]
+__all__ = [
+    "K_KINDS",
+    "QK_K",
+    "KScales",
+    "k_scales",
+    "pack_k_blocks",
+    "quantize_k_with_values",
+    "quantize_q4_k",
+    "quantize_q5_k",
+    "quantize_q6_k",
+]

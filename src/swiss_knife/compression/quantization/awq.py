@@ -15,7 +15,7 @@ saved model has the same shapes and modules as the original and no extra work at
 Per block, for each *scaling group* (linears that read the same input, and the op producing it):
 
 1. salience: ``m = mean over calibration tokens of |x|`` per input channel;
-2. search ``s(alpha) = m^alpha / sqrt(max * min)`` for ``alpha`` on ``config.grid`` evenly spaced
+2. search ``s(alpha) = m^alpha / sqrt(max * min)`` for ``alpha`` on ``config.scale_grid`` evenly spaced
    points of ``[0, 1]``, keeping the one whose weights ``Q(W diag(s)) diag(s)^-1`` (plain min/max
    round-to-nearest of the scaled weights) give the smallest mean squared error of the block's
    sub-module output (`awq_scale_search`). ``alpha = 0`` gives ``s = 1``, i.e. plain RTN, so the
@@ -63,7 +63,7 @@ logits. A single asymmetric grid loads through `load_compressed` only
 (``CompressedTensorsConfig(dequantize=True)``), see `compressed_tensors_format`.
 
 Cost, per block: the engine's passes (one per stage plus the replay, as for true-sequential
-GPTQ); per scaling group ``config.grid`` round-to-nearest passes over its weights, each followed
+GPTQ); per scaling group ``config.scale_grid`` round-to-nearest passes over its weights, each followed
 by a re-run of the attention or MLP module on at most `SEARCH_MAX_TOKENS` tokens, or by
 O(out * in^2) for a single linear; the clip search's ``10 * out * in * 512`` multiply-adds per
 linear. On a CPU the module re-runs and the engine's passes dominate (SmolLM2-135M, 32 x 512
@@ -82,7 +82,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ...arch import (
@@ -101,14 +101,12 @@ from ...calibration import (
     HessianObserver,
     run_calibration,
 )
-from ...config import (
-    CalibrationSettings,
-    IntWeightConfig,
-)
+from ...config import CalibrationSettings
 from ...errors import UnsupportedArchitectureError, UserInputError
 from ..metrics import sqnr_db
 from .base import QuantizationOutcome, QuantizeContext, register_method
 from .compressed_tensors_format import compressed_writer, plan_grids
+from .gguf_grid import GGUFGridConfig, is_k_grid
 from .grid import (
     QuantGrid,
     QuantizedWeight,
@@ -120,13 +118,37 @@ from .grid import (
 from .rtn import rtn_quantize
 
 
-class AWQConfig(IntWeightConfig):
-    """AWQ (Lin et al. 2023): activation-aware channel scales, folded into the previous op."""
+class AWQConfig(GGUFGridConfig):
+    """AWQ (Lin et al. 2023): activation-aware channel scales, folded into the previous op.
+
+    ``grid`` may name a llama.cpp 32-weight block grid (``gguf:q4_0`` ...; `gguf_grid`), which
+    fixes bits, groups of 32 and symmetry; llama.cpp's K grids are GPTQ's and RTN's for now.
+    """
 
     method: Literal["awq"] = "awq"
-    grid: int = Field(default=20, ge=2, description="Points of the scale-exponent search.")
+    scale_grid: int = Field(default=20, ge=2, description="Points of the scale-exponent search.")
     clip_search: bool = Field(default=True, description="Search the clipping range per group.")
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scale_grid_was_grid(cls, data: Any) -> Any:
+        # Before `grid` named a llama.cpp grid, an integer `grid` was the scale search's points.
+        if isinstance(data, dict) and type(data.get("grid")) is int:
+            if "scale_grid" in data:
+                raise ValueError("give the scale search's points once, as scale_grid")
+            data = dict(data)
+            data["scale_grid"] = data.pop("grid")
+        return data
+
+    @model_validator(mode="after")
+    def _no_k_grid(self) -> AWQConfig:
+        if is_k_grid(self.grid):
+            raise ValueError(
+                f"awq does not quantize on llama.cpp's K grids ({self.grid}) yet; use method "
+                "gptq or rtn for them, or a 32-weight grid such as gguf:q4_0 with awq"
+            )
+        return self
 
 
 FORMAT = "compressed-tensors/pack-quantized"
@@ -948,7 +970,7 @@ def _apply_awq(model: nn.Module, config: AWQConfig, ctx: QuantizeContext) -> Qua
     grids = plan_awq_grids(model, config)
     calibrator = AWQCalibrator(
         grids,
-        grid_points=config.grid,
+        grid_points=config.scale_grid,
         clip_search=config.clip_search,
         total_tokens=int(ctx.calibration.numel()),
     )
@@ -973,7 +995,7 @@ def _apply_awq(model: nn.Module, config: AWQConfig, ctx: QuantizeContext) -> Qua
         )
     scaled = sorted({s["stage"] for s in calibrator.searches})
     steps = [
-        f"AWQ: {_describe(config)}; scales searched over {config.grid} exponents in [0, 1] "
+        f"AWQ: {_describe(config)}; scales searched over {config.scale_grid} exponents in [0, 1] "
         f"({', '.join(scaled) or 'no scaling group'})"
         + (", output-error clip search (q/k excluded)" if config.clip_search else "")
         + f"; calibrated on {report.num_samples} x {report.seq_len} tokens"

@@ -43,6 +43,14 @@ import torch
 from torch import Tensor
 
 from swiss_knife.compression.hessian import inverse_cholesky_upper
+from swiss_knife.compression.quantization.gguf_grid import (
+    QK_K,
+    KGridScales,
+    KQuantizedWeight,
+    KSpec,
+    check_k_width,
+    k_round,
+)
 from swiss_knife.compression.quantization.grid import (
     QuantGrid,
     QuantizedWeight,
@@ -259,3 +267,126 @@ def _gptq_quantize(
 
     result = _in_original_order(Q, perm, scale, zero, grid, group, fit_up_front)
     return result, float(loss.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp's K-quant grids (`gguf_grid`): two-level scales per super-block of 256 columns.
+# ---------------------------------------------------------------------------------------------
+
+
+def gptq_quantize_k(
+    W: Tensor,
+    H: Tensor,
+    spec: KSpec,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> tuple[KQuantizedWeight, float]:
+    """GPTQ on a llama.cpp K-quant grid (Q4_K, Q5_K, Q6_K): ``W`` ``(out, in)``, ``in`` a
+    multiple of 256, with its input Hessian ``H`` ``(in, in)``.
+
+    The OBS step is the one of `gptq_quantize`; the grid is `gguf_grid`'s. When the column loop
+    enters a super-block (256 columns of every row), the super-block's sub-block scales and mins
+    are fitted on its columns as the earlier columns' errors have left them (llama.cpp's
+    reference search, `gguf_grid.fit_k_scales`, its least-squares weights multiplied by each
+    column's ``H_jj`` as llama.cpp's importance matrix does), quantized to their 6-bit / int8
+    codes and fp16 ``d``/``dmin``; its columns are then rounded on exactly that grid, each error
+    fed forward. Blocks of the lazy update are whole super-blocks then, so a super-block's fit
+    sees every earlier update. With ``static_groups`` every super-block is fitted up front on
+    the original weights instead (measured worse on SmolLM2's down_proj layers; see
+    `gguf_grid`).
+
+    Args:
+        act_order: process columns by decreasing ``diag(H)``; within each super-block (its
+            grid is fitted when the loop enters it) unless ``static_groups``.
+        static_groups: fit every super-block's grid up front on the original weights (then
+            ``act_order`` orders all columns globally).
+
+    Returns:
+        ``(result, loss)`` as `gptq_quantize`: the levels in the original column order, and the
+        summed OBS error.
+    """
+    with column_loop_threads(W.device):
+        return _gptq_quantize_k(
+            W,
+            H,
+            spec,
+            block_size=block_size,
+            damp=damp,
+            act_order=act_order,
+            static_groups=static_groups,
+        )
+
+
+def _k_order(H: Tensor, act_order: bool, static_groups: bool) -> Tensor | None:
+    """The processing order: None (natural), by decreasing ``diag(H)`` over all columns (static
+    grids), or by decreasing ``diag(H)`` within each super-block (grids fitted on entry)."""
+    if not act_order:
+        return None
+    diag = torch.diagonal(H)
+    if static_groups:
+        return torch.argsort(diag, descending=True, stable=True)
+    local = torch.argsort(diag.reshape(-1, QK_K), dim=1, descending=True, stable=True)
+    offsets = torch.arange(0, diag.numel(), QK_K, device=H.device).unsqueeze(1)
+    return (local + offsets).reshape(-1)
+
+
+def _gptq_quantize_k(
+    W: Tensor,
+    H: Tensor,
+    spec: KSpec,
+    *,
+    block_size: int,
+    damp: float,
+    act_order: bool,
+    static_groups: bool,
+) -> tuple[KQuantizedWeight, float]:
+    _check_arguments(W, H, QuantGrid(bits=4), block_size, damp)
+    out_features, in_features = W.shape
+    check_k_width(in_features, spec)
+    W, H = _float32_copies(W, H)
+    grid = KGridScales(spec, out_features, in_features, W.device)
+    # Each column's diag(H), its summed squared input: llama.cpp's importance matrix.
+    importance = torch.diagonal(H).clone()  # (in,), original order
+    if static_groups:
+        grid.fit(0, W, importance)
+    perm = _k_order(H, act_order, static_groups)
+    if perm is not None:
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    U, _ = inverse_cholesky_upper(H, damp, label="GPTQ")  # (in, in) upper triangular
+    del H
+    column = perm if perm is not None else torch.arange(in_features, device=W.device)
+    sub_of = (column // spec.sub).tolist()  # original sub-block of each processed column
+    if not static_groups:
+        # Whole super-blocks per lazy block: a super-block's fit sees every earlier update.
+        block_size = QK_K if block_size <= QK_K else (block_size // QK_K) * QK_K
+        # Columns of a super-block in their original order, from its processing order.
+        restore = torch.argsort(column.reshape(-1, QK_K) % QK_K, dim=1)  # (n_super, 256)
+
+    Q = torch.empty(out_features, in_features, dtype=torch.float32, device=W.device)
+    loss = torch.zeros(out_features, dtype=torch.float64, device=W.device)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        W1 = W[:, i1:i2].clone()  # (out, B)
+        Err1 = torch.empty_like(W1)  # (out, B)
+        U1 = U[i1:i2, i1:i2]  # (B, B)
+        for i in range(i2 - i1):
+            j = i1 + i
+            if not static_groups and j % QK_K == 0:
+                chunk = W1[:, i : i + QK_K][:, restore[j // QK_K]]  # (out, 256), original order
+                grid.fit(j, chunk, importance[j : j + QK_K])
+            w = W1[:, i]  # (out,)
+            q, value = k_round(spec, w, *grid.column(sub_of[j]))
+            Q[:, j] = q
+            err = (w - value) / U1[i, i]  # (out,)
+            W1[:, i + 1 :].addr_(err, U1[i, i + 1 :], alpha=-1.0)
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)  # lazy batch update
+        loss += Err1.double().square().sum(dim=1)
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return grid.result(Q), float(loss.sum())

@@ -15,6 +15,7 @@ device plus the calibration activations (samples x seq_len x hidden).
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -30,27 +31,36 @@ from ...calibration import (
     sequential_groups,
 )
 from ...calibration import same_tensor as _same_tensor
-from ...config import (
-    CalibrationSettings,
-    IntWeightConfig,
-)
+from ...config import CalibrationSettings
 from ...errors import UserInputError
 from ..metrics import sensitivity_table, sqnr_db
 from .base import QuantizationOutcome, QuantizeContext, register_method
 from .compressed_tensors_format import compressed_writer, plan_grids
-from .gptq import gptq_quantize
+from .gguf_grid import (
+    BLOCK_GRIDS,
+    GRID_FILE,
+    GGUFGridConfig,
+    KSpec,
+    block_scale_dtype,
+    gguf_grid_writer,
+    is_block_grid,
+    is_k_grid,
+    plan_k_grids,
+    rtn_quantize_k,
+)
+from .gptq import gptq_quantize, gptq_quantize_k
 from .grid import QuantGrid, QuantizedWeight
 from .rtn import rtn_quantize
 
 
-class RTNConfig(IntWeightConfig):
+class RTNConfig(GGUFGridConfig):
     """Round-to-nearest weight-only quantization, optionally with a clipping-range search."""
 
     method: Literal["rtn"] = "rtn"
     clip_search: bool = Field(default=False, description="Search the range that minimises error.")
 
 
-class GPTQConfig(IntWeightConfig):
+class GPTQConfig(GGUFGridConfig):
     """GPTQ (Frantar et al. 2022): second-order weight-only quantization on calibration data."""
 
     method: Literal["gptq"] = "gptq"
@@ -59,7 +69,9 @@ class GPTQConfig(IntWeightConfig):
     # error-minimising clip range, every linear of a block observed in one pass.
     act_order: bool = Field(default=True, description="Quantize columns by decreasing H diag.")
     static_groups: bool = Field(
-        default=True, description="Fix group scales before the updates (needed with act_order)."
+        default=True,
+        description="Fix group scales before the updates (needed with act_order); off by "
+        "default on K grids, whose super-blocks are fitted as the column loop enters them.",
     )
     damp: float = Field(default=0.01, gt=0.0, lt=1.0, description="Hessian dampening.")
     block_size: int = Field(default=128, ge=1, description="Columns updated together.")
@@ -73,9 +85,26 @@ class GPTQConfig(IntWeightConfig):
     )
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _k_grid_fits_on_entry(cls, data: Any) -> Any:
+        # A K grid's super-block stays whole under act order (columns are ordered within it),
+        # so its scales can be fitted on the error-updated weights; on SmolLM2's down_proj
+        # layers that beat fitting up front (see gguf_grid), so it is the default there.
+        if isinstance(data, dict) and is_k_grid(str(data.get("grid"))):
+            data = {"static_groups": False, **data}
+        return data
+
     @model_validator(mode="after")
     def _act_order_export(self) -> GPTQConfig:
-        if self.act_order and self.group_size is not None and not self.static_groups:
+        # Without static groups a K grid orders columns within each super-block instead, and
+        # fits each super-block's scales as the column loop enters it (gptq_quantize_k).
+        if (
+            self.act_order
+            and self.group_size is not None
+            and not self.static_groups
+            and not is_k_grid(self.grid)
+        ):
             raise ValueError(
                 "act_order with groups needs static_groups: true (the saved format needs "
                 "contiguous groups)"
@@ -84,6 +113,8 @@ class GPTQConfig(IntWeightConfig):
 
 
 FORMAT = "compressed-tensors/pack-quantized"
+# A K grid (gguf_grid): a dense checkpoint of the exact values plus the GGUF block sidecar.
+FORMAT_K = "dense+gguf-grid"
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -93,20 +124,61 @@ def _weight(module: nn.Module) -> torch.Tensor:
 
 
 def _describe(config: RTNConfig | GPTQConfig) -> str:
+    if is_k_grid(config.grid):
+        kind = config.grid.removeprefix("gguf:").upper()
+        return f"llama.cpp {kind} grid (super-blocks of 256 with quantized sub-block scales)"
     group = f"groups of {config.group_size}" if config.group_size else "per-channel scales"
     grid = "symmetric" if config.symmetric else "asymmetric"
-    return f"{config.bits}-bit {grid} integer weights, {group}"
+    text = f"{config.bits}-bit {grid} integer weights, {group}"
+    if is_block_grid(config.grid):
+        text += f" (llama.cpp {config.grid.removeprefix('gguf:').upper()} grid, fp16 scales)"
+    return text
+
+
+def _plan(model: nn.Module, config: RTNConfig | GPTQConfig) -> dict[str, tuple[nn.Linear, Any]]:
+    """The targeted linears with their grids (a `QuantGrid`, or a `KSpec` for a K grid)."""
+    if is_k_grid(config.grid):
+        return dict(plan_k_grids(model, config))
+    # One asymmetric block grid (gguf:q4_1, q5_1) loads through load_compressed, as AWQ's does.
+    asymmetric = is_block_grid(config.grid) and not BLOCK_GRIDS[config.grid][1]
+    return dict(plan_grids(model, config, allow_asymmetric=asymmetric))
+
+
+def _scale_dtype(config: RTNConfig | GPTQConfig, weight_dtype: torch.dtype) -> torch.dtype:
+    """Where scales are rounded: the model's dtype, or fp16 for a llama.cpp block grid."""
+    return block_scale_dtype(weight_dtype) if is_block_grid(config.grid) else weight_dtype
+
+
+def _stored(qw: QuantizedWeight, weight_dtype: torch.dtype) -> QuantizedWeight:
+    """`qw` with its scales in the model's dtype, in which the checkpoint stores them (the
+    fp16 scales of a block grid widen exactly); unchanged when they already are."""
+    if qw.scale.dtype == weight_dtype:
+        return qw
+    return QuantizedWeight(qw.q, qw.scale.to(weight_dtype), qw.zero, qw.grid, qw.g_idx)
+
+
+def _grid_report(config: RTNConfig | GPTQConfig, blocks: Mapping[str, Any]) -> dict[str, Any]:
+    kinds = Counter(kind for kind, _ in blocks.values())
+    return {"grid": config.grid, "file": GRID_FILE, "types": dict(kinds)}
 
 
 def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantizeContext) -> QuantizationOutcome:
-    plan = plan_grids(model, config, allow_asymmetric=False)
+    if is_k_grid(config.grid):
+        return _apply_rtn_k(model, config)
+    plan = _plan(model, config)
     quantized: dict[str, QuantizedWeight] = {}
     rows: list[dict[str, Any]] = []
     with torch.no_grad():
         for name, (module, grid) in plan.items():
             weight = _weight(module)
             w = weight.detach().float()  # (out, in)
-            qw = rtn_quantize(w, grid, clip_search=config.clip_search, scale_dtype=weight.dtype)
+            qw = rtn_quantize(
+                w,
+                grid,
+                clip_search=config.clip_search,
+                scale_dtype=_scale_dtype(config, weight.dtype),
+            )
+            qw = _stored(qw, weight.dtype)
             deq = qw.dequantize().to(weight.dtype)
             rel = float((deq.float() - w).norm() / w.norm().clamp_min(1e-12))
             weight.copy_(deq)
@@ -128,16 +200,49 @@ def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantizeContext) -> Qua
     )
 
 
+def _apply_rtn_k(model: nn.Module, config: RTNConfig) -> QuantizationOutcome:
+    """RTN on a K grid: each linear's super-block scales fitted on its own weights."""
+    plan = plan_k_grids(model, config)
+    blocks: dict[str, tuple[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    with torch.no_grad():
+        for name, (module, spec) in plan.items():
+            weight = _weight(module)
+            w = weight.detach().float()  # (out, in)
+            kq = rtn_quantize_k(w, spec)
+            deq = kq.dequantize()  # float32, bit for bit what llama.cpp decodes
+            rel = float((deq - w).norm() / w.norm().clamp_min(1e-12))
+            weight.copy_(deq.to(weight.dtype))
+            blocks[name] = (spec.kind, kq.to_blocks())
+            rows.append(
+                {"name": name, "bits": spec.bits, "rel_error": rel, "sqnr_db": sqnr_db(rel)}
+            )
+    return QuantizationOutcome(
+        model=model,
+        writer=gguf_grid_writer(model, blocks),
+        format=FORMAT_K,
+        steps=[f"RTN: {_describe(config)}"],
+        report={
+            "layers": len(blocks),
+            "gguf_grid": _grid_report(config, blocks),
+            "sensitivity_kind": "relative weight error (data-free)",
+            "sensitivity": sensitivity_table(rows, limit=len(rows)),
+        },
+    )
+
+
 class GPTQCalibrator(BlockCalibrator):
     """Collects each targeted linear's input Hessian and solves it with GPTQ."""
 
     stop_after_group = True  # only the group's inputs are needed
 
-    def __init__(self, plan: Mapping[str, tuple[nn.Module, QuantGrid]], config: GPTQConfig):
+    def __init__(self, plan: Mapping[str, tuple[nn.Module, QuantGrid | KSpec]], config: GPTQConfig):
         self.plan = plan
         self.config = config
         self.observers: dict[str, HessianObserver] = {}
         self.quantized: dict[str, QuantizedWeight] = {}
+        # K grids: module -> (GGUF type, block bytes), for the sidecar.
+        self.blocks: dict[str, tuple[str, Any]] = {}
         # The input last folded into a Hessian and its observer. q/k/v (and gate/up) read the
         # very same tensor, so they share one Hessian instead of accumulating three equal ones.
         # Holding the tensor keeps its memory from being reused by another input meanwhile.
@@ -168,17 +273,21 @@ class GPTQCalibrator(BlockCalibrator):
         observer = self.observers.pop(name)
         weight = _weight(module)
         cfg = self.config
+        grid = self.plan[name][1]
+        if isinstance(grid, KSpec):
+            return self._solve_k(name, weight, observer, grid)
         qw, loss = gptq_quantize(
             weight.detach().float(),  # (out, in)
             observer.hessian,  # (in, in)
-            self.plan[name][1],
+            grid,
             block_size=cfg.block_size,
             damp=cfg.damp,
             act_order=cfg.act_order,
             static_groups=cfg.static_groups,
             clip_search=cfg.clip_search,
-            scale_dtype=weight.dtype,
+            scale_dtype=_scale_dtype(cfg, weight.dtype),
         )
+        qw = _stored(qw, weight.dtype)
         with torch.no_grad():
             weight.copy_(qw.dequantize().to(weight.dtype))
         # The integers leave the compute device: only one block's worth lives there at a time.
@@ -191,11 +300,30 @@ class GPTQCalibrator(BlockCalibrator):
         )
         return {"gptq_loss": float(loss)}
 
+    def _solve_k(
+        self, name: str, weight: torch.Tensor, observer: HessianObserver, spec: KSpec
+    ) -> Mapping[str, float]:
+        cfg = self.config
+        kq, loss = gptq_quantize_k(
+            weight.detach().float(),  # (out, in)
+            observer.hessian,  # (in, in)
+            spec,
+            block_size=cfg.block_size,
+            damp=cfg.damp,
+            act_order=cfg.act_order,
+            static_groups=cfg.static_groups,
+        )
+        with torch.no_grad():
+            weight.copy_(kq.dequantize().to(weight.dtype))
+        # The bytes leave the compute device: only one block's worth lives there at a time.
+        self.blocks[name] = (spec.kind, kq.to_blocks())
+        return {"gptq_loss": float(loss)}
+
 
 def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> QuantizationOutcome:
     if ctx.calibration is None:
         raise UserInputError("gptq needs calibration data: pass --calibration-data")
-    plan = plan_grids(model, config, allow_asymmetric=False)
+    plan = _plan(model, config)
     calibrator = GPTQCalibrator(plan, config)
     started = time.perf_counter()
     report = run_calibration(
@@ -218,7 +346,7 @@ def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> Q
         for r in report.linears
         if r.name in plan
     ]
-    missing = set(plan) - set(calibrator.quantized)
+    missing = set(plan) - set(calibrator.quantized) - set(calibrator.blocks)
     if missing:
         raise UserInputError(
             f"{len(missing)} targeted layer(s) never ran during calibration (e.g. "
@@ -227,7 +355,7 @@ def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> Q
     extras = [
         "activation order" if config.act_order else None,
         "static groups" if config.static_groups else None,
-        "clip search" if config.clip_search else None,
+        "clip search" if config.clip_search and not is_k_grid(config.grid) else None,
         "true sequential" if config.true_sequential else None,
     ]
     steps = [
@@ -235,13 +363,20 @@ def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> Q
         + "".join(f", {e}" for e in extras if e)
         + f"; calibrated on {report.num_samples} x {report.seq_len} tokens"
     ]
+    if calibrator.blocks:
+        writer, layout = gguf_grid_writer(model, calibrator.blocks), FORMAT_K
+        grid_report = {"gguf_grid": _grid_report(config, calibrator.blocks)}
+    else:
+        writer, layout = compressed_writer(model, calibrator.quantized), FORMAT
+        grid_report = {}
     return QuantizationOutcome(
         model=model,
-        writer=compressed_writer(model, calibrator.quantized),
-        format=FORMAT,
+        writer=writer,
+        format=layout,
         steps=steps,
         report={
-            "layers": len(calibrator.quantized),
+            "layers": len(calibrator.quantized) + len(calibrator.blocks),
+            **grid_report,
             "calibration_seconds": round(time.perf_counter() - started, 3),
             "calibration_tokens": report.tokens,
             "calibration_precision": report.precision,
@@ -256,7 +391,7 @@ def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> Q
 
 
 def _check(model: nn.Module, config: RTNConfig | GPTQConfig) -> None:
-    plan_grids(model, config, allow_asymmetric=False)
+    _plan(model, config)
 
 
 register_method("rtn", RTNConfig, needs_calibration=False, check=_check)(_apply_rtn)
