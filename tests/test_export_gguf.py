@@ -115,6 +115,30 @@ def logits(model: Any) -> torch.Tensor:
         return model(input_ids=IDS).logits
 
 
+def check_in_llama_cpp(path: Path, expected: torch.Tensor) -> None:
+    """When llama-cpp-python is installed: llama.cpp loads the file, computes the source's
+    logits (its f16 KV cache is the only difference for an f32 file) and generates."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return
+    import llama_cpp
+
+    llm = llama_cpp.Llama(
+        model_path=str(path), n_ctx=64, logits_all=True, n_threads=1, verbose=False
+    )
+    ids = IDS[0].tolist()
+    llm.eval(ids)
+    got = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    ref = expected[0].float().numpy()
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 2e-3, path.name
+    llm.reset()
+    generated: list[int] = []
+    for token in llm.generate(ids, temp=0.0):
+        generated.append(token)
+        if len(generated) == 4:
+            break
+    assert len(generated) == 4 and all(0 <= t < expected.shape[-1] for t in generated)
+
+
 def rel_rms(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(((a - b) ** 2).mean()) / np.sqrt((b**2).mean()))
 
@@ -490,6 +514,7 @@ def test_mistral_qwen2_qwen3(tmp_path: Path) -> None:
         stored = tensors["blk.0.attn_q.weight"][1]
         assert np.array_equal(stored, q_proj) == (arch != "llama")
         assert (gguf_logits(out) - logits(model)).abs().max().item() < 1e-4
+        check_in_llama_cpp(out, logits(model))
 
 
 def test_pruned_and_layer_reduced_model_exports(tmp_path: Path) -> None:
@@ -506,6 +531,7 @@ def test_pruned_and_layer_reduced_model_exports(tmp_path: Path) -> None:
     assert field(out, "llama.attention.head_count_kv") == 1
     assert field(out, "llama.attention.key_length") == 8  # no longer hidden / heads
     assert (gguf_logits(out) - expected).abs().max().item() < 1e-4
+    check_in_llama_cpp(out, expected)
 
 
 @requires_ct
