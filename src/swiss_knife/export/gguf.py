@@ -280,40 +280,84 @@ def export_gguf(
         vocab = read_vocab(directory, hp.vocab)
         file_kind = base if base != "auto" else dominant_type(plan)
 
-        writer = GGUFFileWriter(path=None, arch=arch.gguf_name)
-        writer.add_type("model")
-        writer.add_name(str(config.get("_name_or_path") or directory.name))
-        writer.add_string(gguf.Keys.General.QUANTIZED_BY, WRITER_NAME)
-        write_hparams(writer, hp, config.get("original_max_position_embeddings"))
-        writer.add_file_type(int(_FILE_TYPES[file_kind]))
-        writer.add_quantization_version(GGML_QUANT_VERSION)
+        writer = _header(config, directory, arch, hp, file_kind)
         tokenizer_summary = write_vocab(writer, vocab, directory)
-        for item in plan:
-            shape, dtype, nbytes, raw = _storage(item)
-            writer.add_tensor_info(item.gguf_name, shape, dtype, nbytes, raw_dtype=raw)
+        _write_file(writer, checkpoint, plan, out, overwrite, progress)
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        report_progress, close_progress = _progress(progress, len(plan))
-        try:
-            writer.write_header_to_file(path=tmp)
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            for done, item in enumerate(plan, start=1):
-                data = _encode(checkpoint, item)
-                if data.nbytes != _storage(item)[2]:
-                    raise GGUFExportError(f"{item.gguf_name}: encoded size does not match")
-                writer.write_tensor_data(np.ascontiguousarray(data))
-                report_progress(done, len(plan), item.gguf_name)
-            writer.close()
-            _publish(tmp, out, overwrite)
-        finally:
-            writer.close()
-            close_progress()
-            tmp.unlink(missing_ok=True)
+    report = _report(plan, out, base, file_kind, arch, hp, directory, checkpoint.layout)
+    report["tokenizer"] = tokenizer_summary
+    report["seconds"] = round(time.monotonic() - start, 3)
+    logger.info(
+        "wrote %s: %s, %d tensors, %.2f bits/weight",
+        out,
+        base,
+        len(plan),
+        report["bits_per_weight"],
+    )
+    return report
 
+
+def _header(
+    config: dict[str, Any], directory: Path, arch: Any, hp: Any, file_kind: str
+) -> GGUFFileWriter:
+    """A writer holding the file's metadata: name, writer mark, hyperparameters, file type."""
+    writer = GGUFFileWriter(path=None, arch=arch.gguf_name)
+    writer.add_type("model")
+    writer.add_name(str(config.get("_name_or_path") or directory.name))
+    writer.add_string(gguf.Keys.General.QUANTIZED_BY, WRITER_NAME)
+    write_hparams(writer, hp, config.get("original_max_position_embeddings"))
+    writer.add_file_type(int(_FILE_TYPES[file_kind]))
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    return writer
+
+
+def _write_file(
+    writer: GGUFFileWriter,
+    checkpoint: Checkpoint,
+    plan: list[PlannedTensor],
+    out: Path,
+    overwrite: bool,
+    progress: ProgressCallback | bool | None,
+) -> None:
+    """Encode every planned tensor into a temporary file beside `out`, then publish it; a
+    failure or an interruption leaves neither the output nor the temporary file."""
+    for item in plan:
+        shape, dtype, nbytes, raw = _storage(item)
+        writer.add_tensor_info(item.gguf_name, shape, dtype, nbytes, raw_dtype=raw)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    report_progress, close_progress = _progress(progress, len(plan))
+    try:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for done, item in enumerate(plan, start=1):
+            data = _encode(checkpoint, item)
+            if data.nbytes != _storage(item)[2]:
+                raise GGUFExportError(f"{item.gguf_name}: encoded size does not match")
+            writer.write_tensor_data(np.ascontiguousarray(data))
+            report_progress(done, len(plan), item.gguf_name)
+        writer.close()
+        _publish(tmp, out, overwrite)
+    finally:
+        writer.close()
+        close_progress()
+        tmp.unlink(missing_ok=True)
+
+
+def _report(
+    plan: list[PlannedTensor],
+    out: Path,
+    base: str,
+    file_kind: str,
+    arch: Any,
+    hp: Any,
+    directory: Path,
+    layout: str,
+) -> dict[str, Any]:
+    """What was written: sizes, types per tensor, which tensors kept the source's integers."""
     params = sum(int(np.prod(item.shape)) for item in plan)
     size = out.stat().st_size
     fallbacks = {
@@ -327,7 +371,7 @@ def export_gguf(
         "architecture": arch.gguf_name,
         "model_type": arch.model_type,
         "source": str(directory),
-        "source_layout": checkpoint.layout,
+        "source_layout": layout,
         "parameters": params,
         "bits_per_weight": 8 * size / params if params else 0.0,
         "tied_embeddings": bool(hp.tied),
@@ -344,16 +388,7 @@ def export_gguf(
             }
             for item in plan
         ],
-        "tokenizer": tokenizer_summary,
-        "seconds": round(time.monotonic() - start, 3),
     }
-    logger.info(
-        "wrote %s: %s, %d tensors, %.2f bits/weight",
-        out,
-        base,
-        len(plan),
-        report["bits_per_weight"],
-    )
     return report
 
 

@@ -423,6 +423,15 @@ def _write_run_file(
     accelerator.wait_for_everyone()
 
 
+def _checked_accelerator(config: DistillConfig, cpu: bool) -> Any:
+    """The accelerator of this process, refused when the launch started fewer processes than
+    asked or a distributed backend accelerate did not set up (see check_launch)."""
+    accelerator = create_accelerator(config, cpu=cpu)
+    check_launch(accelerator.num_processes)
+    check_backend(accelerator.distributed_type.value)
+    return accelerator
+
+
 def distill(
     teacher: ModelLike,
     student: ModelLike | None,
@@ -459,10 +468,8 @@ def distill(
         config, train_data, eval_data, tokenizer, teacher_model
     )
 
-    accelerator = create_accelerator(config, cpu=cpu)
+    accelerator = _checked_accelerator(config, cpu)
     processes = accelerator.num_processes
-    check_launch(processes)
-    check_backend(accelerator.distributed_type.value)
     data, steps = _prepare_run_data(config, accelerator, train_stream, eval_stream)
 
     # Seed before anything random is created (the hidden-state projections).
