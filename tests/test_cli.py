@@ -45,17 +45,6 @@ SMALL_EVAL = [
 
 
 @pytest.fixture
-def eval_text(tmp_path: Path) -> Path:
-    path = tmp_path / "eval.txt"
-    paragraphs = [
-        f"Story {i}: the quick brown fox jumps over {i % 7} lazy dogs, and the cat sat on a mat."
-        for i in range(40)
-    ]
-    path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
-    return path
-
-
-@pytest.fixture
 def bf16_copy_dir(tmp_path: Path, tiny_llama_dir: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -64,6 +64,33 @@ class AgreementResult:
         return asdict(self)
 
 
+@dataclass
+class AgreementTally:
+    """Running sums of per-position KL and top-1 matches over windows, for AgreementResult."""
+
+    kl_total: float = 0.0
+    agree_total: int = 0
+    positions: int = 0
+    kl_max_window: float = 0.0
+
+    def add(self, kl: torch.Tensor, same: torch.Tensor) -> None:
+        """One window's per-position KL (seq,) and top-1 matches (seq,)."""
+        window_kl = float(kl.double().sum())
+        self.kl_total += window_kl
+        self.agree_total += int(same.sum())
+        self.positions += kl.numel()
+        self.kl_max_window = max(self.kl_max_window, window_kl / kl.numel())
+
+    def result(self, window: int) -> AgreementResult:
+        return AgreementResult(
+            kl_mean=self.kl_total / self.positions,
+            kl_max_window=self.kl_max_window,
+            top1_agreement=self.agree_total / self.positions,
+            tokens=self.positions,
+            window=window,
+        )
+
+
 @dataclass(frozen=True)
 class BleuResult:
     """Corpus BLEU of greedy continuations against references."""
@@ -174,10 +201,7 @@ def agreement(
     if max_windows is not None:
         batches = _first_windows(batches, max_windows)
 
-    kl_total = 0.0
-    agree_total = 0
-    positions = 0
-    kl_max_window = 0.0
+    tally = AgreementTally()
     with eval_mode(reference), eval_mode(model):
         for batch in track(batches, "agreement", unit="batch", enabled=progress):
             input_ids = torch.stack([stream[b:e] for b, e in batch])  # (batch, seq)
@@ -190,20 +214,9 @@ def agreement(
                 )
             # One row at a time keeps the float32 (seq, vocab) temporaries small for big vocabs.
             for row in range(len(batch)):
-                kl, same = _window_kl(ref_logits[row], model_logits[row], ref_device)
-                window_kl = float(kl.double().sum())
-                kl_total += window_kl
-                agree_total += int(same.sum())
-                positions += kl.numel()
-                kl_max_window = max(kl_max_window, window_kl / kl.numel())
+                tally.add(*_window_kl(ref_logits[row], model_logits[row], ref_device))
 
-    return AgreementResult(
-        kl_mean=kl_total / positions,
-        kl_max_window=kl_max_window,
-        top1_agreement=agree_total / positions,
-        tokens=positions,
-        window=window,
-    )
+    return tally.result(window)
 
 
 def _check_pair(prompt: object, reference: object, where: str) -> tuple[str, str]:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import math
 import os
 import re
 import time
@@ -54,7 +53,12 @@ import torch
 from swiss_knife.config import EvaluationConfig
 from swiss_knife.errors import MissingDependencyError, ModelLoadError, UserInputError
 from swiss_knife.evaluation.evaluate import EvaluationReport, perplexity_stream
-from swiss_knife.evaluation.generation import AgreementResult, _checked_window, _window_kl
+from swiss_knife.evaluation.generation import (
+    AgreementResult,
+    AgreementTally,
+    _checked_window,
+    _window_kl,
+)
 from swiss_knife.evaluation.memory import PeakMemory
 from swiss_knife.evaluation.perplexity import (
     PerplexityResult,
@@ -371,16 +375,7 @@ def gguf_perplexity(
         nll_sum += float(-log_probs.gather(-1, targets).squeeze(-1).double().sum())
         count += last - first
 
-    mean_nll = nll_sum / count
-    return PerplexityResult(
-        perplexity=math.exp(mean_nll),
-        mean_nll=mean_nll,
-        tokens_scored=count,
-        window=window,
-        stride=stride,
-        num_windows=len(windows),
-        bits_per_token=mean_nll / math.log(2),
-    )
+    return PerplexityResult.from_sums(nll_sum, count, window, stride, len(windows))
 
 
 def gguf_agreement(
@@ -402,10 +397,7 @@ def gguf_agreement(
     if max_windows is not None:
         spans = spans[:max_windows]
 
-    kl_total = 0.0
-    agree_total = 0
-    positions = 0
-    kl_max_window = 0.0
+    tally = AgreementTally()
     with eval_mode(reference):
         for begin, end in track(spans, "agreement (llama.cpp)", unit="window", enabled=progress):
             ids = stream[begin:end]  # (seq,)
@@ -416,20 +408,9 @@ def gguf_agreement(
                     f"logit widths differ (reference {ref_logits.shape[-1]}, "
                     f"llama.cpp {model_logits.shape[-1]}); agreement needs the same vocabulary"
                 )
-            kl, same = _window_kl(ref_logits, model_logits, ref_device)  # (seq,), (seq,)
-            window_kl = float(kl.double().sum())
-            kl_total += window_kl
-            agree_total += int(same.sum())
-            positions += kl.numel()
-            kl_max_window = max(kl_max_window, window_kl / kl.numel())
+            tally.add(*_window_kl(ref_logits, model_logits, ref_device))  # (seq,), (seq,)
 
-    return AgreementResult(
-        kl_mean=kl_total / positions,
-        kl_max_window=kl_max_window,
-        top1_agreement=agree_total / positions,
-        tokens=positions,
-        window=window,
-    )
+    return tally.result(window)
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:

@@ -60,6 +60,22 @@ class PerplexityResult:
     num_windows: int
     bits_per_token: float  # mean_nll / ln 2
 
+    @classmethod
+    def from_sums(
+        cls, nll_sum: float, count: int, window: int, stride: int, num_windows: int
+    ) -> PerplexityResult:
+        """The result of `count` scored tokens whose negative log-likelihoods sum to `nll_sum`."""
+        mean_nll = nll_sum / count
+        return cls(
+            perplexity=math.exp(mean_nll),
+            mean_nll=mean_nll,
+            tokens_scored=count,
+            window=window,
+            stride=stride,
+            num_windows=num_windows,
+            bits_per_token=mean_nll / math.log(2),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -231,13 +247,4 @@ def perplexity(
                 nll_sum += float(token_nll.double().sum())
                 count += last - first
 
-    mean_nll = nll_sum / count
-    return PerplexityResult(
-        perplexity=math.exp(mean_nll),
-        mean_nll=mean_nll,
-        tokens_scored=count,
-        window=window,
-        stride=stride,
-        num_windows=len(windows),
-        bits_per_token=mean_nll / math.log(2),
-    )
+    return PerplexityResult.from_sums(nll_sum, count, window, stride, len(windows))
