@@ -177,7 +177,7 @@ def main() -> None:
         raise SystemExit("llama-cpp-python is not installed: pip install 'swiss-knife[llama-cpp]'")
     keys = (args.models or ("stories260k" if args.quick else "smollm2,stories260k")).split(",")
     titles = {"smollm2": ("SmolLM2-135M-Instruct", 32), "stories260k": ("stories260K", 32)}
-    windows = {"smollm2": 8 if args.quick else 40, "stories260k": 8 if args.quick else 16}
+    windows = {"smollm2": 8 if args.quick else 20, "stories260k": 8 if args.quick else 16}
     load_start = os.getloadavg()
     log(f"load average at start (1/5/15 min): {load_start}")
     sections = [
