@@ -385,7 +385,8 @@ def test_demo_recipes_are_valid_and_chain_reduce_distill_quantize(
         # The GPTQ variant ends in a GGUF file holding its own integers (Q4_0's grid).
         gptq = dict(recipes)["gptq-w4-g32"]
         assert [stage.type for stage in gptq.stages] == ["quantize", "export"]
-        assert gptq.stages[0].group_size == 32 and gptq.stages[1].tensor_type == "auto"
+        assert gptq.stages[0].grid == "gguf:q4_0" and gptq.stages[0].group_size == 32
+        assert gptq.stages[1].tensor_type == "auto"
         assert "sparsegpt-2of4" in names and names[-1] == "reduce-distill-gptq"
         assert len(set(names)) == len(names)
         chain = dict(recipes)["reduce-distill-gptq"]

@@ -162,8 +162,7 @@ def demo_variants(quick: bool) -> list[tuple[str, list[dict[str, Any]]]]:
                     "type": "quantize",
                     "name": "gptq-w4-g32",
                     "method": "gptq",
-                    "bits": 4,
-                    "group_size": 32,
+                    "grid": "gguf:q4_0",  # 4-bit symmetric, groups of 32, fp16 scales
                     "calibration": calibration,
                 },
                 {"type": "export", "name": "gptq-w4-g32-gguf", "tensor_type": "auto"},
