@@ -1,19 +1,26 @@
-"""GGUF: Swiss Knife's export against llama.cpp's own quantizer, both run in llama.cpp.
+"""GGUF: Swiss Knife's calibrated export against llama.cpp's own quantizer, both run in llama.cpp.
 
 What is compared
 ----------------
 The two models of ``benchmarks/quantization.py`` (its ``prepare_*`` functions: SmolLM2-135M-Instruct
 dequantised to a dense fp32 folder and scored on WikiText-2 test; stories260K scored on the head of
-TinyStories validation), each:
+TinyStories validation), at three llama.cpp types, Q8_0, Q4_0 and Q4_K_M:
 
-* **fp32 in transformers** (the baseline every row is compared with, and the reference for
-  agreement);
-* **ours**: ``swiss-knife export`` of the fp32 folder to f16, q8_0, q4_0 and q4_k; and GPTQ
-  W4 in groups of 32 (symmetric: llama.cpp's Q4_0 grid, calibrated on the benchmark's calibration
-  tensor) exported with ``--type auto``, which writes GPTQ's own integers into Q4_0 blocks;
-* **llama.cpp's quantizer** (``llama_model_quantize`` of the same llama.cpp build, the function
-  behind ``llama-quantize``) from our f16 file to Q8_0, Q4_0 and Q4_K_S (the file type our q4_k
-  is tagged with: Q4_K matrices, a Q6_K output head).
+* **transformers fp32 and bf16**, the speed baselines (fp32 is also the reference for agreement);
+* **llama.cpp's quantizer**, the ``llama-quantize`` tool built from the llama.cpp that
+  llama-cpp-python 0.3.36 vendors, on our f16 GGUF: each type without and with an importance
+  matrix that ``llama-imatrix`` (same build) computes on the calibration tokens Swiss Knife uses
+  (decoded to text, one 512-token chunk per sample);
+* **ours, RTN**: ``swiss-knife export --type`` of the float model (llama.cpp's reference rounding);
+* **ours, GPTQ** on the type's exact grid (``--grid gguf:q8_0``, ``gguf:q4_0``; for Q4_K_M
+  ``gguf:q4_k`` with a ``bits_overrides`` entry for every layer that llama.cpp's Q4_K_M file puts
+  on 6 bits), then ``export --type auto``, which writes GPTQ's own integers;
+* **ours, AWQ** on ``gguf:q8_0`` and ``gguf:q4_0`` (AWQ has no K grids), then ``auto``.
+
+For Q4_K_M every file holds the same type per tensor as llama.cpp's own Q4_K_M file (the script
+reads that file's types and gives them to our export; it checks that they match): on these models
+most matrices are 576 or 64 wide, which 256 does not divide, so llama.cpp (and we) fall back to
+Q5_0 (Q8_0 for the 6-bit ones) there and use Q4_K/Q6_K only where 256 divides the width.
 
 How it is measured
 ------------------
@@ -21,18 +28,23 @@ Every GGUF file is measured by ``swiss_knife.evaluation.llama_cpp.evaluate_gguf`
 (llama-cpp-python): perplexity on exactly the token windows the transformers baseline is scored
 on (non-overlapping 512-token windows, tokenised once by the Hugging Face tokenizer), KL and top-1
 agreement with the fp32 model, prefill and decode speed at batch size 1 (median [min-max] of the
-repeats after a warm-up), memory and size. *Make s* is the wall time of the export or quantize
-call (for the GPTQ row, GPTQ plus export). Rows run one after another in this process; the load
-average is recorded at the start and the end. Timings are only compared where nothing else ran.
+repeats after a warm-up), memory and size. *Make s* is the wall time that made the file (for
+GPTQ and AWQ: the method, the save and the export). Rows run one after another in this process;
+the load average is recorded at the start and the end. Timings are only compared where nothing
+else ran. The floors of the issue are checked at the end of each model's section.
 
 Usage::
 
-    python benchmarks/gguf_export.py                 # both models
-    python benchmarks/gguf_export.py --quick         # stories260K only, fewer windows (smoke)
-    python benchmarks/gguf_export.py --no-write      # print only
+    python benchmarks/gguf_export.py --llama-cpp-bin DIR   # DIR holds llama-quantize, llama-imatrix
+    python benchmarks/gguf_export.py --quick               # stories260K only, fewer windows (smoke)
+    python benchmarks/gguf_export.py --no-write            # print only
 
-The tables are written between the ``gguf`` markers of benchmarks/RESULTS.md. (The script is not
-called ``gguf.py``: run as a script, that name would shadow the ``gguf`` package it uses.)
+Without ``--llama-cpp-bin`` (or ``LLAMA_CPP_BIN``) llama.cpp's quantizer runs through the Python
+binding and the importance-matrix rows are left out. Build the tools from the sdist's vendored
+llama.cpp: ``cmake -B build -DLLAMA_CURL=OFF && cmake --build build --target llama-quantize
+llama-imatrix``. The tables are written between the ``gguf`` markers of benchmarks/RESULTS.md.
+(The script is not called ``gguf.py``: run as a script, that name would shadow the ``gguf``
+package it uses.)
 """
 
 from __future__ import annotations
@@ -42,10 +54,12 @@ import ctypes
 import datetime as dt
 import gc
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +69,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quantization as qbench
 from _results import write_section
 
-OURS_TYPES = ("f16", "q8_0", "q4_0", "q4_k")
-# llama.cpp file types for its own quantizer, by our type name.
-LLAMA_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-               "q4_k": "LLAMA_FTYPE_MOSTLY_Q4_K_S"}  # fmt: skip
+TYPES = ("q8_0", "q4_0", "q4_k_m")
+LLAMA_NAMES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K_M"}
+GRIDS = {"q8_0": "gguf:q8_0", "q4_0": "gguf:q4_0", "q4_k_m": "gguf:q4_k"}
+# A llama.cpp tensor type -> the bits of the Q4_K family GPTQ is given for that tensor (a Q5_0
+# or Q8_0 tensor is Q4_K's or Q6_K's fallback on a width 256 does not divide).
+K_MIX_BITS = {"q4_k": 4, "q5_0": 4, "q5_k": 5, "q5_1": 5, "q6_k": 6, "q8_0": 6}
+# GGUF tensor names of the llama architecture -> our module names.
+GGUF_MODULES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}  # fmt: skip
+FLOATS = {"F32", "F16", "BF16"}
 
 
 def log(message: str) -> None:
@@ -71,35 +94,104 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return value, round(time.perf_counter() - start, 2)
 
 
-def llama_quantize(source: Path, target: Path, kind: str) -> None:
-    """llama.cpp's own quantizer (what `llama-quantize` runs) on a GGUF file."""
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, LLAMA_TYPES[kind])
-    params.nthread = torch.get_num_threads()
-    code = llama_cpp.llama_model_quantize(
-        str(source).encode(), str(target).encode(), ctypes.byref(params)
-    )
-    if code != 0:
-        raise RuntimeError(f"llama_model_quantize returned {code} for {kind}")
+def threads() -> int:
+    return torch.get_num_threads()
 
 
-def gptq_auto(prepared: Any, work: Path, ignore: list[str]) -> Path:
-    """GPTQ on Q4_0's grid (`--grid gguf:q4_0`), saved, then exported with auto."""
+def module_of(gguf_name: str) -> str | None:
+    """``blk.3.ffn_down.weight`` -> ``model.layers.3.mlp.down_proj`` (None for non-matrices)."""
+    parts = gguf_name.split(".")
+    if gguf_name == "token_embd.weight":
+        return "model.embed_tokens"
+    if gguf_name == "output.weight":
+        return "lm_head"
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in GGUF_MODULES:
+        return f"model.layers.{parts[1]}.{GGUF_MODULES[parts[2]]}"
+    return None
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    """Our module name -> GGUF type (lower case) for every quantized matrix of a file."""
+    from gguf import GGUFReader
+
+    found = {}
+    for tensor in GGUFReader(path).tensors:
+        module = module_of(tensor.name)
+        if module is not None and tensor.tensor_type.name not in FLOATS:
+            found[module] = tensor.tensor_type.name.lower()
+    return found
+
+
+@dataclass
+class Tools:
+    """llama.cpp's command-line tools, or None for the Python binding without imatrix."""
+
+    bin_dir: Path | None
+    logs: list[str] = field(default_factory=list)
+
+    def run(self, *args: str) -> None:
+        assert self.bin_dir is not None
+        done = subprocess.run(
+            [str(self.bin_dir / args[0]), *args[1:]], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{args[0]} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+    def quantize(self, source: Path, target: Path, kind: str, imatrix: Path | None) -> None:
+        name = LLAMA_NAMES[kind]
+        if self.bin_dir is None:  # the binding runs the same function, without imatrix
+            import llama_cpp
+
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
+            params.nthread = threads()
+            code = llama_cpp.llama_model_quantize(
+                str(source).encode(), str(target).encode(), ctypes.byref(params)
+            )
+            if code != 0:
+                raise RuntimeError(f"llama_model_quantize returned {code} for {name}")
+            return
+        extra = ["--imatrix", str(imatrix)] if imatrix else []
+        self.run("llama-quantize", *extra, str(source), str(target), name, str(threads()))
+
+    def imatrix(self, model: Path, text: Path, chunks: int, out: Path) -> None:
+        self.run(
+            "llama-imatrix", "-m", str(model), "-f", str(text), "-o", str(out), "-c", "512",
+            "-b", "512", "--chunks", str(chunks), "-t", str(threads()), "--no-ppl",
+        )  # fmt: skip
+
+
+def calibration_text(prepared: Any, tokenizer: Any, path: Path) -> Path:
+    """The calibration windows Swiss Knife uses, decoded, one per paragraph."""
+    windows = [tokenizer.decode(row.tolist(), skip_special_tokens=True) for row in
+               prepared.calibration]  # fmt: skip
+    path.write_text("\n\n".join(windows) + "\n", encoding="utf-8")
+    return path
+
+
+def calibrated(method: str, kind: str, prepared: Any, work: Path, ignore: list[str],
+               k_mix: dict[str, str]) -> Path:  # fmt: skip
+    """GPTQ or AWQ on ``kind``'s llama.cpp grid, saved, exported with auto (and, for Q4_K_M,
+    the embedding's type of llama.cpp's file); the GGUF path."""
     import swiss_knife as sk
 
     model = sk.load(str(prepared.dense_dir), dtype="fp32", device="cpu")
-    samples = int(prepared.calibration.shape[0])
-    config = sk.GPTQConfig(
-        grid="gguf:q4_0",  # 4-bit symmetric, groups of 32, fp16 scales: Q4_0 exactly
-        ignore=["lm_head", *ignore],
-        calibration={"num_samples": samples, "seq_len": int(prepared.calibration.shape[1])},
-    )
+    calibration = {"num_samples": int(prepared.calibration.shape[0]),
+                   "seq_len": int(prepared.calibration.shape[1])}  # fmt: skip
+    settings: dict[str, Any] = {"grid": GRIDS[kind], "ignore": ["lm_head", *ignore],
+                                "calibration": calibration}  # fmt: skip
+    overrides: dict[str, str] = {}
+    if kind == "q4_k_m":
+        settings["bits_overrides"] = {m: K_MIX_BITS[t] for m, t in k_mix.items()
+                                      if m.startswith("model.layers.") and K_MIX_BITS[t] != 4}  # fmt: skip
+        overrides = {m: t for m, t in k_mix.items() if not m.startswith("model.layers.")}
+    if ignore:  # layers no block divides: f16, as llama.cpp's quantizer falls back to
+        overrides.update({pattern: "f16" for pattern in ignore})
+    config = sk.GPTQConfig(**settings) if method == "gptq" else sk.AWQConfig(**settings)
     sk.quantize(model, config, calibration=prepared.calibration)
-    folder = sk.save(model, work / "gptq-g32")
-    out = work / "gptq-g32-auto.gguf"
-    sk.export_gguf(folder, out, sk.GGUFExportConfig(tensor_type="auto"))
+    folder = sk.save(model, work / f"{method}-{kind}")
+    out = work / f"{method}-{kind}.gguf"
+    sk.export_gguf(folder, out, sk.GGUFExportConfig(tensor_type="auto", type_overrides=overrides))
     return out
 
 
@@ -116,51 +208,168 @@ def evaluation_config(quick: bool) -> Any:
     )  # fmt: skip
 
 
-def run_case(case: Any, prepared: Any, work: Path, quick: bool) -> tuple[list[Any], list[str]]:
-    """Every row of one model: (reports, make-time lines)."""
-    from swiss_knife.evaluation import evaluate
-    from swiss_knife.evaluation.llama_cpp import evaluate_gguf
-    from swiss_knife.export import export_gguf
-    from swiss_knife.models import load_model
+@dataclass
+class CaseRun:
+    """The rows of one model as they are made: reports, make times, type checks."""
 
-    config = evaluation_config(quick)
-    loaded = load_model(str(prepared.dense_dir), dtype="fp32", device="cpu")
-    tokens = prepared.eval_tokens
-    log(f"{case.key}: fp32 in transformers")
-    reports = [
-        evaluate(loaded.model, loaded.tokenizer, config, tokens=tokens, name="fp32 (transformers)",
-                 weights_path=prepared.dense_dir, progress=False)
-    ]  # fmt: skip
-    made: list[str] = []
+    case: Any
+    prepared: Any
+    work: Path
+    quick: bool
+    tools: Tools
+    reports: list[Any] = field(default_factory=list)
+    made: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    loaded: Any = None
 
-    def measure(name: str, path: Path) -> None:
-        log(f"{case.key}: {name} in llama.cpp")
-        reports.append(
-            evaluate_gguf(path, loaded.tokenizer, config, tokens=tokens, reference=loaded.model,
+    def measure(self, name: str, path: Path) -> None:
+        from swiss_knife.evaluation.llama_cpp import evaluate_gguf
+
+        log(f"{self.case.key}: {name} in llama.cpp")
+        self.reports.append(
+            evaluate_gguf(path, self.loaded.tokenizer, evaluation_config(self.quick),
+                          tokens=self.prepared.eval_tokens, reference=self.loaded.model,
                           name=name, progress=False)
         )  # fmt: skip
 
-    files: dict[str, Path] = {}
-    for kind in OURS_TYPES:
-        path = work / f"ours-{kind}.gguf"
-        _, seconds = timed(lambda k=kind, p=path: export_gguf(prepared.dense_dir, p, type=k))
-        files[kind] = path
-        made.append(f"| ours {kind} | `swiss-knife export --type {kind}` | {seconds} |")
-        measure(f"ours {kind}", path)
-    for kind in LLAMA_TYPES:
-        path = work / f"llama-{kind}.gguf"
-        _, seconds = timed(lambda k=kind, p=path: llama_quantize(files["f16"], p, k))
-        label = LLAMA_TYPES[kind].removeprefix("LLAMA_FTYPE_MOSTLY_")
-        made.append(f"| llama.cpp {label} | `llama_model_quantize` from ours f16 | {seconds} |")
-        measure(f"llama.cpp {label}", path)
+    def make(self, name: str, how: str, path: Path, fn: Callable[[], Any]) -> Path:
+        log(f"{self.case.key}: making {name}")
+        _, seconds = timed(fn)
+        self.made.append(f"| {name} | {how} | {seconds} |")
+        self.measure(name, path)
+        return path
+
+    def check_types(self, name: str, path: Path, want: dict[str, str]) -> None:
+        got = tensor_types(path)
+        differ = sorted(m for m in set(want) | set(got) if want.get(m) != got.get(m))
+        same = "the same tensor types as" if not differ else f"{len(differ)} tensor types unlike"
+        self.notes.append(f"{name}: {same} llama.cpp's Q4_K_M file" +
+                          (f" (e.g. {differ[0]}: {got.get(differ[0])} vs {want.get(differ[0])})"
+                           if differ else ""))  # fmt: skip
+
+
+def baselines(run: CaseRun) -> None:
+    """fp32 and bf16 in transformers: the rows every GGUF is compared with."""
+    from swiss_knife.evaluation import evaluate
+    from swiss_knife.models import load_model
+
+    config = evaluation_config(run.quick)
+    run.loaded = load_model(str(run.prepared.dense_dir), dtype="fp32", device="cpu")
+    for dtype in ("fp32", "bf16"):
+        log(f"{run.case.key}: {dtype} in transformers")
+        model = (
+            run.loaded.model
+            if dtype == "fp32"
+            else load_model(
+                str(run.prepared.dense_dir), dtype=dtype, device="cpu", with_tokenizer=False
+            ).model
+        )
+        run.reports.append(
+            evaluate(model, run.loaded.tokenizer, config, tokens=run.prepared.eval_tokens,
+                     name=f"{dtype} (transformers)", weights_path=run.prepared.dense_dir,
+                     progress=False)
+        )  # fmt: skip
+        del model
+        gc.collect()
+
+
+def run_case(run: CaseRun) -> None:
+    """Every row of one model."""
+    from swiss_knife.export import export_gguf
+
+    baselines(run)
+    dense, work, tools = run.prepared.dense_dir, run.work, run.tools
+    f16 = run.make("ours f16", "`swiss-knife export --type f16`", work / "f16.gguf",
+                   lambda: export_gguf(dense, work / "f16.gguf", type="f16"))  # fmt: skip
+    imatrix = None
+    if tools.bin_dir is not None:
+        text = calibration_text(run.prepared, run.loaded.tokenizer, work / "calibration.txt")
+        chunks = int(run.prepared.calibration.shape[0])
+        imatrix = work / "imatrix.gguf"
+        _, seconds = timed(lambda: tools.imatrix(f16, text, chunks, imatrix))
+        run.made.append(f"| (importance matrix) | `llama-imatrix`, {chunks} x 512 tokens | "
+                        f"{seconds} |")  # fmt: skip
     # stories260K's down_proj reads 172 channels, which no group of 32 divides: it stays float
-    # for GPTQ, and auto keeps it f32 (llama.cpp's quantizer falls back on those rows too).
-    ignore = ["re:.*down_proj"] if case.key == "stories260k" else []
-    path, seconds = timed(lambda: gptq_auto(prepared, work, ignore))
-    how = "GPTQ, save, `export --type auto`" + (" (down_proj float)" if ignore else "")
-    made.append(f"| ours GPTQ g32 -> auto (Q4_0) | {how} | {seconds} |")
-    measure("ours GPTQ g32 auto", path)
-    return reports, made
+    # for GPTQ and AWQ, and auto keeps it f32 (llama.cpp's quantizer falls back on it too).
+    ignore = ["re:.*down_proj"] if run.case.key == "stories260k" else []
+    for kind in TYPES:
+        label = LLAMA_NAMES[kind]
+        theirs = work / f"llama-{kind}.gguf"
+        run.make(f"llama.cpp {label}", "`llama-quantize` from ours f16", theirs,
+                 lambda k=kind, t=theirs: tools.quantize(f16, t, k, None))  # fmt: skip
+        if imatrix is not None:
+            path = work / f"llama-{kind}-imatrix.gguf"
+            run.make(f"llama.cpp {label} + imatrix", "`llama-quantize --imatrix` from ours f16",
+                     path, lambda k=kind, p=path: tools.quantize(f16, p, k, imatrix))  # fmt: skip
+        k_mix = tensor_types(theirs) if kind == "q4_k_m" else {}
+        path = work / f"rtn-{kind}.gguf"
+        rtn_type, overrides = ("q4_k", [f"{m}={t}" for m, t in k_mix.items()]) if k_mix else (
+            kind, None)  # fmt: skip
+        run.make(f"ours RTN {label}", f"`swiss-knife export --type {rtn_type}`"
+                 + (" + llama.cpp's per-tensor types" if k_mix else ""), path,
+                 lambda t=rtn_type, p=path, o=overrides: export_gguf(dense, p, type=t,
+                                                                      overrides=o))  # fmt: skip
+        methods = ("gptq", "awq") if kind != "q4_k_m" else ("gptq",)
+        for method in methods:
+            name = f"ours {method.upper()} {label}"
+            path = run.make(name, f"{method.upper()} `--grid {GRIDS[kind]}`, save, "
+                            "`export --type auto`", work / f"{method}-{kind}.gguf",
+                            lambda m=method, k=kind, x=k_mix: calibrated(
+                                m, k, run.prepared, work, ignore, x))  # fmt: skip
+            if k_mix:
+                run.check_types(name, path, k_mix)
+        if k_mix:
+            run.check_types(f"ours RTN {label}", work / f"rtn-{kind}.gguf", k_mix)
+
+
+def floors(reports: list[Any]) -> list[str]:
+    """The issue's floors and aim, checked on one model's rows."""
+    by_name = {r.name: r for r in reports}
+
+    def ppl(name: str) -> float | None:
+        report = by_name.get(name)
+        value = report.metrics.get("perplexity", {}).get("perplexity") if report else None
+        return None if value is None else float(value)
+
+    def decode(name: str) -> dict[str, float]:
+        return dict(by_name[name].metrics["speed"]["batches"][0]["decode_per_token"])
+
+    def size(name: str) -> float:
+        return float(by_name[name].metrics["size"]["disk_bytes"]) / 1e6
+
+    lines = []
+    for kind in TYPES:
+        label = LLAMA_NAMES[kind]
+        theirs = ppl(f"llama.cpp {label} + imatrix")
+        ours = [(v, m) for m in ("GPTQ", "AWQ") if (v := ppl(f"ours {m} {label}")) is not None]
+        if theirs is None or not ours:
+            lines.append(f"- {label}: no importance-matrix row (run with --llama-cpp-bin)")
+            continue
+        value, method = min(ours)
+        verdict = "met" if value < theirs else "NOT met"
+        if value >= theirs and abs(value / theirs - 1) < 5e-4:
+            verdict = "NOT met (tied within 0.05 %)"
+        lines.append(f"- Floor, {label}: ours {method} {value:.4f} vs llama.cpp + imatrix "
+                     f"{theirs:.4f}: {verdict}")  # fmt: skip
+    base = decode("fp32 (transformers)")
+    ggufs = [r.name for r in reports if "transformers" not in r.name]
+    worst = max(ggufs, key=lambda n: decode(n)["median_ms"])
+    median_x = base["median_ms"] / decode(worst)["median_ms"]
+    safe_x = base["min_ms"] / decode(worst)["max_ms"]
+    verdict = "met" if safe_x >= 3 else "NOT met"
+    lines.append(f"- Floor, decode >= 3x transformers fp32: slowest GGUF ({worst}) {median_x:.2f}x "
+                 f"by medians, {safe_x:.2f}x fastest fp32 run vs slowest GGUF run: {verdict}")  # fmt: skip
+    k_m = ppl("llama.cpp Q4_K_M + imatrix")
+    candidates = [(v, n) for n in ("ours GPTQ Q4_0", "ours AWQ Q4_0", "ours GPTQ Q4_K_M")
+                  if (v := ppl(n)) is not None]  # fmt: skip
+    if k_m is not None and candidates:
+        value, name = min(candidates)
+        smaller = size(name) <= size("llama.cpp Q4_K_M + imatrix")
+        verdict = "met" if value < k_m and smaller else "not met"
+        lines.append(f"- Aim, a 4-bit file of ours below llama.cpp Q4_K_M + imatrix ({k_m:.3f}, "
+                     f"{size('llama.cpp Q4_K_M + imatrix'):.2f} MB): {name} {value:.3f}, "
+                     f"{size(name):.2f} MB: {verdict}")  # fmt: skip
+    return lines
 
 
 def main() -> None:
@@ -168,6 +377,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="stories260K only, fewer windows")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     parser.add_argument("--models", default=None, help="comma list: smollm2,stories260k")
+    parser.add_argument("--llama-cpp-bin", type=Path, default=os.environ.get("LLAMA_CPP_BIN"),
+                        help="folder with llama.cpp's llama-quantize and llama-imatrix")  # fmt: skip
+    parser.add_argument("--samples", type=int, default=64, help="calibration samples (x 512)")
     args = parser.parse_args()
     from swiss_knife.evaluation.compare import comparison_rows
     from swiss_knife.evaluation.llama_cpp import llama_cpp_available
@@ -175,35 +387,41 @@ def main() -> None:
 
     if not llama_cpp_available():
         raise SystemExit("llama-cpp-python is not installed: pip install 'swiss-knife[llama-cpp]'")
+    tools = Tools(Path(args.llama_cpp_bin) if args.llama_cpp_bin else None)
     keys = (args.models or ("stories260k" if args.quick else "smollm2,stories260k")).split(",")
-    titles = {"smollm2": ("SmolLM2-135M-Instruct", 32), "stories260k": ("stories260K", 32)}
-    windows = {"smollm2": 8 if args.quick else 20, "stories260k": 8 if args.quick else 16}
+    titles = {"smollm2": "SmolLM2-135M-Instruct", "stories260k": "stories260K"}
+    windows = {"smollm2": 8 if args.quick else 16, "stories260k": 8 if args.quick else 16}
+    samples = 16 if args.quick else args.samples
     load_start = os.getloadavg()
     log(f"load average at start (1/5/15 min): {load_start}")
     sections = [
-        "## GGUF in llama.cpp: Swiss Knife export vs llama.cpp's quantizer (`benchmarks/gguf_export.py`)",
+        "## GGUF in llama.cpp: Swiss Knife's calibrated export vs llama.cpp's quantizer "
+        "(`benchmarks/gguf_export.py`)",
         "",
-        f"Run {dt.date.today()} on {os.cpu_count()} CPU cores, torch threads "
-        f"{torch.get_num_threads()}, one row after another with no other heavy job on the "
-        f"machine; load average at start {load_start[0]:.2f}.",
+        f"Run {dt.date.today()} on {os.cpu_count()} CPU cores, torch and llama.cpp threads "
+        f"{threads()}, one row after another with no other heavy job on the machine; load "
+        f"average at start {load_start[0]:.2f}. llama.cpp: the tools and the Python binding "
+        "of llama-cpp-python 0.3.36's vendored llama.cpp"
+        + ("" if tools.bin_dir else " (binding only: no importance-matrix rows)")
+        + ".",
     ]
     with tempfile.TemporaryDirectory(prefix="sk-bench-gguf-") as root:
         for key in keys:
-            case = qbench.Case(
-                key, titles[key][0], titles[key][1], windows[key], 32 if args.quick else 128
-            )
+            case = qbench.Case(key, titles[key], 32, windows[key], samples)
             work = Path(root) / key
             work.mkdir()
-            prepared = qbench.PREPARE[key](case, work)
-            reports, made = run_case(case, prepared, work, args.quick)
+            run = CaseRun(case, qbench.PREPARE[key](case, work), work, args.quick, tools)
+            run_case(run)
             gc.collect()
             sections += [
                 "", f"### {case.title}", "",
-                f"Scored: {prepared.eval_source}; GPTQ calibration: {prepared.calib_source} "
-                f"({int(prepared.calibration.shape[0])} x {int(prepared.calibration.shape[1])} "
-                "tokens). Ratios are against fp32 in transformers.",
-                "", markdown_table(comparison_rows(reports)), "",
-                "| file | made by | make s |", "|---|---|---:|", *made,
+                f"Scored: {run.prepared.eval_source}; calibration (GPTQ, AWQ and llama-imatrix): "
+                f"{run.prepared.calib_source} ({int(run.prepared.calibration.shape[0])} x "
+                f"{int(run.prepared.calibration.shape[1])} tokens). Ratios are against fp32 in "
+                "transformers.",
+                "", markdown_table(comparison_rows(run.reports)), "",
+                "| file | made by | make s |", "|---|---|---:|", *run.made, "",
+                *[f"- {note}" for note in run.notes], *floors(run.reports),
             ]  # fmt: skip
     load_end = os.getloadavg()
     sections += [

@@ -1,8 +1,9 @@
 """Quantizing on llama.cpp's own grids (``grid: gguf:...``): RTN and GPTQ round on exactly the
 values llama.cpp runs, and ``export --type auto`` writes them without re-rounding.
 
-K grids (Q4_K/Q5_K/Q6_K) need input widths that are multiples of 256, hence the tiny Llama with
-hidden 256 and intermediate 512; the 32-weight block grids run on the usual 32-wide one.
+K grids (Q4_K/Q5_K/Q6_K) run on input widths that are multiples of 256, hence the tiny Llama with
+hidden 256 and intermediate 512 (other widths get llama.cpp's 32-weight fallback type); the
+32-weight block grids run on the usual 32-wide one.
 """
 
 from __future__ import annotations
@@ -274,15 +275,58 @@ def test_awq_grid_settings() -> None:
         AWQConfig(grid="gguf:q4_k")
 
 
-def test_k_grid_refuses_widths_that_are_not_multiples_of_256() -> None:
+@pytest.mark.parametrize(
+    ("grid", "fallback"), [("gguf:q4_k", "Q5_0"), ("gguf:q5_k", "Q5_1"), ("gguf:q6_k", "Q8_0")]
+)
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_k_grid_falls_back_as_llama_cpp_does(
+    tmp_path: Path, grid: str, fallback: str, method: str
+) -> None:
+    """down_proj reads 320 inputs, which 256 does not divide: it gets llama.cpp's fallback
+    block type, in the sidecar with the K layers, and `auto` writes those very bytes."""
     model = make_tiny_llama(0, hidden_size=256, intermediate_size=320)
+    if method == "rtn":
+        outcome = quantize(model, RTNConfig(grid=grid))
+    else:
+        outcome = quantize(model, GPTQConfig(grid=grid, calibration=CAL), calibration=ids(1))
+    kind = grid.removeprefix("gguf:")
+    assert outcome.report["gguf_grid"]["types"] == {kind: 12, fallback.lower(): 2}
+    out = save(outcome, tmp_path / "k")
+    dense = load_file(str(out / "model.safetensors"))
+    report = export_gguf(out, tmp_path / "k.gguf", "auto")
+    assert len(report["exact_tensors"]) == 14
+    tensors = gguf_tensors(tmp_path / "k.gguf")
+    for row in report["tensors"]:
+        if row["exact"]:
+            want = fallback if "down_proj" in row["source"] else kind.upper()
+            name = row["name"]
+            assert tensors[name][0] == want, name
+            assert np.array_equal(tensors[name][2], dense[row["source"]].numpy()), name
+    for name, weight in linear_weights(model).items():
+        assert torch.equal(weight, dense[f"{name}.weight"])
+
+
+def test_gptq_fallback_layers_beat_rtn_on_their_outputs() -> None:
+    """On the fallback block layers GPTQ's error feedback works as on any integer grid."""
+    reference = make_tiny_llama(0, hidden_size=256, intermediate_size=320)
+    calibration = ids(1)
+    rtn = quantize(copy.deepcopy(reference), RTNConfig(grid="gguf:q4_k")).model
+    gptq = quantize(
+        copy.deepcopy(reference),
+        GPTQConfig(grid="gguf:q4_k", calibration=CAL),
+        calibration=calibration,
+    ).model
+    assert logits_error(gptq, reference, calibration) < logits_error(rtn, reference, calibration)
+
+
+def test_k_grid_refuses_widths_that_no_block_divides() -> None:
+    model = make_tiny_llama(0, hidden_size=256, intermediate_size=200)
     with pytest.raises(UserInputError) as info:
         quantize(model, RTNConfig(grid="gguf:q5_k"))
     message = str(info.value)
     assert "\n" not in message
-    assert (
-        "model.layers.0.mlp.down_proj has 320 inputs" in message and "multiples of 256" in message
-    )
+    assert "model.layers.0.mlp.down_proj has 200 inputs" in message
+    assert "multiples of 256" in message and "of 32 for its fallback" in message
 
 
 # ----------------------------------------------------------------------------- command line

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from swiss_knife.compression.quantization.gguf_grid import K_FALLBACK
 from swiss_knife.compression.quantization.grid import QuantGrid
 from swiss_knife.errors import UserInputError
 from swiss_knife.export.errors import GGUFExportError, GridNotRepresentableError
@@ -41,7 +42,8 @@ from swiss_knife.targeting import resolve_overrides
 
 Overrides = Sequence[tuple[str, str]] | Sequence[str] | Mapping[str, str]
 
-_K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+# llama.cpp's shape fallback, the table the K-grid methods share.
+_K_FALLBACK = {k.removeprefix("gguf:"): v.removeprefix("gguf:") for k, v in K_FALLBACK.items()}
 _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 

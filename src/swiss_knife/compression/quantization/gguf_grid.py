@@ -28,9 +28,11 @@ method's rounding, and GPTQ's error feedback, work on exactly the values llama.c
   each product computed in float32 in that order (``d*sc`` first), as gguf-py and llama.cpp's
   reference dequantizers do. `KQuantizedWeight.dequantize` repeats those operations, so the
   values it gives are bit for bit what ``gguf.quants.dequantize`` gives for the block bytes.
-  Every targeted linear's input width must be a multiple of 256 (refused otherwise, naming the
-  layer). ``bits`` (4/5/6), ``group_size`` (the sub-block, 32/32/16) and ``symmetric`` (Q6_K
-  only) follow from the type.
+  A targeted linear whose input width 256 does not divide gets the 32-weight block type that
+  llama.cpp's quantizer falls back to (`K_FALLBACK`: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0),
+  quantized by the same method on that integer grid (fp16 scales) and stored with the K layers;
+  a width 32 does not divide either is refused, naming the layer. ``bits`` (4/5/6),
+  ``group_size`` (the sub-block, 32/32/16) and ``symmetric`` (Q6_K only) follow from the type.
 
 The scales of a super-block are chosen by llama.cpp's reference search (`export.kquants`,
 ``make_qkx2_quants``/``make_qx_quants`` without an importance matrix): a weighted least-squares
@@ -58,7 +60,7 @@ Saving a K grid. compressed-tensors has no two-level scales, so the checkpoint i
 dense one whose quantized weights are the exact dequantized values (plain ``from_pretrained``
 loads it and computes what llama.cpp's weights hold; exactly so for a float32 model, rounded to
 the model's dtype for a half-precision one), plus the sidecar ``gguf-grid.safetensors``: for each
-quantized linear, a uint8 tensor named by its module (``model.layers.0.mlp.down_proj``) holding
+quantized linear (fallback layers included), a uint8 tensor named by its module (``model.layers.0.mlp.down_proj``) holding
 its GGUF block bytes, ``(out, in / 256 * bytes per block)``; the file's metadata says
 ``format: swiss-knife-gguf-grid``, ``version: 1`` and, under ``types``, a JSON object module ->
 GGUF type. ``export --type auto`` (and ``--type`` equal to a tensor's type) copies those bytes
@@ -87,6 +89,8 @@ from torch import Tensor, nn
 from swiss_knife.config import IntWeightConfig
 from swiss_knife.errors import UserInputError
 from swiss_knife.targeting import TargetSpec, resolve_linear_targets, resolve_overrides
+
+from .grid import QuantGrid, QuantizedWeight
 
 GridName = Literal[
     "int",
@@ -138,6 +142,13 @@ BLOCK_GRIDS: dict[str, tuple[int, bool]] = {
     "gguf:q5_0": (5, True),
     "gguf:q5_1": (5, False),
     "gguf:q8_0": (8, True),
+}
+# What a K grid becomes on a layer whose input width 256 does not divide: llama.cpp's own
+# fallback (``tensor_type_fallback`` in ``src/llama-quant.cpp``), a 32-weight block type.
+K_FALLBACK: dict[str, str] = {
+    "gguf:q4_k": "gguf:q5_0",
+    "gguf:q5_k": "gguf:q5_1",
+    "gguf:q6_k": "gguf:q8_0",
 }
 # bits -> grid, for the family of each grid (what a bits override may choose).
 _FAMILIES: tuple[dict[int, str], ...] = (
@@ -451,9 +462,17 @@ def rtn_quantize_k(W: Tensor, spec: KSpec) -> KQuantizedWeight:
 # ----------------------------------------------------------------------------- plans, saving
 
 
-def plan_k_grids(model: nn.Module, config: Any) -> dict[str, tuple[nn.Linear, KSpec]]:
-    """Every targeted linear with its K type (the grid's, or a bits override's); refuses, in one
-    line naming a layer and its width, input widths that are not multiples of 256."""
+def block_grid(grid: str) -> QuantGrid:
+    """The integer grid a 32-weight block type holds exactly."""
+    bits, symmetric = BLOCK_GRIDS[grid]
+    return QuantGrid(bits=bits, symmetric=symmetric, group_size=BLOCK_GROUP)
+
+
+def plan_k_grids(model: nn.Module, config: Any) -> dict[str, tuple[nn.Linear, KSpec | QuantGrid]]:
+    """Every targeted linear with its K type (the grid's, or a bits override's). A layer whose
+    input width 256 does not divide gets the 32-weight block type llama.cpp falls back to
+    (`K_FALLBACK`: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0) as a `QuantGrid`; a width 32 does
+    not divide either is refused in one line naming the layer."""
     targets = resolve_linear_targets(
         model,
         TargetSpec(tuple(config.targets), tuple(config.ignore)),
@@ -461,24 +480,45 @@ def plan_k_grids(model: nn.Module, config: Any) -> dict[str, tuple[nn.Linear, KS
     )
     members = family(config.grid)
     bits = resolve_overrides(targets, config.bits_overrides) if config.bits_overrides else {}
-    plan: dict[str, tuple[nn.Linear, KSpec]] = {}
+    plan: dict[str, tuple[nn.Linear, KSpec | QuantGrid]] = {}
     misfits: dict[int, list[str]] = {}
     for name, module in targets.items():
-        spec = K_SPECS[members[bits.get(name, config.bits)]]
+        grid = members[bits.get(name, config.bits)]
         in_features = int(module.weight.shape[1])
-        if in_features % QK_K:
+        if in_features % QK_K == 0:
+            plan[name] = (module, K_SPECS[grid])
+        elif in_features % BLOCK_GROUP == 0:
+            plan[name] = (module, block_grid(K_FALLBACK[grid]))
+        else:
             misfits.setdefault(in_features, []).append(name)
-        plan[name] = (module, spec)
     if misfits:
         width, names = next(iter(misfits.items()))
         more = sum(len(n) for n in misfits.values()) - 1
         others = f" (and {more} more layer(s))" if more else ""
         raise UserInputError(
             f"grid {config.grid} needs input widths that are multiples of {QK_K} (llama.cpp's "
-            f"super-blocks): {names[0]} has {width} inputs{others}; ignore such layers or "
-            "choose a 32-weight grid such as gguf:q4_0"
+            f"super-blocks), or of {BLOCK_GROUP} for its fallback block types: {names[0]} has "
+            f"{width} inputs{others}; ignore such layers"
         )
     return plan
+
+
+def fallback_blocks(qw: QuantizedWeight) -> tuple[str, NDArray[np.uint8], Tensor]:
+    """A block-grid fallback layer of a K-grid run, as the sidecar stores it: its GGUF type,
+    the bytes of its integers (written without re-rounding) and the float32 values those bytes
+    decode to, which the dense checkpoint holds."""
+    from swiss_knife.export.gguf_blocks import GRID_TYPES, decode, encode_levels
+
+    grid = qw.grid
+    kind = GRID_TYPES[(grid.bits, grid.symmetric)][0]
+    rows, cols = qw.q.shape
+    scale = qw.scale.detach().float().cpu().reshape(rows, cols // BLOCK_GROUP).numpy()
+    zero = None
+    if qw.zero is not None:
+        zero = qw.zero.detach().cpu().reshape(rows, cols // BLOCK_GROUP).numpy()
+    blocks = encode_levels(qw.q.detach().cpu().numpy(), scale, zero, kind)
+    values = torch.from_numpy(decode(blocks, kind).reshape(rows, cols))
+    return kind, blocks, values
 
 
 def gguf_grid_writer(model: nn.Module, blocks: Mapping[str, tuple[str, NDArray[np.uint8]]]) -> Any:
@@ -524,7 +564,7 @@ def read_grid_types(path: Path) -> dict[str, str]:
             f"{GRID_VERSION}"
         )
     types: dict[str, str] = json.loads(metadata.get("types", "{}"))
-    known = {spec.kind for spec in K_SPECS.values()}
+    known = {grid.removeprefix("gguf:") for grid in (*K_SPECS, *BLOCK_GRIDS)}
     unknown = sorted(kind for kind in set(types.values()) if kind not in known)
     if unknown:
         raise UserInputError(
@@ -540,13 +580,16 @@ __all__ = [
     "BLOCK_GRIDS",
     "GRID_FILE",
     "GRID_NAMES",
+    "K_FALLBACK",
     "K_SPECS",
     "GGUFGridConfig",
     "GridName",
     "KGridScales",
     "KQuantizedWeight",
     "KSpec",
+    "block_grid",
     "block_scale_dtype",
+    "fallback_blocks",
     "fit_k_scales",
     "gguf_grid_writer",
     "is_block_grid",

@@ -39,9 +39,12 @@ from .compressed_tensors_format import compressed_writer, plan_grids
 from .gguf_grid import (
     BLOCK_GRIDS,
     GRID_FILE,
+    K_FALLBACK,
+    K_SPECS,
     GGUFGridConfig,
     KSpec,
     block_scale_dtype,
+    fallback_blocks,
     gguf_grid_writer,
     is_block_grid,
     is_k_grid,
@@ -126,7 +129,11 @@ def _weight(module: nn.Module) -> torch.Tensor:
 def _describe(config: RTNConfig | GPTQConfig) -> str:
     if is_k_grid(config.grid):
         kind = config.grid.removeprefix("gguf:").upper()
-        return f"llama.cpp {kind} grid (super-blocks of 256 with quantized sub-block scales)"
+        fallback = K_FALLBACK[config.grid].removeprefix("gguf:").upper()
+        return (
+            f"llama.cpp {kind} grid (super-blocks of 256 with quantized sub-block scales; "
+            f"{fallback}, llama.cpp's fallback, where 256 does not divide a layer's width)"
+        )
     group = f"groups of {config.group_size}" if config.group_size else "per-channel scales"
     grid = "symmetric" if config.symmetric else "asymmetric"
     text = f"{config.bits}-bit {grid} integer weights, {group}"
@@ -145,8 +152,10 @@ def _plan(model: nn.Module, config: RTNConfig | GPTQConfig) -> dict[str, tuple[n
 
 
 def _scale_dtype(config: RTNConfig | GPTQConfig, weight_dtype: torch.dtype) -> torch.dtype:
-    """Where scales are rounded: the model's dtype, or fp16 for a llama.cpp block grid."""
-    return block_scale_dtype(weight_dtype) if is_block_grid(config.grid) else weight_dtype
+    """Where scales are rounded: the model's dtype, or fp16 for a llama.cpp grid (a K grid's
+    fallback layers are on block grids)."""
+    gguf = is_block_grid(config.grid) or is_k_grid(config.grid)
+    return block_scale_dtype(weight_dtype) if gguf else weight_dtype
 
 
 def _stored(qw: QuantizedWeight, weight_dtype: torch.dtype) -> QuantizedWeight:
@@ -155,6 +164,20 @@ def _stored(qw: QuantizedWeight, weight_dtype: torch.dtype) -> QuantizedWeight:
     if qw.scale.dtype == weight_dtype:
         return qw
     return QuantizedWeight(qw.q, qw.scale.to(weight_dtype), qw.zero, qw.grid, qw.g_idx)
+
+
+def _clip_note(config: GPTQConfig, blocks: Mapping[str, tuple[str, Any]]) -> str | None:
+    """The clip search's words in GPTQ's step line: K grids search their own scales, so on a
+    K grid it applies only to the fallback block layers."""
+    if not config.clip_search:
+        return None
+    if not is_k_grid(config.grid):
+        return "clip search"
+    fallback = sum(kind not in _K_KINDS for kind, _ in blocks.values())
+    return f"clip search on the {fallback} fallback layer(s)" if fallback else None
+
+
+_K_KINDS = frozenset(spec.kind for spec in K_SPECS.values())
 
 
 def _grid_report(config: RTNConfig | GPTQConfig, blocks: Mapping[str, Any]) -> dict[str, Any]:
@@ -209,11 +232,21 @@ def _apply_rtn_k(model: nn.Module, config: RTNConfig) -> QuantizationOutcome:
         for name, (module, spec) in plan.items():
             weight = _weight(module)
             w = weight.detach().float()  # (out, in)
-            kq = rtn_quantize_k(w, spec)
-            deq = kq.dequantize()  # float32, bit for bit what llama.cpp decodes
+            if isinstance(spec, KSpec):
+                kq = rtn_quantize_k(w, spec)
+                deq = kq.dequantize()  # float32, bit for bit what llama.cpp decodes
+                blocks[name] = (spec.kind, kq.to_blocks())
+            else:  # a layer 256 does not divide: llama.cpp's fallback block type
+                qw = rtn_quantize(
+                    w,
+                    spec,
+                    clip_search=config.clip_search,
+                    scale_dtype=_scale_dtype(config, weight.dtype),
+                )
+                kind, data, deq = fallback_blocks(qw)
+                blocks[name] = (kind, data)
             rel = float((deq - w).norm() / w.norm().clamp_min(1e-12))
             weight.copy_(deq.to(weight.dtype))
-            blocks[name] = (spec.kind, kq.to_blocks())
             rows.append(
                 {"name": name, "bits": spec.bits, "rel_error": rel, "sqnr_db": sqnr_db(rel)}
             )
@@ -283,10 +316,17 @@ class GPTQCalibrator(BlockCalibrator):
             block_size=cfg.block_size,
             damp=cfg.damp,
             act_order=cfg.act_order,
-            static_groups=cfg.static_groups,
+            # a K grid's fallback layer is written as contiguous blocks of 32
+            static_groups=cfg.static_groups or is_k_grid(cfg.grid),
             clip_search=cfg.clip_search,
             scale_dtype=_scale_dtype(cfg, weight.dtype),
         )
+        if is_k_grid(cfg.grid):  # a K grid's fallback layer: GGUF block bytes
+            kind, data, values = fallback_blocks(qw)
+            with torch.no_grad():
+                weight.copy_(values.to(weight.device, weight.dtype))
+            self.blocks[name] = (kind, data)
+            return {"gptq_loss": float(loss)}
         qw = _stored(qw, weight.dtype)
         with torch.no_grad():
             weight.copy_(qw.dequantize().to(weight.dtype))
@@ -355,7 +395,7 @@ def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> Q
     extras = [
         "activation order" if config.act_order else None,
         "static groups" if config.static_groups else None,
-        "clip search" if config.clip_search and not is_k_grid(config.grid) else None,
+        _clip_note(config, calibrator.blocks),
         "true sequential" if config.true_sequential else None,
     ]
     steps = [
