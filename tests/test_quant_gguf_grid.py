@@ -31,7 +31,8 @@ from swiss_knife.compression.quantization.gguf_grid import (
     K_SPECS,
     rtn_quantize_k,
 )
-from swiss_knife.compression.quantization.gptq import gptq_quantize_k
+from swiss_knife.compression.quantization.gptq import gptq_quantize, gptq_quantize_k
+from swiss_knife.compression.quantization.grid import QuantGrid, fit_weighted_symmetric
 from swiss_knife.compression.quantization.weight_only import GPTQConfig, RTNConfig
 from swiss_knife.config import CalibrationSettings
 from swiss_knife.errors import UserInputError
@@ -246,6 +247,51 @@ def test_gptq_and_awq_on_block_grids(tmp_path: Path) -> None:
         out = save(outcome, tmp_path / kind)
         report = export_gguf(out, tmp_path / f"{kind}.gguf", "auto")
         assert len(report["exact_tensors"]) == 14 and report["file_type"] == kind
+
+
+def test_weighted_scale_search_beats_llama_cpps_plain_rounding() -> None:
+    """`fit_weighted_symmetric` with equal weights never does worse than Q4_0's reference
+    (``d = max / -8``, which is its first candidate), and with unequal weights it lowers the
+    weighted error further."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(512, 32, generator=g) * torch.exp(torch.randn(512, 1, generator=g))
+    grid = QuantGrid(bits=4, symmetric=True, group_size=32)
+    reference = gguf_quants.dequantize(
+        gguf_quants.quantize(w.numpy(), GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0
+    )
+
+    def error(scale: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.round(w / scale.float()), grid.qmin, grid.qmax)
+        return (weights * (w - q * scale.float()) ** 2).sum(dim=1)
+
+    flat = torch.ones_like(w)
+    scale, zero = fit_weighted_symmetric(w, flat, grid, scale_dtype=torch.float16)
+    assert scale.dtype == torch.float16 and not zero.any()
+    theirs = (flat * (w - torch.from_numpy(reference)) ** 2).sum(dim=1)
+    assert bool((error(scale, flat) <= theirs * 1.001 + 1e-12).all())
+    assert float(error(scale, flat).sum()) < 0.95 * float(theirs.sum())
+    # Weights favouring a few columns: the search trades the others' error for theirs.
+    skewed = torch.exp(2 * torch.randn(1, 32, generator=g)).expand_as(w)
+    weighted, _ = fit_weighted_symmetric(w, skewed, grid, scale_dtype=torch.float16)
+    assert float(error(weighted, skewed).sum()) < float(error(scale, skewed).sum())
+
+
+def test_gptq_weighted_scales_lower_output_error_on_block_grids() -> None:
+    """GPTQ on gguf:q4_0 with llama.cpp's importance-weighted scale search (the default)
+    against the clip search, on a layer whose input channels have log-normal scales."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(2048, 256, generator=g) * torch.exp(torch.randn(256, generator=g))
+    W = 0.05 * torch.randn(128, 256, generator=g)
+    grid = QuantGrid(bits=4, symmetric=True, group_size=32)
+
+    def error(weighted: bool) -> float:
+        qw, _ = gptq_quantize(W, X.T @ X, grid, act_order=True, static_groups=True,
+                              clip_search=True, scale_dtype=torch.float16,
+                              weighted_scales=weighted)  # fmt: skip
+        return float((X @ (W - qw.dequantize().float()).T).norm() / (X @ W.T).norm())
+
+    assert error(True) < error(False)
+    assert GPTQConfig(grid="gguf:q4_0").weighted_scales
 
 
 # ----------------------------------------------------------------------------- refusals

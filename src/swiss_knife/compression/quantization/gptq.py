@@ -56,6 +56,7 @@ from swiss_knife.compression.quantization.grid import (
     QuantizedWeight,
     check_group_size,
     fit_qparams,
+    fit_weighted_symmetric,
     resolve_scale_dtype,
 )
 from swiss_knife.device import column_loop_threads
@@ -73,6 +74,7 @@ def gptq_quantize(
     static_groups: bool = False,
     clip_search: bool = False,
     scale_dtype: torch.dtype | None = None,
+    weighted_scales: bool = False,
 ) -> tuple[QuantizedWeight, float]:
     """Quantize ``W`` ``(out, in)`` with GPTQ given the input Hessian ``H = X^T X`` ``(in, in)``.
 
@@ -84,6 +86,9 @@ def gptq_quantize(
             (keeps groups contiguous under ``act_order``, which the export needs).
         clip_search: fit scales with the MSE range search of `grid.fit_qparams`.
         scale_dtype: dtype the scales are stored in; defaults to ``W.dtype``.
+        weighted_scales: (symmetric grids) fit scales by llama.cpp's importance-weighted search
+            (`grid.fit_weighted_symmetric`) with ``diag(H)`` as the importance matrix, instead
+            of the clip search.
 
     Returns:
         ``(result, loss)``: the quantized weight, in the original column order, and the summed
@@ -105,6 +110,7 @@ def gptq_quantize(
             static_groups=static_groups,
             clip_search=clip_search,
             scale_dtype=scale_dtype,
+            weighted_scales=weighted_scales,
         )
 
 
@@ -136,19 +142,23 @@ def _float32_copies(W: Tensor, H: Tensor) -> tuple[Tensor, Tensor]:
 
 def _initial_qparams(
     W: Tensor,
-    fit: Callable[[Tensor], tuple[Tensor, Tensor]],
+    fit: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]],
     group: int,
     sdtype: torch.dtype,
     fit_up_front: bool,
+    importance: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The ``(out, n_groups)`` scale and zero-point tensors, every group fitted on the original
-    weights when `fit_up_front` (otherwise left to the column loop)."""
+    weights when `fit_up_front` (otherwise left to the column loop); ``importance`` ``(out,
+    in)`` weights the fit when given."""
     out_features, in_features = W.shape
     n_groups = in_features // group
     scale = torch.empty(out_features, n_groups, dtype=sdtype, device=W.device)
     zero = torch.zeros(out_features, n_groups, dtype=torch.int8, device=W.device)
     if fit_up_front:
-        s, z = fit(W.reshape(out_features * n_groups, group))  # (out * n_groups, 1)
+        rows = out_features * n_groups
+        weights = None if importance is None else importance.reshape(rows, group)
+        s, z = fit(W.reshape(rows, group), weights)  # (out * n_groups, 1)
         scale.copy_(s.reshape(out_features, n_groups))
         zero.copy_(z.reshape(out_features, n_groups))
     return scale, zero
@@ -205,6 +215,7 @@ def _gptq_quantize(
     static_groups: bool,
     clip_search: bool,
     scale_dtype: torch.dtype | None,
+    weighted_scales: bool = False,
 ) -> tuple[QuantizedWeight, float]:
     """`gptq_quantize` itself, under the caller's thread setting."""
     _check_arguments(W, H, grid, block_size, damp)
@@ -214,19 +225,28 @@ def _gptq_quantize(
     n_groups = in_features // group
     sdtype = resolve_scale_dtype(W, scale_dtype)
     W, H = _float32_copies(W, H)
+    # llama.cpp's importance weights: the column's importance (its mean squared input, the
+    # Hessian diagonal up to a constant) times sqrt(mean(row^2) + w^2), on the original weights.
+    importance: Tensor | None = None
+    if weighted_scales and grid.symmetric:
+        sigma2 = W.square().mean(dim=1, keepdim=True)  # (out, 1)
+        importance = torch.diagonal(H).clamp_min(0).unsqueeze(0) * (sigma2 + W.square()).sqrt()
 
-    def fit(columns: Tensor) -> tuple[Tensor, Tensor]:
+    def fit(columns: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+        if weights is not None:
+            return fit_weighted_symmetric(columns, weights, grid, scale_dtype=sdtype)
         return fit_qparams(columns, grid, clip_search=clip_search, scale_dtype=sdtype)
 
     # Per channel there is one group, fitted up front on the whole row, as in the reference code.
     fit_up_front = static_groups or n_groups == 1
-    scale, zero = _initial_qparams(W, fit, group, sdtype, fit_up_front)
+    scale, zero = _initial_qparams(W, fit, group, sdtype, fit_up_front, importance)
 
     perm: Tensor | None = None
     if act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)  # (in,)
         W = W[:, perm]
         H = H[perm][:, perm]
+        importance = None if importance is None else importance[:, perm]
     U, _ = inverse_cholesky_upper(H, damp, label="GPTQ")  # (in, in) upper triangular
     del H
 
@@ -251,7 +271,8 @@ def _gptq_quantize(
             j = i1 + i
             g = step_group[j]
             if not fit_up_front and j % group == 0:
-                s, z = fit(W1[:, i : i + group])  # (out, 1) each
+                weights = None if importance is None else importance[:, j : j + group]
+                s, z = fit(W1[:, i : i + group], weights)  # (out, 1) each
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
                 scale32[:, g], zero32[:, g] = s[:, 0].float(), z[:, 0].float()
             w = W1[:, i]  # (out,)

@@ -267,6 +267,52 @@ def fit_qparams(
     return scale, zero
 
 
+def fit_weighted_symmetric(
+    w: Tensor, weights: Tensor, grid: QuantGrid, *, scale_dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor]:
+    """Scales for each row of ``w`` ``(rows, cols)`` on a symmetric grid by llama.cpp's
+    importance-weighted search (``make_qx_quants`` in ``ggml-quants.c``, which its quantizer
+    runs for Q4_0/Q5_0 with an importance matrix).
+
+    For each row, the value of largest magnitude ``m`` is put on the extreme level ``qmin``
+    (``-8`` for 4 bits: the scale ``m / qmin`` is negative when ``m`` is positive, so both
+    signs reach the 16th level); candidate steps ``-(|qmin| + 0.1 i) / m`` for ``i`` in
+    ``-9..9`` round the row, and for each the scale minimising ``sum weights * (w - s q)^2``
+    is ``sum(weights w q) / sum(weights q^2)``; the candidate with the smallest weighted error
+    wins. ``weights`` ``(rows, cols)`` are non-negative (llama.cpp: the importance of the
+    column times ``sqrt(mean(row^2) + w^2)``).
+
+    Returns ``scale`` ``(rows, 1)`` in ``scale_dtype`` (it may be negative) and a zero ``(rows,
+    1)`` int8 zero point, as `fit_qparams` does for symmetric grids.
+    """
+    if not grid.symmetric:
+        raise ValueError("fit_weighted_symmetric needs a symmetric grid")
+    w32 = w.detach().float()  # (rows, cols)
+    q32 = weights.detach().float()  # (rows, cols)
+    qmin, qmax = grid.qmin, grid.qmax
+    peak = w32.gather(1, w32.abs().argmax(dim=1, keepdim=True))  # (rows, 1), signed
+    live = peak != 0
+    safe_peak = torch.where(live, peak, torch.ones_like(peak))
+    best_score = torch.full_like(peak, -1.0)
+    best_scale = torch.zeros_like(peak)
+    for i in [0, *range(-9, 0), *range(1, 10)]:
+        inverse = -(abs(qmin) + 0.1 * i) / safe_peak  # (rows, 1)
+        q = torch.clamp(torch.round(inverse * w32), qmin, qmax)  # (rows, cols)
+        sum_qx = (q32 * w32 * q).sum(dim=1, keepdim=True)
+        sum_q2 = (q32 * q * q).sum(dim=1, keepdim=True)
+        # The weighted error at the optimal scale is sum(weights w^2) - sum_qx^2 / sum_q2.
+        score = torch.where(sum_q2 > 0, sum_qx * sum_qx / sum_q2.clamp_min(1e-30), -1.0)
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        best_scale = torch.where(better, sum_qx / sum_q2.clamp_min(1e-30), best_scale)
+    eps = _scale_eps(scale_dtype)
+    best_scale = torch.where(live & (best_scale != 0), best_scale, torch.full_like(peak, eps))
+    scale = best_scale.to(scale_dtype)
+    scale = torch.where(scale == 0, torch.full_like(scale, eps), scale)
+    zero = torch.zeros(scale.shape, dtype=torch.int8, device=scale.device)
+    return scale, zero
+
+
 @dataclass
 class QuantizedWeight:
     """A weight matrix on an integer grid, in the layout compressed-tensors stores.

@@ -86,6 +86,12 @@ class GPTQConfig(GGUFGridConfig):
     clip_search: bool = Field(
         default=True, description="Search the clipping range per group (MSE, as in AWQ)."
     )
+    weighted_scales: bool = Field(
+        default=True,
+        description="On llama.cpp's symmetric block grids (gguf:q4_0, q5_0, q8_0, and a K "
+        "grid's fallback layers): choose each block's scale by llama.cpp's importance-weighted "
+        "search, the Hessian diagonal as importance matrix, instead of the clip search.",
+    )
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
 
     @model_validator(mode="before")
@@ -164,6 +170,12 @@ def _stored(qw: QuantizedWeight, weight_dtype: torch.dtype) -> QuantizedWeight:
     if qw.scale.dtype == weight_dtype:
         return qw
     return QuantizedWeight(qw.q, qw.scale.to(weight_dtype), qw.zero, qw.grid, qw.g_idx)
+
+
+def _on_gguf_blocks(config: GPTQConfig) -> bool:
+    """Whether GPTQ's integer-grid layers are llama.cpp 32-weight blocks (a block grid, or a K
+    grid's fallback layers)."""
+    return is_block_grid(config.grid) or is_k_grid(config.grid)
 
 
 def _clip_note(config: GPTQConfig, blocks: Mapping[str, tuple[str, Any]]) -> str | None:
@@ -320,6 +332,7 @@ class GPTQCalibrator(BlockCalibrator):
             static_groups=cfg.static_groups or is_k_grid(cfg.grid),
             clip_search=cfg.clip_search,
             scale_dtype=_scale_dtype(cfg, weight.dtype),
+            weighted_scales=cfg.weighted_scales and _on_gguf_blocks(cfg),
         )
         if is_k_grid(cfg.grid):  # a K grid's fallback layer: GGUF block bytes
             kind, data, values = fallback_blocks(qw)
