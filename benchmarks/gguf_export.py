@@ -127,7 +127,6 @@ class Tools:
     """llama.cpp's command-line tools, or None for the Python binding without imatrix."""
 
     bin_dir: Path | None
-    logs: list[str] = field(default_factory=list)
 
     def run(self, *args: str) -> None:
         assert self.bin_dir is not None

@@ -60,8 +60,9 @@ Saving a K grid. compressed-tensors has no two-level scales, so the checkpoint i
 dense one whose quantized weights are the exact dequantized values (plain ``from_pretrained``
 loads it and computes what llama.cpp's weights hold; exactly so for a float32 model, rounded to
 the model's dtype for a half-precision one), plus the sidecar ``gguf-grid.safetensors``: for each
-quantized linear (fallback layers included), a uint8 tensor named by its module (``model.layers.0.mlp.down_proj``) holding
-its GGUF block bytes, ``(out, in / 256 * bytes per block)``; the file's metadata says
+quantized linear (fallback layers included), a uint8 tensor named by its module
+(``model.layers.0.mlp.down_proj``) holding its GGUF block bytes, ``(out, in / 256 * bytes per
+block)`` (``in / 32`` blocks for a fallback type); the file's metadata says
 ``format: swiss-knife-gguf-grid``, ``version: 1`` and, under ``types``, a JSON object module ->
 GGUF type. ``export --type auto`` (and ``--type`` equal to a tensor's type) copies those bytes
 into the GGUF file after checking that they decode to the dense weight beside them (a model

@@ -40,7 +40,6 @@ from .gguf_grid import (
     BLOCK_GRIDS,
     GRID_FILE,
     K_FALLBACK,
-    K_SPECS,
     GGUFGridConfig,
     KSpec,
     block_scale_dtype,
@@ -157,11 +156,20 @@ def _plan(model: nn.Module, config: RTNConfig | GPTQConfig) -> dict[str, tuple[n
     return dict(plan_grids(model, config, allow_asymmetric=asymmetric))
 
 
+def _on_gguf_blocks(config: RTNConfig | GPTQConfig) -> bool:
+    """Whether the method's integer-grid layers are llama.cpp 32-weight blocks (a block grid,
+    or a K grid's fallback layers)."""
+    return is_block_grid(config.grid) or is_k_grid(config.grid)
+
+
 def _scale_dtype(config: RTNConfig | GPTQConfig, weight_dtype: torch.dtype) -> torch.dtype:
-    """Where scales are rounded: the model's dtype, or fp16 for a llama.cpp grid (a K grid's
-    fallback layers are on block grids)."""
-    gguf = is_block_grid(config.grid) or is_k_grid(config.grid)
-    return block_scale_dtype(weight_dtype) if gguf else weight_dtype
+    """Where scales are rounded: the model's dtype, or fp16 on llama.cpp's blocks."""
+    return block_scale_dtype(weight_dtype) if _on_gguf_blocks(config) else weight_dtype
+
+
+def _weighted(config: GPTQConfig, grid: QuantGrid) -> bool:
+    """Whether GPTQ fits ``grid``'s scales by llama.cpp's weighted search (symmetric blocks)."""
+    return config.weighted_scales and _on_gguf_blocks(config) and grid.symmetric
 
 
 def _stored(qw: QuantizedWeight, weight_dtype: torch.dtype) -> QuantizedWeight:
@@ -172,24 +180,19 @@ def _stored(qw: QuantizedWeight, weight_dtype: torch.dtype) -> QuantizedWeight:
     return QuantizedWeight(qw.q, qw.scale.to(weight_dtype), qw.zero, qw.grid, qw.g_idx)
 
 
-def _on_gguf_blocks(config: GPTQConfig) -> bool:
-    """Whether GPTQ's integer-grid layers are llama.cpp 32-weight blocks (a block grid, or a K
-    grid's fallback layers)."""
-    return is_block_grid(config.grid) or is_k_grid(config.grid)
-
-
-def _clip_note(config: GPTQConfig, blocks: Mapping[str, tuple[str, Any]]) -> str | None:
-    """The clip search's words in GPTQ's step line: K grids search their own scales, so on a
-    K grid it applies only to the fallback block layers."""
-    if not config.clip_search:
+def _scale_note(config: GPTQConfig, plan: Mapping[str, tuple[nn.Module, Any]]) -> str | None:
+    """How GPTQ's step line names the scale search of its integer-grid layers (K layers search
+    their own super-block scales): llama.cpp's weighted search, the clip search, or none."""
+    grids = [grid for _, grid in plan.values() if isinstance(grid, QuantGrid)]
+    words = {
+        "llama.cpp's weighted scale search" if _weighted(config, grid) else "clip search"
+        for grid in grids
+        if _weighted(config, grid) or config.clip_search
+    }
+    if not words:
         return None
-    if not is_k_grid(config.grid):
-        return "clip search"
-    fallback = sum(kind not in _K_KINDS for kind, _ in blocks.values())
-    return f"clip search on the {fallback} fallback layer(s)" if fallback else None
-
-
-_K_KINDS = frozenset(spec.kind for spec in K_SPECS.values())
+    text = " and ".join(sorted(words))
+    return f"{text} on the {len(grids)} fallback layer(s)" if is_k_grid(config.grid) else text
 
 
 def _grid_report(config: RTNConfig | GPTQConfig, blocks: Mapping[str, Any]) -> dict[str, Any]:
@@ -332,7 +335,7 @@ class GPTQCalibrator(BlockCalibrator):
             static_groups=cfg.static_groups or is_k_grid(cfg.grid),
             clip_search=cfg.clip_search,
             scale_dtype=_scale_dtype(cfg, weight.dtype),
-            weighted_scales=cfg.weighted_scales and _on_gguf_blocks(cfg),
+            weighted_scales=_weighted(cfg, grid),
         )
         if is_k_grid(cfg.grid):  # a K grid's fallback layer: GGUF block bytes
             kind, data, values = fallback_blocks(qw)
@@ -408,7 +411,7 @@ def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> Q
     extras = [
         "activation order" if config.act_order else None,
         "static groups" if config.static_groups else None,
-        _clip_note(config, calibrator.blocks),
+        _scale_note(config, plan),
         "true sequential" if config.true_sequential else None,
     ]
     steps = [
