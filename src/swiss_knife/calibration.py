@@ -1240,14 +1240,19 @@ def run_calibration(
     model outside the `arch` table.
     """
     from .progress import track
+    from .streaming import stream_of
 
     started = time.perf_counter()
     spec = get_arch(model)
     blocks = get_blocks(model, spec)
     _check_samples(model.config, samples)
     batch_size = _check_batch_size(batch_size)
-    _check_not_meta(model)
-    compute = _resolve_compute_device(device, blocks)
+    stream = stream_of(model)
+    if stream is None:
+        _check_not_meta(model)
+    compute = _resolve_compute_device(
+        device if device is not None or stream is None else stream.device, blocks
+    )
     storage = torch.device("cpu") if offload_activations else compute
     resolved = resolve_precision(precision, compute, _blocks_dtype(blocks))
     pass_precision = _pass_context(resolved, compute)
@@ -1260,7 +1265,10 @@ def run_calibration(
         for index in track(range(len(blocks)), "calibrating", unit="block", enabled=progress):
             block = blocks[index]
             original = _module_device(block)
-            block.to(compute)
+            if stream is not None:
+                stream.enter(index, compute)
+            else:
+                block.to(compute)
             try:
                 block_record, records = _process_block(
                     index,
@@ -1271,8 +1279,15 @@ def run_calibration(
                     measure_error,
                     pass_precision,
                 )
+            except BaseException:
+                if stream is not None:
+                    stream.leave(index, write=False)
+                raise
             finally:
-                block.to(original)
+                if stream is None:
+                    block.to(original)
+            if stream is not None:
+                stream.leave(index)  # written in its saved form, then freed
             block_records.append(block_record)
             linear_records.extend(records)
     return CalibrationReport(

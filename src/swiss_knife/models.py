@@ -233,6 +233,12 @@ def load_model(
     return LoadedModel(model, tokenizer, source, directory, gguf_file, device)
 
 
+def load_tokenizer(directory: str, *, trust_remote_code: bool = False) -> Any | None:
+    """The tokenizer of a local model folder, or None (with a warning) when it has none."""
+    spec = ModelSpec(path=directory, trust_remote_code=trust_remote_code)
+    return _load_tokenizer(spec, directory, directory, None, local_files_only=True)
+
+
 def _warn_pickle(directory: Path, source: str) -> None:
     """Say so when a model's weights are a Python pickle rather than safetensors."""
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -349,6 +355,12 @@ def cast_model(model: nn.Module, config: CastConfig | str) -> nn.Module:
     model = model.to(dtype=dtype)
     for module, key, buffer in kept:
         module._buffers[key] = buffer
+    from .streaming import stream_of, walk_unchanged
+
+    stream = stream_of(model)
+    if stream is not None:  # every block is read in the new dtype and written as it is
+        stream.dtype = dtype
+        walk_unchanged(model)
     return model
 
 
@@ -408,16 +420,18 @@ def save_model(
     manifest: Mapping[str, Any] | None = None,
     model_card: str | None = None,
     writer: Callable[[Path], None] | None = None,
+    staging: Path | None = None,
 ) -> Path:
     """Save an ordinary Hugging Face checkpoint atomically, with manifest and model card.
 
     The checkpoint is written to `.NAME.partial-PID-*` beside the target, the manifest last, then
     renamed into place. `protect` lists input paths that must never be overwritten. `writer`
     replaces `model.save_pretrained` for formats that write their own weights and config.
+    `staging` is that work folder when it exists already (a streamed run wrote its blocks there).
     """
     out = check_output_dir(output_dir, overwrite=overwrite, protect=protect)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = work_dir(out, "partial")
+    tmp = staging if staging is not None else work_dir(out, "partial")
     try:
         if writer is not None:
             writer(tmp)

@@ -192,8 +192,10 @@ def write_checkpoint(
     overwrite: bool,
     protect: list[str],
     metrics_table: str | None = None,
+    staging: Path | None = None,
 ) -> Path:
-    """Save a stage's model with its manifest and model card, atomically; the folder."""
+    """Save a stage's model with its manifest and model card, atomically; the folder.
+    `staging`: the work folder a streamed stage has written its blocks into."""
     from .models import render_model_card, save_model
 
     card = render_model_card(
@@ -213,4 +215,55 @@ def write_checkpoint(
         manifest=manifest,
         model_card=card,
         writer=result.writer,
+        staging=staging,
     )
+
+
+STREAM_MODES = ("auto", "on", "off")
+
+
+def stream_decision(
+    mode: str, stage: Any, directory: Path | None, gguf_file: str | None
+) -> tuple[bool, str | None]:
+    """Whether a stage runs streamed from disk (`swiss_knife.streaming`), and why not.
+
+    ``auto`` (the default) streams whenever the stage and the checkpoint allow it; ``on``
+    refuses to run otherwise (`UserInputError` naming the reason); ``off`` loads the model.
+    """
+    from .streaming import source_refusal, stream_refusal
+
+    if mode == "off":
+        return False, None
+    reason = stream_refusal(stage) or source_refusal(directory, gguf_file)
+    if reason is None:
+        return True, None
+    if mode == "on":
+        raise UserInputError(f"cannot stream this stage from disk: {reason}")
+    return False, reason
+
+
+def open_streamed_stage(
+    directory: Path, out: Path, *, dtype: str, device: Any, trust_remote_code: bool
+) -> tuple[nn.Module, Path]:
+    """The streamed model of the checkpoint in `directory`, writing into a new work folder
+    beside `out`; (model, work folder). The caller deletes the folder if the stage fails."""
+    import shutil
+
+    from .models import DTYPES
+    from .paths import work_dir
+    from .streaming import open_streamed
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = work_dir(out, "partial")
+    try:
+        model = open_streamed(
+            directory,
+            staging,
+            dtype=DTYPES.get(dtype),
+            device=device,
+            trust_remote_code=trust_remote_code,
+        )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return model, staging

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from ..cli_flags import (
     method_options,
 )
 from ..errors import SwissKnifeError, UserInputError
+from ..streaming import close
 from .common import (
     _CALIBRATION_FLAGS,
     _calibration_settings,
@@ -79,6 +81,7 @@ def _save_outcome(
     config: Any,
     tags: list[str],
     label: str | None = None,
+    staging: Path | None = None,
 ) -> tuple[Path, int]:
     """Save a stage's result with its manifest and model card; (folder, weight bytes)."""
     from ..config import config_to_dict
@@ -103,6 +106,7 @@ def _save_outcome(
         steps=result.steps,
         overwrite=args.overwrite,
         protect=protect,
+        staging=staging,
     )
     return saved, sum(p.stat().st_size for p in weight_files(saved))
 
@@ -143,33 +147,70 @@ def _compress(
         before_load(config, hf_config)
     if calibration is not None:
         config = _fit_calibration(args, config, _max_positions(hf_config))
-    loaded = _load(args, args.model)
-    if after_load is not None:
-        after_load(config, loaded)
-    if calibration is not None:
-        config = _fit_calibration(args, config, _max_positions(loaded.model.config))
-    result = run_stage(
-        loaded.model,
-        config,
-        tokenizer=loaded.tokenizer,
-        device=loaded.device,
-        data=data,
-        speaker=CommandLine(),
-        label=name,
-        progress=_progress(args),
-    )
-    saved, disk = _save_outcome(
-        args,
-        result,
-        loaded,
-        out,
-        protect,
-        verb=verb,
-        config=config,
-        tags=tags,
-        label=label(result) if label else None,
-    )
+    loaded, staging = _open(args, config, out)
+    try:
+        if after_load is not None:
+            after_load(config, loaded)
+        if calibration is not None:
+            config = _fit_calibration(args, config, _max_positions(loaded.model.config))
+        result = run_stage(
+            loaded.model,
+            config,
+            tokenizer=loaded.tokenizer,
+            device=loaded.device,
+            data=data,
+            speaker=CommandLine(),
+            label=name,
+            progress=_progress(args),
+        )
+        saved, disk = _save_outcome(
+            args,
+            result,
+            loaded,
+            out,
+            protect,
+            verb=verb,
+            config=config,
+            tags=tags,
+            label=label(result) if label else None,
+            staging=staging,
+        )
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        close(loaded.model)
     return config, result, saved, disk
+
+
+def _open(args: argparse.Namespace, config: Any, out: Path) -> tuple[Any, Path | None]:
+    """The model, streamed from disk where `--stream` and the stage allow (with the work
+    folder its blocks are written into) or loaded whole (and None)."""
+    from ..device import resolve_device
+    from ..models import LoadedModel, load_tokenizer
+    from ..stages import open_streamed_stage, stream_decision
+
+    directory = Path(args.model).expanduser()
+    local = directory if directory.is_dir() else None
+    mode = getattr(args, "stream", "off")
+    streamed, reason = stream_decision(mode, config, local, args.gguf_file)
+    if not streamed:
+        if reason is not None and local is not None:
+            logger.info("loading the whole model (not streamed: %s)", reason)
+        return _load(args, args.model), None
+    assert local is not None
+    device = resolve_device(args.device)
+    model, staging = open_streamed_stage(
+        local,
+        out,
+        dtype=args.dtype,
+        device=device,
+        trust_remote_code=args.trust_remote_code,
+    )
+    logger.info("streaming %s one block at a time", args.model)
+    tokenizer = load_tokenizer(str(local), trust_remote_code=args.trust_remote_code)
+    return LoadedModel(model, tokenizer, args.model, local, None, device), staging
 
 
 # (report key, label, format) for the per-layer columns a method may report, in print order.

@@ -127,6 +127,14 @@ def _add_compression_options(parser: argparse.ArgumentParser, verb: str, users: 
     """Calibration text and model loading: shared by quantize and prune."""
     _add_calibration_options(parser, f"calibration ({users})", default_samples=128)
     _add_model_options(parser)
+    parser.add_argument(
+        "--stream",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="read one block at a time from a local safetensors folder and write the output "
+        "block by block, so the model need not fit in memory (auto: whenever the method and "
+        "the checkpoint allow; on: refuse otherwise; off: load the whole model)",
+    )
     _add_output_options(parser)
 
 
@@ -234,6 +242,8 @@ def _quantize_parser(add: Callable[..., Any]) -> None:
         swiss-knife quantize ./model --method awq --bits 4 --group-size 64 \\
             --bits-override 're:.*down_proj=8' --calibration-data text.txt --output-dir ./m-awq
         swiss-knife quantize ./model --method dynamic --output-dir ./m-w8a8
+        swiss-knife quantize ./llama-70b --method rtn --bits 4 --group-size 128 \\
+            --stream on --dtype bf16 --output-dir ./llama-70b-w4   # one block in memory at a time
         """,
     )
     p.add_argument("model", help="hub id, local directory or .gguf file")

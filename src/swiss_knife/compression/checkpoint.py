@@ -9,11 +9,13 @@ Shared by the two layouts this project writes in that format, quantized ``pack-q
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
+
+from ..streaming import stream_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -58,8 +60,45 @@ def write_checkpoint(
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(directory)
-    save_file(dict(tensors), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    stream = stream_of(model)
+    if stream is not None:  # the blocks are written already: the rest, and the shard index
+        stream.write_remaining(directory, tensors)
+    else:
+        save_file(dict(tensors), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     return directory
 
 
-__all__ = ["QUANT_METHOD", "WEIGHTS_NAME", "tied_duplicates", "write_checkpoint"]
+def dense_writer(model: nn.Module) -> Callable[[Path], None]:
+    """The outcome writer of a model that saves as an ordinary dense checkpoint."""
+
+    def write(directory: Path) -> None:
+        save_dense(model, directory)
+
+    return write
+
+
+def save_dense(model: nn.Module, directory: Path) -> None:
+    """``model.save_pretrained(directory)``; for a streamed model, whose blocks are written
+    already, the config, the generation config, the rest of the tensors and the shard index."""
+    stream = stream_of(model)
+    if stream is None:
+        model.save_pretrained(directory)  # type: ignore[operator]
+        return
+    config: Any = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.dtype = stream.dtype  # what save_pretrained records: the weights' dtype
+    config.save_pretrained(directory)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and getattr(model, "can_generate", lambda: False)():
+        generation_config.save_pretrained(directory)
+    stream.write_remaining(directory, model.state_dict())
+
+
+__all__ = [
+    "QUANT_METHOD",
+    "WEIGHTS_NAME",
+    "dense_writer",
+    "save_dense",
+    "tied_duplicates",
+    "write_checkpoint",
+]

@@ -33,6 +33,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from ...arch import get_arch
 from ...calibration import (
     BlockCalibrator,
     BlockContext,
@@ -50,7 +51,9 @@ from ...config import (
     UnstructuredPruneConfig,
 )
 from ...errors import UserInputError
+from ...streaming import for_each_block, inspect_blocks, nonzero_count
 from ...targeting import TargetSpec, resolve_targets
+from ..checkpoint import dense_writer
 from ..metrics import sensitivity_table
 from .base import PruneContext, PruneOutcome, register_method
 from .gradual import finetune_masked, sparsity_schedule
@@ -358,6 +361,7 @@ def select(
 
 
 def _magnitude_step(
+    model: nn.Module,
     targets: Mapping[str, nn.Module],
     sparsity: Mapping[str, float],
     config: MagnitudePruneConfig,
@@ -382,20 +386,26 @@ def _magnitude_step(
             level = next(iter(sparsity.values()))
             keep = global_topk_masks(scores, level)
             del scores
-        errors = {}
-        for name, module in targets.items():
-            W = oriented(module)
-            if name not in keep:  # per layer: select now, so one mask lives at a time
-                s = magnitude_scores(W)
-                prev = None if prior is None else prior.get(name)
-                keep[name] = select(s, sparsity[name], nm, "layer", prev)
-            mask = keep.pop(name).to(W.device)
-            reference = float(W.float().norm())
-            removed = float((W.float() * ~mask).norm())  # ||W - W * keep||
-            errors[name] = removed / reference if reference > 0 else 0.0
-            store(module, W * mask)
-            if keep_masks:
-                kept[name] = mask.cpu()
+        errors: dict[str, float] = {}
+
+        def prune_layers(names: list[str]) -> None:
+            for name in names:
+                module = targets[name]
+                W = oriented(module)
+                if name not in keep:  # per layer: select now, so one mask lives at a time
+                    s = magnitude_scores(W)
+                    prev = None if prior is None else prior.get(name)
+                    keep[name] = select(s, sparsity[name], nm, "layer", prev)
+                mask = keep.pop(name).to(W.device)
+                reference = float(W.float().norm())
+                removed = float((W.float() * ~mask).norm())  # ||W - W * keep||
+                errors[name] = removed / reference if reference > 0 else 0.0
+                store(module, W * mask)
+                if keep_masks:
+                    kept[name] = mask.cpu()
+
+        # A streamed model (global scope is not streamed) reads one block at a time.
+        for_each_block(model, targets, prune_layers)
     return kept, errors
 
 
@@ -476,14 +486,22 @@ def allocate(
 
 
 def _params(model: nn.Module) -> tuple[int, int]:
-    """(non-zero, total) over the model's unique parameters (tied weights once)."""
-    unique = {id(p): p for p in model.parameters()}.values()
-    total = sum(p.numel() for p in unique)
-    nonzero = sum(int(torch.count_nonzero(p)) for p in unique)
-    return nonzero, total
+    """(non-zero, total) over the model's unique parameters (tied weights once); a streamed
+    model's non-block parameters that were never read (the LM head) count as dense."""
+    unique = dict(model.named_parameters())
+    total = sum(p.numel() for p in unique.values())
+    count = sum(_nonzero(model, name, p) for name, p in unique.items())
+    return count, total
+
+
+def _nonzero(model: nn.Module, name: str, param: Tensor) -> int:
+    if param.is_meta and not name.startswith(get_arch(model).blocks + "."):
+        return param.numel()  # outside the blocks, never read: unchanged by pruning
+    return nonzero_count(model, name, param)
 
 
 def _layer_rows(
+    model: nn.Module,
     targets: Mapping[str, nn.Module],
     sparsity: Mapping[str, float],
     errors: Mapping[str, float | None],
@@ -491,14 +509,14 @@ def _layer_rows(
     rows = []
     for name, module in targets.items():
         W = oriented(module)
-        nonzero = int(torch.count_nonzero(W))
+        count = nonzero_count(model, f"{name}.weight", W)
         rows.append(
             {
                 "name": name,
                 "shape": list(W.shape),
                 "target_sparsity": round(sparsity[name], 6),
-                "sparsity": 1.0 - nonzero / W.numel(),
-                "nonzero": nonzero,
+                "sparsity": 1.0 - count / W.numel(),
+                "nonzero": count,
                 "params": W.numel(),
                 "rel_error": errors.get(name),
             }
@@ -549,11 +567,7 @@ def _writer(
     model: nn.Module, names: list[str], config: UnstructuredPruneConfig
 ) -> Callable[[Path], None]:
     if config.save_format == "dense":
-
-        def dense(directory: Path) -> None:
-            model.save_pretrained(directory)  # type: ignore[operator]
-
-        return dense
+        return dense_writer(model)
 
     def sparse(directory: Path) -> None:
         save_sparse_bitmask(
@@ -594,7 +608,7 @@ class _Pruner:
         config = self.config
         if isinstance(config, MagnitudePruneConfig):
             keep, weight_errors = _magnitude_step(
-                self.targets, sparsity, config, nm, prior, keep_masks
+                self.model, self.targets, sparsity, config, nm, prior, keep_masks
             )
             return keep, dict(weight_errors)
         assert isinstance(config, WandaPruneConfig | SparseGPTPruneConfig)
@@ -762,13 +776,22 @@ def apply(model: nn.Module, config: UnstructuredPruneConfig, ctx: PruneContext) 
         return allocate(targets, blocks, level, config, ratios)
 
     pruner = _Pruner(model, config, ctx, targets)
+    nm_ok: dict[str, bool] = {}
+    if config.nm is not None:
+        pattern = config.nm
+
+        def check_nm(index: int, block: nn.Module) -> None:  # a streamed block, before it goes
+            for name in [n for n, b in blocks.items() if b == index]:
+                nm_ok[name] = satisfies_nm(oriented(targets[name]), *pattern)
+
+        inspect_blocks(model, check_nm)
     history: list[dict[str, Any]] = []
     final = sparsity_at(config.target_sparsity)
     if config.schedule is None:
         _, errors = pruner(final, config.nm, None, measure=True, keep_masks=False)
     else:
         _, errors, history = _gradual(model, config, ctx, targets, pruner, sparsity_at)
-    rows = _layer_rows(targets, final, errors)
+    rows = _layer_rows(model, targets, final, errors)
     targeted = sum(r["params"] for r in rows)
     zeros = sum(r["params"] - r["nonzero"] for r in rows)
     nonzero, total = _params(model)
@@ -795,7 +818,8 @@ def apply(model: nn.Module, config: UnstructuredPruneConfig, ctx: PruneContext) 
     }
     if nm is not None:
         report["nm_pattern_ok"] = all(
-            satisfies_nm(oriented(module), *nm) for module in targets.values()
+            nm_ok[name] if name in nm_ok else satisfies_nm(oriented(module), *nm)
+            for name, module in targets.items()
         )
     calibration = pruner.calibration
     if calibration is not None:

@@ -72,12 +72,3 @@ def get_method(name: str) -> registry.Method:
 
 def method_names() -> list[str]:
     return registry.names("quantize")
-
-
-def dense_writer(model: nn.Module) -> Callable[[Path], None]:
-    """The writer for a model that saves as an ordinary dense checkpoint."""
-
-    def write(directory: Path) -> None:
-        model.save_pretrained(directory)  # type: ignore[operator]
-
-    return write

@@ -311,11 +311,17 @@ def pack_state_dict(
                 f"{tuple(module.weight.shape)}"
             )
         del state[f"{name}.weight"]
+        if qw.q.is_meta:  # a streamed block written already
+            continue
         for key, tensor in pack_weight(qw, scale_dtype=module.weight.dtype).items():
             state[f"{name}.{key}"] = tensor
     for name in tied_duplicates(model, state):
         del state[name]
-    return {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
+    # Meta tensors (the blocks a streamed model has already written) stay meta.
+    return {
+        name: tensor if tensor.is_meta else tensor.detach().to("cpu").contiguous()
+        for name, tensor in state.items()
+    }
 
 
 def compressed_writer(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) -> Any:

@@ -13,7 +13,8 @@ from torch import nn
 
 from ...config import QuantizeBase
 from ...models import cast_model
-from .base import QuantizationOutcome, QuantizeContext, dense_writer, register_method
+from ..checkpoint import dense_writer
+from .base import QuantizationOutcome, QuantizeContext, register_method
 
 
 class HalfPrecisionConfig(QuantizeBase):

@@ -353,6 +353,16 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return (int(self.q.shape[0]), int(self.q.shape[1]))
 
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """The same weight with its tensors on `device` ("meta" keeps only the shapes)."""
+
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
+        return QuantizedWeight(
+            self.q.to(device), self.scale.to(device), move(self.zero), self.grid, move(self.g_idx)
+        )
+
     def dequantize(self) -> Tensor:
         """The ``(out, in)`` weight the grid represents, in the scale's dtype."""
         out_features, in_features = self.shape

@@ -1,0 +1,493 @@
+"""Models larger than memory: the block engine on a checkpoint streamed from disk.
+
+A streamed model is the model's skeleton built on the meta device (shapes, no memory) with only
+what runs before the first block in memory (the embeddings; rotary tables are computed at build
+time). The engine asks for one block at a time:
+
+* `BlockStream.enter` reads that block's tensors from the safetensors files (memory-mapped, by
+  tensor name, sharded checkpoints included) onto the compute device;
+* `BlockStream.leave` hands the finished block to the output: its tensors in the method's saved
+  form (a method that saves another form than the dense state, e.g. packed integers, says so
+  with `save_as`) are written as one shard into the output's work folder; then the block's
+  tensors go back to the meta device, so they are freed.
+
+At the end the method's writer calls `write_remaining`, which adds what is left: the tensors
+outside the blocks (the final norm and LM head are copied from the source file unless the method
+loaded them), the shard index and the config; `save_model` then adds tokenizer, card and manifest
+and renames the folder into place, as for any output. A run killed on the way leaves only its
+work folder (``.NAME.partial-PID-*``, no manifest), which the next run deletes: it starts clean.
+
+Peak memory is one block in its compute dtype plus what the method holds for it (Hessians,
+scales), the embeddings and the calibration activations: it does not grow with the number of
+blocks.
+
+Which methods stream is decided before anything is loaded (`stream_refusal`): cast, RTN and GPTQ
+on integer grids (not the K grids), magnitude, Wanda and SparseGPT in one shot (unstructured or
+N:M, saved dense, uniform allocation). The others need the whole model at once (AWQ folds
+scales across modules, bitsandbytes/torchao quantize inside transformers, OWL and gradual
+schedules walk the model more than once, structured pruning rewrites shapes, distillation
+trains) and keep the in-memory path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
+# The attribute a streamed model carries.
+_STREAM = "_swiss_knife_stream"
+
+
+# ---------------------------------------------------------------------------------------------
+# The source checkpoint.
+# ---------------------------------------------------------------------------------------------
+
+
+class CheckpointTensors:
+    """The tensors of a safetensors checkpoint folder (one file, or shards with an index), read
+    one by one by name through memory maps; nothing is read until asked for."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.files = _safetensors_files(directory)
+        if not self.files:
+            raise UserInputError(f"{directory} holds no .safetensors weights to stream")
+        self._stack = ExitStack()
+        self._handles: dict[Path, Any] = {}
+        self.where: dict[str, Path] = {}
+        from safetensors import safe_open
+
+        for path in self.files:
+            handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            self._handles[path] = handle
+            for name in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                self.where[name] = path
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> Tensor:
+        """The tensor ``name`` (a copy in memory of its bytes on disk)."""
+        return self._handles[self.where[name]].get_tensor(name)
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        return [directory / name for name in dict.fromkeys(weight_map.values())]
+    single = directory / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+# ---------------------------------------------------------------------------------------------
+# Which stages stream.
+# ---------------------------------------------------------------------------------------------
+
+
+def stream_refusal(stage: Any) -> str | None:
+    """Why `stage` cannot run streamed (a short phrase), or None when it can."""
+    from .config import CastConfig
+
+    method = getattr(stage, "method", None)
+    if isinstance(stage, CastConfig) or method in ("fp16", "bf16"):
+        return None
+    grid = str(getattr(stage, "grid", None))
+    if method in ("rtn", "gptq"):
+        if grid.startswith("gguf:q") and grid.endswith("_k"):
+            return f"{method} on a K grid writes a GGUF block sidecar for the whole model"
+        return None
+    if method in ("magnitude", "wanda", "sparsegpt"):
+        if getattr(stage, "schedule", None) is not None:
+            return "a gradual schedule fine-tunes the whole model between steps"
+        if getattr(stage, "allocation", "uniform") != "uniform":
+            return f"allocation {stage.allocation!r} ranks all layers before pruning any"
+        if getattr(stage, "scope", "layer") == "global":
+            return "a global scope ranks all layers' weights together"
+        if getattr(stage, "save_format", "dense") != "dense":
+            return "the sparse-bitmask layout is written in one file"
+        return None
+    if method is None:
+        return "only quantize, prune and cast stages stream"
+    return f"{method} needs the whole model in memory"
+
+
+def source_refusal(directory: Path | None, gguf_file: str | None) -> str | None:
+    """Why the model at `directory` cannot be streamed from disk, or None."""
+    if directory is None:
+        return "the model is not a local folder"
+    if gguf_file:
+        return "a GGUF file is dequantized whole by transformers"
+    if not _safetensors_files(directory):
+        return "the folder holds no safetensors weights"
+    config = directory / "config.json"
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "its config.json cannot be read"
+    if data.get("quantization_config"):
+        return "the checkpoint is already quantized"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The stream.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockStream:
+    """One streamed model: where its blocks come from and where finished blocks go."""
+
+    model: nn.Module
+    source: CheckpointTensors
+    blocks_prefix: str
+    num_blocks: int
+    dtype: torch.dtype
+    device: torch.device
+    staging: Path  # the output's work folder
+    # The method's saved form of the whole model (meta tensors for what is not in memory);
+    # by default the dense state.
+    state: Callable[[], Mapping[str, Tensor]] | None = None
+    # Called with a block's prefix after it is written: the method drops what it kept for it.
+    released: list[Callable[[str], None]] = field(default_factory=list)
+    # Called with (index, block) before a block is written: the method measures it.
+    inspectors: list[Callable[[int, nn.Module], None]] = field(default_factory=list)
+    written: dict[str, str] = field(default_factory=dict)  # tensor name -> shard file
+    nonzero: dict[str, int] = field(default_factory=dict)  # parameter name -> non-zeros
+    sizes: dict[str, int] = field(default_factory=dict)  # shard file -> bytes
+    entered: set[int] = field(default_factory=set)
+    done: set[int] = field(default_factory=set)
+
+    def block(self, index: int) -> nn.Module:
+        return self.model.get_submodule(f"{self.blocks_prefix}.{index}")
+
+    def prefix(self, index: int) -> str:
+        return f"{self.blocks_prefix}.{index}."
+
+    def shard_name(self, number: int) -> str:
+        return f"model-{number:05d}-of-{self.num_blocks + 1:05d}.safetensors"
+
+    def enter(self, index: int, device: torch.device | None = None) -> nn.Module:
+        """Read block `index`'s tensors from the source onto `device`; the block."""
+        if index in self.done:
+            raise RuntimeError(f"block {index} was already streamed out")
+        block = self.block(index)
+        target = device or self.device
+        prefix = self.prefix(index)
+        for name, tensor in _tensors(block):
+            if not tensor.is_meta:
+                continue
+            full = prefix + name
+            if full not in self.source:
+                raise UserInputError(
+                    f"{full} is missing from the checkpoint in {self.source.directory}"
+                )
+            value = self.source.get(full)
+            if tuple(value.shape) != tuple(tensor.shape):
+                raise UserInputError(
+                    f"{full} has shape {tuple(value.shape)} in the checkpoint, "
+                    f"{tuple(tensor.shape)} in the model's config"
+                )
+            _set(block, name, value.to(device=target, dtype=_dtype_for(tensor, self.dtype)))
+        self.entered.add(index)
+        return block
+
+    def leave(self, index: int, *, write: bool = True) -> None:
+        """Write block `index` in its saved form (unless `write` is False: the walk failed)
+        and free its tensors."""
+        block = self.block(index)
+        try:
+            if write:
+                for inspect in self.inspectors:
+                    inspect(index, block)
+                self._write_block(index, block)
+        finally:
+            block.to("meta")
+            self.entered.discard(index)
+        if write:
+            self.done.add(index)
+            for release in self.released:
+                release(self.prefix(index))
+
+    def _write_block(self, index: int, block: nn.Module) -> None:
+        from safetensors.torch import save_file
+
+        prefix = self.prefix(index)
+        for name, param in block.named_parameters():
+            self.nonzero[prefix + name] = int(torch.count_nonzero(param))
+        state = self.state() if self.state is not None else self.model.state_dict()
+        tensors = {
+            name: tensor.detach().to("cpu").contiguous()
+            for name, tensor in state.items()
+            if name.startswith(prefix) and not tensor.is_meta
+        }
+        shard = self.shard_name(index + 1)
+        save_file(tensors, str(self.staging / shard), metadata={"format": "pt"})
+        self.sizes[shard] = sum(t.numel() * t.element_size() for t in tensors.values())
+        for name in tensors:
+            self.written[name] = shard
+
+    def write_remaining(self, directory: Path, state: Mapping[str, Tensor]) -> None:
+        """Write the tensors of `state` not yet written (the ones outside the blocks), as the
+        last shard, and the index of all shards, into `directory`."""
+        from safetensors.torch import save_file
+
+        missing_blocks = sorted(set(range(self.num_blocks)) - self.done)
+        if missing_blocks:
+            raise RuntimeError(f"blocks {missing_blocks} were never streamed through")
+        from .compression.checkpoint import tied_duplicates
+
+        rest: dict[str, Tensor] = {}
+        tied = tied_duplicates(self.model, state)
+        for name, tensor in state.items():
+            if name in self.written or name in tied:
+                continue
+            if name.startswith(self.blocks_prefix + "."):
+                raise RuntimeError(f"{name} of a streamed block was not written")
+            if tensor.is_meta:  # never loaded (final norm, LM head): copied from the source
+                if name not in self.source:
+                    raise UserInputError(f"{name} is missing from the source checkpoint")
+                tensor = self.source.get(name).to(_dtype_for(tensor, self.dtype))
+            rest[name] = tensor.detach().to("cpu").contiguous()
+        last = self.shard_name(self.num_blocks + 1)
+        save_file(rest, str(directory / last), metadata={"format": "pt"})
+        self.sizes[last] = sum(t.numel() * t.element_size() for t in rest.values())
+        weight_map = {**self.written, **dict.fromkeys(rest, last)}
+        if directory != self.staging:
+            for shard in dict.fromkeys(self.written.values()):
+                os.replace(self.staging / shard, directory / shard)
+        index = {
+            "metadata": {"total_size": sum(self.sizes.values())},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+    def close(self) -> None:
+        self.source.close()
+
+
+def _tensors(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) of `module`'s parameters and persistent buffers."""
+    yield from module.named_parameters(remove_duplicate=False)
+    for name, buffer in module.named_buffers(remove_duplicate=False):
+        owner, _, leaf = name.rpartition(".")
+        holder = module.get_submodule(owner) if owner else module
+        if leaf not in holder._non_persistent_buffers_set:
+            yield name, buffer
+
+
+def _dtype_for(tensor: Tensor, dtype: torch.dtype) -> torch.dtype:
+    """Floating tensors take the stream's compute dtype; others keep theirs."""
+    return dtype if tensor.is_floating_point() else tensor.dtype
+
+
+def _set(module: nn.Module, name: str, value: Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    holder = module.get_submodule(owner) if owner else module
+    if leaf in holder._parameters:
+        old = holder._parameters[leaf]
+        assert old is not None
+        holder._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        holder._buffers[leaf] = value
+
+
+def stream_of(model: nn.Module) -> BlockStream | None:
+    """The stream a streamed model reads its blocks from, or None for a model in memory."""
+    stream = model.__dict__.get(_STREAM)
+    return stream if isinstance(stream, BlockStream) else None
+
+
+def save_as(
+    model: nn.Module,
+    state: Callable[[], Mapping[str, Tensor]],
+    release: Callable[[str], None] | None = None,
+) -> None:
+    """For a method about to walk a streamed model: `state` is its saved form of the model
+    (called once per finished block, and may return meta tensors for what is not in memory);
+    `release(prefix)` drops what it holds for a written block. Nothing for a model in memory."""
+    stream = stream_of(model)
+    if stream is None:
+        return
+    stream.state = state
+    if release is not None:
+        stream.released.append(release)
+
+
+def inspect_blocks(model: nn.Module, inspect: Callable[[int, nn.Module], None]) -> None:
+    """For a method about to walk a streamed model: call `inspect(index, block)` on each
+    finished block before it is freed. Nothing for a model in memory."""
+    stream = stream_of(model)
+    if stream is not None:
+        stream.inspectors.append(inspect)
+
+
+def nonzero_count(model: nn.Module, name: str, tensor: Tensor) -> int:
+    """Non-zero count of parameter `name`, also once a streamed block is gone."""
+    if tensor.is_meta:
+        stream = stream_of(model)
+        if stream is None or name not in stream.nonzero:
+            raise RuntimeError(f"{name} is not in memory")
+        return stream.nonzero[name]
+    return int(torch.count_nonzero(tensor))
+
+
+def for_each_block(
+    model: nn.Module, names: Iterable[str], work: Callable[[list[str]], None]
+) -> None:
+    """Call `work` on the targeted module names, one block at a time for a streamed model
+    (every block streams through, targeted or not), all at once for a model in memory."""
+    names = list(names)
+    stream = stream_of(model)
+    if stream is None:
+        work(names)
+        return
+    by_block: dict[int, list[str]] = {}
+    outside = []
+    for name in names:
+        if name.startswith(stream.blocks_prefix + "."):
+            index = int(name[len(stream.blocks_prefix) + 1 :].split(".", 1)[0])
+            by_block.setdefault(index, []).append(name)
+        else:
+            outside.append(name)
+    if outside:
+        raise UserInputError(
+            f"{outside[0]} is outside the transformer blocks; a streamed run changes only "
+            "block weights (pass --stream off to load the whole model)"
+        )
+    from .progress import track
+
+    for index in track(range(stream.num_blocks), "streaming", unit="block", enabled=False):
+        stream.enter(index)
+        try:
+            work(by_block.get(index, []))
+        except BaseException:
+            stream.leave(index, write=False)
+            raise
+        stream.leave(index)
+
+
+def walk_unchanged(model: nn.Module) -> None:
+    """Stream every block through unchanged (casting: the skeleton's dtype is the new one)."""
+    for_each_block(model, [], lambda names: None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a streamed model.
+# ---------------------------------------------------------------------------------------------
+
+
+def open_streamed(
+    directory: Path,
+    staging: Path,
+    *,
+    dtype: torch.dtype | None,
+    device: torch.device,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """The skeleton of the model in `directory`, with its embeddings (everything before the
+    first block) read onto `device` and a `BlockStream` that writes into `staging`.
+
+    `dtype` None keeps the checkpoint's dtype. Raises `UserInputError` when the checkpoint's
+    tensors do not match the model its config builds.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .arch import get_arch, get_blocks
+
+    config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
+    if dtype is None:
+        dtype = _checkpoint_dtype(config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config, trust_remote_code=trust_remote_code, dtype=dtype
+        )
+    model.eval()
+    spec = get_arch(model)
+    blocks = get_blocks(model, spec)
+    source = CheckpointTensors(directory)
+    stream = BlockStream(
+        model=model,
+        source=source,
+        blocks_prefix=spec.blocks,
+        num_blocks=len(blocks),
+        dtype=dtype,
+        device=device,
+        staging=staging,
+    )
+    _check_names(model, source, spec)
+    skip = (spec.blocks, spec.lm_head, *([spec.final_norm] if spec.final_norm else []))
+    for name, tensor in list(_tensors(model)):
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if tensor.is_meta:
+            _set(model, name, source.get(name).to(device=device, dtype=_dtype_for(tensor, dtype)))
+    for name, buffer in model.named_buffers():
+        if not buffer.is_meta and buffer.device != device:
+            _set(model, name, buffer.to(device))
+    if _tied_config(model):
+        model.tie_weights()  # the embedding read above is a new tensor: tie the head to it again
+    model.__dict__[_STREAM] = stream
+    return model
+
+
+def _checkpoint_dtype(config: Any) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
+        return getattr(torch, dtype)
+    return torch.float32
+
+
+def _check_names(model: nn.Module, source: CheckpointTensors, spec: Any) -> None:
+    """Every tensor the model needs is in the checkpoint under the model's own name (a tied
+    LM head may be absent)."""
+    tied = {spec.lm_head + ".weight"} if _tied(model) else set()
+    missing = [n for n, _ in _tensors(model) if n not in source and n not in tied]
+    if missing:
+        raise UserInputError(
+            f"the checkpoint names its tensors unlike the model (e.g. {missing[0]} is missing); "
+            "it cannot be streamed: pass --stream off"
+        )
+
+
+def _tied_config(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    text = getattr(config, "get_text_config", lambda: config)()
+    return bool(getattr(text, "tie_word_embeddings", False))
+
+
+def _tied(model: nn.Module) -> bool:
+    get_output = getattr(model, "get_output_embeddings", None)
+    get_input = getattr(model, "get_input_embeddings", None)
+    if get_output is None or get_input is None:
+        return False
+    out, inp = get_output(), get_input()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
+def close(model: nn.Module) -> None:
+    """Close a streamed model's source files (a model in memory: nothing)."""
+    stream = stream_of(model)
+    if stream is not None:
+        stream.close()
