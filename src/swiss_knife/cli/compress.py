@@ -16,7 +16,7 @@ from ..cli_flags import (
     method_options,
 )
 from ..errors import SwissKnifeError, UserInputError
-from ..streaming import close
+from ..streaming import StreamRefused, close
 from .common import (
     _CALIBRATION_FLAGS,
     _calibration_settings,
@@ -201,13 +201,19 @@ def _open(args: argparse.Namespace, config: Any, out: Path) -> tuple[Any, Path |
         return _load(args, args.model), None
     assert local is not None
     device = resolve_device(args.device)
-    model, staging = open_streamed_stage(
-        local,
-        out,
-        dtype=args.dtype,
-        device=device,
-        trust_remote_code=args.trust_remote_code,
-    )
+    try:
+        model, staging = open_streamed_stage(
+            local,
+            out,
+            dtype=args.dtype,
+            device=device,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except StreamRefused as exc:
+        if mode == "on":
+            raise UserInputError(f"cannot stream this checkpoint from disk: {exc}") from exc
+        logger.info("loading the whole model (not streamed: %s)", exc)
+        return _load(args, args.model), None
     logger.info("streaming %s one block at a time", args.model)
     tokenizer = load_tokenizer(str(local), trust_remote_code=args.trust_remote_code)
     return LoadedModel(model, tokenizer, args.model, local, None, device), staging

@@ -190,7 +190,6 @@ def plan_targets(model: nn.Module, config: UnstructuredPruneConfig) -> dict[str,
 
 
 def _block_of(names: Mapping[str, nn.Module], model: nn.Module) -> dict[str, int]:
-    from ...arch import get_arch
 
     prefix = get_arch(model).blocks + "."
     return {name: int(name[len(prefix) :].split(".", 1)[0]) for name in names}
@@ -486,18 +485,11 @@ def allocate(
 
 
 def _params(model: nn.Module) -> tuple[int, int]:
-    """(non-zero, total) over the model's unique parameters (tied weights once); a streamed
-    model's non-block parameters that were never read (the LM head) count as dense."""
+    """(non-zero, total) over the model's unique parameters (tied weights once)."""
     unique = dict(model.named_parameters())
     total = sum(p.numel() for p in unique.values())
-    count = sum(_nonzero(model, name, p) for name, p in unique.items())
+    count = sum(nonzero_count(model, name, p) for name, p in unique.items())
     return count, total
-
-
-def _nonzero(model: nn.Module, name: str, param: Tensor) -> int:
-    if param.is_meta and not name.startswith(get_arch(model).blocks + "."):
-        return param.numel()  # outside the blocks, never read: unchanged by pruning
-    return nonzero_count(model, name, param)
 
 
 def _layer_rows(

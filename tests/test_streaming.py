@@ -1,0 +1,285 @@
+"""Block-streamed runs (swiss_knife.streaming): the same output as loading the whole model, with
+memory that does not grow with the number of blocks, and nothing complete-looking left by a kill.
+
+Every streamed run here reads a checkpoint saved in many small shards (so blocks span files and
+files span blocks), through the command line in this process (`cli.main`), once with
+``--stream on`` and once with ``--stream off``; the two output folders must hold the same
+tensors (bit for bit, same dtype), the same config and the same JSON summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY_CONFIGS, assert_user_error, build, make_char_tokenizer, sk
+from swiss_knife import cli
+from swiss_knife.streaming import INDEX_NAME
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 300
+CALIB = ["--num-samples", "4", "--seq-len", "32"]
+
+METHODS: dict[str, list[str]] = {
+    "rtn": ["quantize", "--method", "rtn", "--bits", "4", "--group-size", "16"],
+    "gptq": ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "16", *CALIB],
+    "bf16": ["quantize", "--method", "bf16"],
+    "magnitude": ["prune", "--method", "magnitude", "--sparsity", "0.5"],
+    "wanda": ["prune", "--method", "wanda", "--sparsity", "0.5", *CALIB],
+    "sparsegpt-2:4": ["prune", "--method", "sparsegpt", "--pattern", "2:4", *CALIB],
+}
+CALIBRATED = {"gptq", "wanda", "sparsegpt-2:4"}
+# Checkpoints whose tensor names differ from the model's (transformers renames them on load and
+# back on save: GPT-NeoX's embed_out is the model's lm_head) are not streamed.
+RENAMED = {"gpt_neox"}
+# Architectures whose linears are nn.Linear (GPT-2's Conv1D cannot be saved pack-quantized).
+LINEAR_ARCHS = [a for a in TINY_CONFIGS if a != "gpt2" and a not in RENAMED]
+
+
+def _source(root: Path, arch: str) -> Path:
+    """A tiny model of `arch` saved in shards of at most 20 KB, with a tokenizer."""
+    folder = root / f"src-{arch}"
+    if not folder.exists():
+        build(arch).save_pretrained(folder, max_shard_size="20KB")
+        make_char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
+def _run(capsys: Any, source: Path, out: Path, method: str, mode: str, text: Path) -> Any:
+    args = METHODS[method]
+    data = ["--calibration-data", str(text)] if method in CALIBRATED else []
+    flags = ["--output-dir", str(out), "--stream", mode, "--json", "-q"]
+    code = cli.main([args[0], str(source), *args[1:], *data, *flags])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def _same_outputs(capsys: Any, tmp_path: Path, arch: str, method: str) -> tuple[Path, Path]:
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    source = _source(tmp_path, arch)
+    streamed, loaded = tmp_path / f"{method}-on", tmp_path / f"{method}-off"
+    summary_on = _run(capsys, source, streamed, method, "on", text)
+    summary_off = _run(capsys, source, loaded, method, "off", text)
+    a, b = _tensors(streamed), _tensors(loaded)
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+    config_a = json.loads((streamed / "config.json").read_text())
+    config_b = json.loads((loaded / "config.json").read_text())
+    assert config_a == config_b
+    for key in ("output_dir", "seconds", "disk_bytes"):
+        summary_on.pop(key)
+        summary_off.pop(key)
+    assert summary_on == summary_off
+    assert (streamed / INDEX_NAME).is_file()  # really streamed: one shard per block + the rest
+    assert not (loaded / INDEX_NAME).exists()
+    return streamed, loaded
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_streamed_equals_in_memory_for_every_method(
+    capsys: Any, tmp_path: Path, method: str
+) -> None:
+    streamed, _ = _same_outputs(capsys, tmp_path, "llama", method)
+    index = json.loads((streamed / INDEX_NAME).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) == 3  # two blocks and the tensors outside them
+    assert all(name.startswith("model.layers.0.") for name, shard in index["weight_map"].items()
+               if shard == shards[0])  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", LINEAR_ARCHS)
+@pytest.mark.parametrize("method", ["gptq", "wanda"])
+def test_streamed_equals_in_memory_for_every_architecture(
+    capsys: Any, tmp_path: Path, arch: str, method: str
+) -> None:
+    _same_outputs(capsys, tmp_path, arch, method)
+
+
+def test_streamed_gpt2_prunes_conv1d_layers(capsys: Any, tmp_path: Path) -> None:
+    _same_outputs(capsys, tmp_path, "gpt2", "wanda")
+
+
+def test_renamed_checkpoint_keys_are_not_streamed(tmp_path: Path) -> None:
+    source = _source(tmp_path, "gpt_neox")
+    args = ("quantize", source, "--method", "rtn", "--bits", "4", "--group-size", "16")
+    refused = sk(*args, "--output-dir", tmp_path / "on", "--stream", "on")
+    assert "names its tensors unlike the model" in assert_user_error(refused)
+    assert not list(tmp_path.glob(".on.*"))  # its work folder is gone too
+    auto = sk(*args, "--output-dir", tmp_path / "auto")
+    assert auto.returncode == 0, auto.stderr
+    assert "not streamed" in auto.stderr and (tmp_path / "auto" / "model.safetensors").is_file()
+
+
+def test_streamed_output_reloads_with_plain_transformers(capsys: Any, tmp_path: Path) -> None:
+    """A fresh process without Swiss Knife loads the streamed GPTQ and Wanda folders and gets
+    the logits of the folders written from memory."""
+    folders = [_same_outputs(capsys, tmp_path, "llama", m) for m in ("gptq", "wanda")]
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        ids = torch.arange(4, 36).reshape(2, 16)
+        for a, b in zip(sys.argv[1::2], sys.argv[2::2]):
+            la = AutoModelForCausalLM.from_pretrained(a).eval()(ids).logits
+            lb = AutoModelForCausalLM.from_pretrained(b).eval()(ids).logits
+            assert torch.equal(la, lb), (a, b)
+        assert "swiss_knife" not in sys.modules
+        print("ok")
+        """
+    )
+    paths = [str(p) for pair in folders for p in pair]
+    done = subprocess.run(
+        [sys.executable, "-c", script, *paths], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"
+
+
+def test_stream_on_refuses_what_cannot_stream(tmp_path: Path) -> None:
+    source = _source(tmp_path, "llama")
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "out"
+    awq = sk("quantize", source, "--method", "awq", "--bits", "4", "--group-size", "16",
+             "--calibration-data", text, *CALIB, "--output-dir", out, "--stream", "on")  # fmt: skip
+    line = assert_user_error(awq)
+    assert "cannot stream" in line and "awq" in line
+    owl = sk("prune", source, "--method", "wanda", "--sparsity", "0.5", "--allocation", "owl",
+             "--calibration-data", text, *CALIB, "--output-dir", out, "--stream", "on")  # fmt: skip
+    assert "owl" in assert_user_error(owl)
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_auto_loads_the_model_when_the_stage_cannot_stream(tmp_path: Path) -> None:
+    source = _source(tmp_path, "llama")
+    out = tmp_path / "out"
+    done = sk("prune", source, "--method", "magnitude", "--sparsity", "0.5", "--scope", "global",
+              "--output-dir", out)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "not streamed: a global scope" in done.stderr
+    assert (out / "model.safetensors").is_file()
+
+
+def test_streamed_run_prints_its_human_summary(tmp_path: Path) -> None:
+    source = _source(tmp_path, "llama")
+    done = sk("quantize", source, "--method", "rtn", "--bits", "4", "--group-size", "16",
+              "--output-dir", tmp_path / "out")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "streaming" in done.stderr
+    assert "saved to" in done.stdout and "worst layers" in done.stdout.lower()
+
+
+# ------------------------------------------------------------------------------ memory
+
+# Peak RSS from VmHWM: getrusage's ru_maxrss survives exec, so a child of a big pytest process
+# would report at least its parent's size.
+_MEMORY_SCRIPT = """
+import sys
+from swiss_knife import cli
+code = cli.main(["quantize", sys.argv[1], "--method", "rtn", "--bits", "8", "--group-size", "0",
+                 "--output-dir", sys.argv[2], "--stream", sys.argv[3], "-q"])
+assert code == 0
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+print(int(status.split()[0]))  # KiB
+"""
+
+
+def _peak_kib(source: Path, out: Path, mode: str) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(source), str(out), mode],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_streamed_peak_memory_does_not_grow_with_blocks(tmp_path: Path) -> None:
+    """Peak RSS of a streamed RTN run on a model of 2 and of 12 blocks (each about 17 MB in
+    fp32) differs by far less than the 10 extra blocks, which a whole-model run does pay."""
+    shape = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
+             "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128}  # fmt: skip
+    block_mib = (4 * 512 * 512 + 3 * 512 * 2048) * 4 / 2**20
+    peaks: dict[tuple[int, str], float] = {}
+    for blocks in (2, 12):
+        folder = tmp_path / f"m{blocks}"
+        build("llama", num_hidden_layers=blocks, **shape).save_pretrained(
+            folder, max_shard_size="40MB"
+        )
+        for mode in ("on", "off"):
+            peaks[blocks, mode] = _peak_kib(folder, tmp_path / f"o{blocks}{mode}", mode) / 1024
+    streamed_growth = peaks[12, "on"] - peaks[2, "on"]
+    loaded_growth = peaks[12, "off"] - peaks[2, "off"]
+    assert loaded_growth > 8 * block_mib, peaks  # the measurement can see 10 blocks
+    assert streamed_growth < 2.5 * block_mib, peaks
+
+
+# ------------------------------------------------------------------------------ kills
+
+_KILL_SCRIPT = """
+import os, signal, sys
+from swiss_knife import cli
+from swiss_knife.streaming import BlockStream
+leave = BlockStream.leave
+def dying_leave(self, index, *, write=True):
+    leave(self, index, write=write)
+    if index == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # block 1 written, blocks 2-3 not
+BlockStream.leave = dying_leave
+sys.exit(cli.main(["quantize", sys.argv[1], "--method", "rtn", "--bits", "4",
+                   "--group-size", "16", "--output-dir", sys.argv[2], "-q"]))
+"""
+
+
+def test_kill_during_streamed_save_leaves_nothing_complete(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    build("llama", num_hidden_layers=4).save_pretrained(source, max_shard_size="20KB")
+    out = tmp_path / "out"
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_SCRIPT, str(source), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not out.exists()
+    partial = list(tmp_path.glob(".out.partial-*"))
+    assert len(partial) == 1
+    written = sorted(p.name for p in partial[0].iterdir())
+    assert written == ["model-00001-of-00005.safetensors", "model-00002-of-00005.safetensors"]
+    rerun = sk("quantize", source, "--method", "rtn", "--bits", "4", "--group-size", "16",
+               "--output-dir", out)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert not list(tmp_path.glob(".out.partial-*"))  # the dead run's folder is gone
+    assert (out / "swiss_knife.json").is_file() and (out / INDEX_NAME).is_file()
+    fresh = tmp_path / "fresh"
+    assert sk("quantize", source, "--method", "rtn", "--bits", "4", "--group-size", "16",
+              "--output-dir", fresh).returncode == 0  # fmt: skip
+    a, b = _tensors(out), _tensors(fresh)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
