@@ -102,7 +102,7 @@ class CheckpointTensors:
         raw = torch.empty(end - begin, dtype=torch.uint8)
         with open(path, "rb") as handle:
             handle.seek(begin)
-            got = handle.readinto(memoryview(raw.numpy()))
+            got = handle.readinto(raw.numpy().data)
         if got != end - begin:
             raise UserInputError(f"{path} ends inside tensor {name}: the file is truncated")
         return raw.view(dtype).reshape(shape)
