@@ -123,6 +123,7 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
@@ -132,6 +133,46 @@ def _safetensors_files(directory: Path) -> list[Path]:
         return [directory / name for name in dict.fromkeys(weight_map.values())]
     single = directory / "model.safetensors"
     return [single] if single.is_file() else []
+
+
+Lazy = tuple[Tensor, Callable[[], Tensor]]  # (meta tensor of the right shape and dtype, reader)
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, Tensor | Lazy]) -> int:
+    """Write a safetensors file one tensor at a time, each straight from its memory (no
+    serialised copy of the whole file, as ``safetensors.torch.save_file`` makes); a value may be
+    a `Lazy` pair whose reader is called just before the tensor is written (so a tensor read
+    from the source lives only while it is copied). Returns the bytes of tensor data written."""
+    names = sorted(tensors)
+    meta: dict[str, Tensor] = {}
+    for name in names:
+        value = tensors[name]
+        meta[name] = value if isinstance(value, Tensor) else value[0]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in names:
+        t = meta[name]
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little"))
+        handle.write(text)
+        for name in names:
+            value = tensors[name]
+            tensor = value if isinstance(value, Tensor) else value[1]()
+            if tensor.dtype != meta[name].dtype or tensor.shape != meta[name].shape:
+                raise RuntimeError(f"{name} changed shape or dtype while it was written")
+            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            handle.write(data.numpy().data)
+            del tensor, data
+    return offset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,34 +307,29 @@ class BlockStream:
         _return_freed_memory()
 
     def _write_block(self, index: int, block: nn.Module) -> None:
-        from safetensors.torch import save_file
-
         prefix = self.prefix(index)
         for name, param in block.named_parameters():
             self.nonzero[prefix + name] = int(torch.count_nonzero(param))
         state = self.state() if self.state is not None else self.model.state_dict()
         tensors = {
-            name: tensor.detach().to("cpu").contiguous()
+            name: tensor
             for name, tensor in state.items()
             if name.startswith(prefix) and not tensor.is_meta
         }
         shard = self.shard_name(index + 1)
-        save_file(tensors, str(self.staging / shard), metadata={"format": "pt"})
-        self.sizes[shard] = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.sizes[shard] = write_safetensors(self.staging / shard, tensors)
         for name in tensors:
             self.written[name] = shard
 
     def write_remaining(self, directory: Path, state: Mapping[str, Tensor]) -> None:
         """Write the tensors of `state` not yet written (the ones outside the blocks), as the
         last shard, and the index of all shards, into `directory`."""
-        from safetensors.torch import save_file
-
         missing_blocks = sorted(set(range(self.num_blocks)) - self.done)
         if missing_blocks:
             raise RuntimeError(f"blocks {missing_blocks} were never streamed through")
         from .compression.checkpoint import tied_duplicates
 
-        rest: dict[str, Tensor] = {}
+        rest: dict[str, Tensor | Lazy] = {}
         tied = tied_duplicates(self.model, state)
         for name, tensor in state.items():
             if name in self.written or name in tied:
@@ -303,11 +339,12 @@ class BlockStream:
             if tensor.is_meta:  # never loaded (final norm, LM head): copied from the source
                 if name not in self.source:
                     raise UserInputError(f"{name} is missing from the source checkpoint")
-                tensor = self.source.get(name).to(_dtype_for(tensor, self.dtype))
-            rest[name] = tensor.detach().to("cpu").contiguous()
+                dtype = _dtype_for(tensor, self.dtype)
+                rest[name] = (tensor.to(dtype), self._reader(name, dtype))
+            else:
+                rest[name] = tensor
         last = self.shard_name(self.num_blocks + 1)
-        save_file(rest, str(directory / last), metadata={"format": "pt"})
-        self.sizes[last] = sum(t.numel() * t.element_size() for t in rest.values())
+        self.sizes[last] = write_safetensors(directory / last, rest)
         weight_map = {**self.written, **dict.fromkeys(rest, last)}
         if directory != self.staging:
             for shard in dict.fromkeys(self.written.values()):
@@ -317,6 +354,9 @@ class BlockStream:
             "weight_map": dict(sorted(weight_map.items())),
         }
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+    def _reader(self, name: str, dtype: torch.dtype) -> Callable[[], Tensor]:
+        return lambda: self.source.get(name).to(dtype)
 
     def close(self) -> None:
         self.source.close()
