@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
@@ -96,6 +97,8 @@ from swiss_knife.arch import (
 )
 from swiss_knife.device import fast_bf16_matmul
 from swiss_knife.errors import UnsupportedArchitectureError, UserInputError
+
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Tensor math: running statistics of a linear layer's inputs. No modules, no hooks.
@@ -1216,6 +1219,34 @@ def _records(
     return block_record, records
 
 
+def _report_activations(
+    model: nn.Module,
+    spec: ArchSpec,
+    samples: Tensor,
+    blocks: nn.ModuleList,
+    storage: torch.device,
+    measure_error: bool,
+) -> None:
+    """Log how much memory the calibration activations take, before the walk starts."""
+    from .arch import hidden_size
+
+    dtype = _blocks_dtype(blocks)
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    one = samples.numel() * hidden_size(model.config, spec) * dtype.itemsize
+    copies = 3 if measure_error else 2  # inputs and outputs while a block replays (+ reference)
+    logger.info(
+        "calibration activations: %d x %d tokens x %d hidden in %s = %.1f MB on %s (up to "
+        "%d copies while a block replays)",
+        samples.shape[0],
+        samples.shape[1],
+        hidden_size(model.config, spec),
+        str(dtype).replace("torch.", ""),
+        one / 1e6,
+        storage,
+        copies,
+    )
+
+
 def run_calibration(
     model: nn.Module,
     samples: Tensor,
@@ -1256,6 +1287,7 @@ def run_calibration(
     storage = torch.device("cpu") if offload_activations else compute
     resolved = resolve_precision(precision, compute, _blocks_dtype(blocks))
     pass_precision = _pass_context(resolved, compute)
+    _report_activations(model, spec, samples, blocks, storage, measure_error)
 
     block_records: list[BlockRecord] = []
     linear_records: list[LinearRecord] = []
