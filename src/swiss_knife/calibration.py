@@ -1292,7 +1292,13 @@ def run_calibration(
     block_records: list[BlockRecord] = []
     linear_records: list[LinearRecord] = []
     with _calibration_mode(model):
-        inputs = _capture(model, spec, blocks, samples, compute, batch_size, storage)
+        if stream is not None:
+            stream.load_outside(compute)  # the embeddings, for the capture only
+        try:
+            inputs = _capture(model, spec, blocks, samples, compute, batch_size, storage)
+        finally:
+            if stream is not None:
+                stream.release_outside()
         capture_seconds = time.perf_counter() - started
         for index in track(range(len(blocks)), "calibrating", unit="block", enabled=progress):
             block = blocks[index]

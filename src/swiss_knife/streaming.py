@@ -1,8 +1,9 @@
 """Models larger than memory: the block engine on a checkpoint streamed from disk.
 
-A streamed model is the model's skeleton built on the meta device (shapes, no memory) with only
-what runs before the first block in memory (the embeddings; rotary tables are computed at build
-time). The engine asks for one block at a time:
+A streamed model is the model's skeleton built on the meta device (shapes, no memory; rotary
+tables, computed at build time, are real). What runs before the first block (the embeddings) is
+read only for the calibration capture and freed after it. The engine asks for one block at a
+time:
 
 * `BlockStream.enter` reads that block's tensors from the safetensors files (memory-mapped, by
   tensor name, sharded checkpoints included) onto the compute device;
@@ -12,14 +13,14 @@ time). The engine asks for one block at a time:
   tensors go back to the meta device, so they are freed.
 
 At the end the method's writer calls `write_remaining`, which adds what is left: the tensors
-outside the blocks (the final norm and LM head are copied from the source file unless the method
-loaded them), the shard index and the config; `save_model` then adds tokenizer, card and manifest
+outside the blocks (embeddings, final norm and LM head, unchanged, copied from the source one at
+a time), the shard index and the config; `save_model` then adds tokenizer, card and manifest
 and renames the folder into place, as for any output. A run killed on the way leaves only its
 work folder (``.NAME.partial-PID-*``, no manifest), which the next run deletes: it starts clean.
 
 Peak memory is one block in its compute dtype plus what the method holds for it (Hessians,
-scales), the embeddings and the calibration activations: it does not grow with the number of
-blocks.
+scales) and the calibration activations (the embeddings during the capture, the largest outside
+tensor during the final write): it does not grow with the number of blocks.
 
 Which methods stream is decided before anything is loaded (`stream_refusal`): cast, RTN and GPTQ
 on integer grids (not the K grids), magnitude, Wanda and SparseGPT in one shot (unstructured or
@@ -253,6 +254,30 @@ class BlockStream:
     sizes: dict[str, int] = field(default_factory=dict)  # shard file -> bytes
     entered: set[int] = field(default_factory=set)
     done: set[int] = field(default_factory=set)
+    # What runs before block 0 (embeddings): read only for the calibration capture.
+    outside: list[str] = field(default_factory=list)
+
+    def load_outside(self, device: torch.device) -> None:
+        """Read the tensors that run before the first block (the embeddings) onto `device`."""
+        for name in self.outside:
+            current = _get(self.model, name)
+            if current.is_meta:
+                value = self.source.get(name).to(
+                    device=device, dtype=_dtype_for(current, self.dtype)
+                )
+                _set(self.model, name, value)
+        self._retie()
+
+    def release_outside(self) -> None:
+        """Free them again: they are unchanged, and written from the source at the end."""
+        for name in self.outside:
+            _set(self.model, name, _get(self.model, name).to("meta"))
+        self._retie()
+        _return_freed_memory()
+
+    def _retie(self) -> None:
+        if _tied_config(self.model):
+            self.model.tie_weights()  # type: ignore[operator]
 
     def block(self, index: int) -> nn.Module:
         return self.model.get_submodule(f"{self.blocks_prefix}.{index}")
@@ -336,8 +361,10 @@ class BlockStream:
                 continue
             if name.startswith(self.blocks_prefix + "."):
                 raise RuntimeError(f"{name} of a streamed block was not written")
-            if tensor.is_meta:  # never loaded (final norm, LM head): copied from the source
+            if tensor.is_meta:  # not in memory (embeddings, final norm, head): from the source
                 if name not in self.source:
+                    if name in self._tied_names():
+                        continue  # a tied head: transformers ties it again on load
                     raise UserInputError(f"{name} is missing from the source checkpoint")
                 dtype = _dtype_for(tensor, self.dtype)
                 rest[name] = (tensor.to(dtype), self._reader(name, dtype))
@@ -354,6 +381,14 @@ class BlockStream:
             "weight_map": dict(sorted(weight_map.items())),
         }
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+    def _tied_names(self) -> set[str]:
+        names = set(getattr(self.model, "all_tied_weights_keys", None) or {})
+        spec_head = getattr(self.model, "get_output_embeddings", lambda: None)()
+        if _tied_config(self.model) and spec_head is not None:
+            names |= {n for n, p in self.model.named_parameters(remove_duplicate=False)
+                      if p is spec_head.weight}  # fmt: skip
+        return names
 
     def _reader(self, name: str, dtype: torch.dtype) -> Callable[[], Tensor]:
         return lambda: self.source.get(name).to(dtype)
@@ -396,6 +431,13 @@ def _tensors(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
 def _dtype_for(tensor: Tensor, dtype: torch.dtype) -> torch.dtype:
     """Floating tensors take the stream's compute dtype; others keep theirs."""
     return dtype if tensor.is_floating_point() else tensor.dtype
+
+
+def _get(module: nn.Module, name: str) -> Tensor:
+    owner, _, leaf = name.rpartition(".")
+    holder = module.get_submodule(owner) if owner else module
+    value = holder._parameters.get(leaf)
+    return value if value is not None else holder._buffers[leaf]  # type: ignore[return-value]
 
 
 def _set(module: nn.Module, name: str, value: Tensor) -> None:
@@ -540,16 +582,14 @@ def open_streamed(
     )
     _check_names(model, source, spec)
     skip = (spec.blocks, spec.lm_head, *([spec.final_norm] if spec.final_norm else []))
-    for name, tensor in list(_tensors(model)):
-        if any(name == s or name.startswith(s + ".") for s in skip):
-            continue
-        if tensor.is_meta:
-            _set(model, name, source.get(name).to(device=device, dtype=_dtype_for(tensor, dtype)))
+    stream.outside = [
+        name
+        for name, _ in _tensors(model)
+        if not any(name == s or name.startswith(s + ".") for s in skip)
+    ]
     for name, buffer in model.named_buffers():
         if not buffer.is_meta and buffer.device != device:
             _set(model, name, buffer.to(device))
-    if _tied_config(model):
-        model.tie_weights()  # the embedding read above is a new tensor: tie the head to it again
     model.__dict__[_STREAM] = stream
     return model
 
