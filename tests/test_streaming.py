@@ -221,23 +221,24 @@ def _peak_kib(source: Path, out: Path, mode: str) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
 def test_streamed_peak_memory_does_not_grow_with_blocks(tmp_path: Path) -> None:
-    """Peak RSS of a streamed RTN run on a model of 2 and of 12 blocks (each about 17 MB in
-    fp32) differs by far less than the 10 extra blocks, which a whole-model run does pay."""
-    shape = {"hidden_size": 512, "intermediate_size": 2048, "num_attention_heads": 8,
-             "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128}  # fmt: skip
-    block_mib = (4 * 512 * 512 + 3 * 512 * 2048) * 4 / 2**20
+    """Peak RSS of a streamed RTN run on a model of 2 and of 12 blocks (each about 38 MB in
+    fp32) differs by far less than the 10 extra blocks, which a whole-model run does pay. (The
+    peaks of repeated runs vary by some tens of MB, hence blocks this large.)"""
+    shape = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+             "num_key_value_heads": 12, "head_dim": 64, "vocab_size": 128}  # fmt: skip
+    block_mib = (4 * 768 * 768 + 3 * 768 * 3072) * 4 / 2**20
     peaks: dict[tuple[int, str], float] = {}
     for blocks in (2, 12):
         folder = tmp_path / f"m{blocks}"
         build("llama", num_hidden_layers=blocks, **shape).save_pretrained(
-            folder, max_shard_size="40MB"
+            folder, max_shard_size="80MB"
         )
         for mode in ("on", "off"):
             peaks[blocks, mode] = _peak_kib(folder, tmp_path / f"o{blocks}{mode}", mode) / 1024
     streamed_growth = peaks[12, "on"] - peaks[2, "on"]
     loaded_growth = peaks[12, "off"] - peaks[2, "off"]
     assert loaded_growth > 8 * block_mib, peaks  # the measurement can see 10 blocks
-    assert streamed_growth < 2.5 * block_mib, peaks
+    assert streamed_growth < 2 * block_mib, peaks
 
 
 # ------------------------------------------------------------------------------ kills
