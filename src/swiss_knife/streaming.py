@@ -108,9 +108,6 @@ class CheckpointTensors:
             raise UserInputError(f"{path} ends inside tensor {name}: the file is truncated")
         return raw.view(dtype).reshape(shape)
 
-    def close(self) -> None:
-        """Nothing stays open between reads."""
-
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -252,7 +249,6 @@ class BlockStream:
     written: dict[str, str] = field(default_factory=dict)  # tensor name -> shard file
     nonzero: dict[str, int] = field(default_factory=dict)  # parameter name -> non-zeros
     sizes: dict[str, int] = field(default_factory=dict)  # shard file -> bytes
-    entered: set[int] = field(default_factory=set)
     done: set[int] = field(default_factory=set)
     # What runs before block 0 (embeddings): read only for the calibration capture.
     outside: list[str] = field(default_factory=list)
@@ -310,7 +306,6 @@ class BlockStream:
                     f"{tuple(tensor.shape)} in the model's config"
                 )
             _set(block, name, value.to(device=target, dtype=_dtype_for(tensor, self.dtype)))
-        self.entered.add(index)
         return block
 
     def leave(self, index: int, *, write: bool = True) -> None:
@@ -324,7 +319,6 @@ class BlockStream:
                 self._write_block(index, block)
         finally:
             block.to("meta")
-            self.entered.discard(index)
         if write:
             self.done.add(index)
             for release in self.released:
@@ -392,9 +386,6 @@ class BlockStream:
 
     def _reader(self, name: str, dtype: torch.dtype) -> Callable[[], Tensor]:
         return lambda: self.source.get(name).to(dtype)
-
-    def close(self) -> None:
-        self.source.close()
 
 
 def _return_freed_memory() -> None:
@@ -519,9 +510,7 @@ def for_each_block(
             f"{outside[0]} is outside the transformer blocks; a streamed run changes only "
             "block weights (pass --stream off to load the whole model)"
         )
-    from .progress import track
-
-    for index in track(range(stream.num_blocks), "streaming", unit="block", enabled=False):
+    for index in range(stream.num_blocks):
         stream.enter(index)
         try:
             work(by_block.get(index, []))
@@ -630,10 +619,3 @@ def _tied(model: nn.Module) -> bool:
         return False
     out, inp = get_output(), get_input()
     return out is not None and inp is not None and out.weight is inp.weight
-
-
-def close(model: nn.Module) -> None:
-    """Close a streamed model's source files (a model in memory: nothing)."""
-    stream = stream_of(model)
-    if stream is not None:
-        stream.close()

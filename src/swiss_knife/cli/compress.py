@@ -16,7 +16,7 @@ from ..cli_flags import (
     method_options,
 )
 from ..errors import SwissKnifeError, UserInputError
-from ..streaming import StreamRefused, close
+from ..streaming import StreamRefused
 from .common import (
     _CALIBRATION_FLAGS,
     _calibration_settings,
@@ -179,8 +179,6 @@ def _compress(
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        close(loaded.model)
     return config, result, saved, disk
 
 
