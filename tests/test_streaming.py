@@ -192,6 +192,76 @@ def test_streamed_run_prints_its_human_summary(tmp_path: Path) -> None:
     assert "saved to" in done.stdout and "worst layers" in done.stdout.lower()
 
 
+# ------------------------------------------------------------------------------ evaluate
+
+
+def _evaluate(capsys: Any, source: Path, text: Path, mode: str, *extra: str) -> dict[str, Any]:
+    flags = ["--eval-data", str(text), "--window", "64", "--stream", mode, "--json", "-q"]
+    code = cli.main(["evaluate", str(source), *flags, *extra])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    metrics: dict[str, Any] = json.loads(captured.out)["metrics"]
+    return metrics
+
+
+@pytest.mark.parametrize("arch", [*LINEAR_ARCHS, "gpt2"])
+def test_streamed_perplexity_equals_in_memory(capsys: Any, tmp_path: Path, arch: str) -> None:
+    """Perplexity computed block by block over all windows is the whole model's, bit for bit,
+    and so are the size numbers (non-zeros counted as the blocks went by)."""
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    source = _source(tmp_path, arch)
+    streamed = _evaluate(capsys, source, text, "on", "--batch-size", "3")
+    loaded = _evaluate(capsys, source, text, "off", "--batch-size", "3", "--no-speed")
+    assert streamed["streamed"] is True and loaded["streamed"] is False
+    assert streamed["perplexity"] == loaded["perplexity"]
+    assert streamed["perplexity"]["num_windows"] > 3  # several batches, the last one short
+    assert streamed["size"] == loaded["size"]
+    assert "speed" not in streamed and streamed["memory"]["streamed"] is True
+
+
+def test_streamed_perplexity_of_a_pruned_model(capsys: Any, tmp_path: Path) -> None:
+    """A streamed Wanda output (sharded, half zeros) evaluates streamed to its in-memory
+    perplexity and sparsity."""
+    streamed_out, _ = _same_outputs(capsys, tmp_path, "llama", "wanda")
+    text = tmp_path / "text.txt"
+    on = _evaluate(capsys, streamed_out, text, "on")
+    off = _evaluate(capsys, streamed_out, text, "off", "--no-speed")
+    assert on["perplexity"] == off["perplexity"]
+    assert on["size"]["nonzero_params"] == off["size"]["nonzero_params"]
+    assert on["size"]["sparsity"] > 0.3
+
+
+def test_streamed_evaluate_human_output_and_refusals(tmp_path: Path) -> None:
+    source = _source(tmp_path, "llama")
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    done = sk("evaluate", source, "--eval-data", text, "--window", "64", "--stream", "on")
+    assert done.returncode == 0, done.stderr
+    assert "speed is not measured" in done.stderr and "streaming" in done.stderr
+    assert "perplexity" in done.stdout.lower()
+    with_reference = sk("evaluate", source, "--eval-data", text, "--stream", "on",
+                        "--reference", source)  # fmt: skip
+    line = assert_user_error(with_reference)
+    assert "cannot stream" in line and "agreement" in line
+    renamed = sk("evaluate", _source(tmp_path, "gpt_neox"), "--eval-data", text, "--stream", "on")
+    assert "names its tensors unlike the model" in assert_user_error(renamed)
+
+
+def test_auto_streams_evaluation_only_when_the_model_does_not_fit(
+    capsys: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = _source(tmp_path, "llama")
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    fits = _evaluate(capsys, source, text, "auto", "--no-speed")
+    assert fits["streamed"] is False
+    monkeypatch.setattr("swiss_knife.streaming.available_bytes", lambda device: 1000)
+    too_big = _evaluate(capsys, source, text, "auto")
+    assert too_big["streamed"] is True and "speed" not in too_big
+    assert too_big["perplexity"] == fits["perplexity"]
+
+
 # ------------------------------------------------------------------------------ memory
 
 # Peak RSS from VmHWM: getrusage's ru_maxrss survives exec, so a child of a big pytest process
@@ -199,17 +269,21 @@ def test_streamed_run_prints_its_human_summary(tmp_path: Path) -> None:
 _MEMORY_SCRIPT = """
 import sys
 from swiss_knife import cli
-code = cli.main(["quantize", sys.argv[1], "--method", "rtn", "--bits", "8", "--group-size", "0",
-                 "--output-dir", sys.argv[2], "--stream", sys.argv[3], "-q"])
+if sys.argv[4] == "quantize":
+    code = cli.main(["quantize", sys.argv[1], "--method", "rtn", "--bits", "8", "--group-size",
+                     "0", "--output-dir", sys.argv[2], "--stream", sys.argv[3], "-q"])
+else:
+    code = cli.main(["evaluate", sys.argv[1], "--eval-data", sys.argv[5], "--window", "32",
+                     "--no-speed", "--stream", sys.argv[3], "-q", "--json"])
 assert code == 0
 status = open("/proc/self/status").read().split("VmHWM:")[1]
 print(int(status.split()[0]))  # KiB
 """
 
 
-def _peak_kib(source: Path, out: Path, mode: str) -> int:
+def _peak_kib(source: Path, out: Path, mode: str, verb: str, text: Path) -> int:
     done = subprocess.run(
-        [sys.executable, "-c", _MEMORY_SCRIPT, str(source), str(out), mode],
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(source), str(out), mode, verb, str(text)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -221,24 +295,31 @@ def _peak_kib(source: Path, out: Path, mode: str) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
 def test_streamed_peak_memory_does_not_grow_with_blocks(tmp_path: Path) -> None:
-    """Peak RSS of a streamed RTN run on a model of 2 and of 12 blocks (each about 38 MB in
-    fp32) differs by far less than the 10 extra blocks, which a whole-model run does pay. (The
-    peaks of repeated runs vary by some tens of MB, hence blocks this large.)"""
+    """Peak RSS of a streamed RTN run, and of a streamed perplexity measurement, on a model of
+    2 and of 12 blocks (each about 38 MB in fp32) differs by far less than the 10 extra
+    blocks, which a whole-model run does pay. (The peaks of repeated runs vary by some tens of
+    MB, hence blocks this large.)"""
     shape = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
              "num_key_value_heads": 12, "head_dim": 64, "vocab_size": 128}  # fmt: skip
     block_mib = (4 * 768 * 768 + 3 * 768 * 3072) * 4 / 2**20
-    peaks: dict[tuple[int, str], float] = {}
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT[:2000], encoding="utf-8")
+    peaks: dict[tuple[int, str, str], float] = {}
     for blocks in (2, 12):
         folder = tmp_path / f"m{blocks}"
         build("llama", num_hidden_layers=blocks, **shape).save_pretrained(
             folder, max_shard_size="80MB"
         )
-        for mode in ("on", "off"):
-            peaks[blocks, mode] = _peak_kib(folder, tmp_path / f"o{blocks}{mode}", mode) / 1024
-    streamed_growth = peaks[12, "on"] - peaks[2, "on"]
-    loaded_growth = peaks[12, "off"] - peaks[2, "off"]
-    assert loaded_growth > 8 * block_mib, peaks  # the measurement can see 10 blocks
-    assert streamed_growth < 2 * block_mib, peaks
+        make_char_tokenizer().save_pretrained(folder)
+        for verb in ("quantize", "evaluate"):
+            for mode in ("on", "off"):
+                out = tmp_path / f"o{blocks}{mode}{verb}"
+                peaks[blocks, mode, verb] = _peak_kib(folder, out, mode, verb, text) / 1024
+    for verb in ("quantize", "evaluate"):
+        streamed_growth = peaks[12, "on", verb] - peaks[2, "on", verb]
+        loaded_growth = peaks[12, "off", verb] - peaks[2, "off", verb]
+        assert loaded_growth > 8 * block_mib, (verb, peaks)  # the measurement sees 10 blocks
+        assert streamed_growth < 2 * block_mib, (verb, peaks)
 
 
 # ------------------------------------------------------------------------------ kills

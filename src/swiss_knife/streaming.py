@@ -238,7 +238,7 @@ class BlockStream:
     num_blocks: int
     dtype: torch.dtype
     device: torch.device
-    staging: Path  # the output's work folder
+    staging: Path | None  # the output's work folder; None when nothing is written
     # The method's saved form of the whole model (meta tensors for what is not in memory);
     # by default the dense state.
     state: Callable[[], Mapping[str, Tensor]] | None = None
@@ -255,21 +255,51 @@ class BlockStream:
 
     def load_outside(self, device: torch.device) -> None:
         """Read the tensors that run before the first block (the embeddings) onto `device`."""
-        for name in self.outside:
-            current = _get(self.model, name)
-            if current.is_meta:
-                value = self.source.get(name).to(
-                    device=device, dtype=_dtype_for(current, self.dtype)
-                )
-                _set(self.model, name, value)
-        self._retie()
+        self.load(self.outside, device)
 
     def release_outside(self) -> None:
         """Free them again: they are unchanged, and written from the source at the end."""
-        for name in self.outside:
+        self.release(self.outside)
+
+    def load(self, names: Iterable[str], device: torch.device) -> None:
+        """Read the named tensors (outside the blocks) from the source onto `device`."""
+        for name in names:
+            current = _get(self.model, name)
+            if current.is_meta:
+                value = self.source.get(name)
+                if current.is_floating_point():
+                    self.nonzero.setdefault(name, int(torch.count_nonzero(value)))
+                _set(
+                    self.model, name, value.to(device=device, dtype=_dtype_for(current, self.dtype))
+                )
+        self._retie()
+
+    def release(self, names: Iterable[str]) -> None:
+        """Free the named tensors again (back to the meta device)."""
+        for name in names:
             _set(self.model, name, _get(self.model, name).to("meta"))
         self._retie()
         _return_freed_memory()
+
+    def after_blocks(self) -> list[str]:
+        """The tensors the model's output needs besides the last block's: everything outside
+        the blocks but the input embeddings (unless the LM head is tied to them)."""
+        embeddings = self.model.get_input_embeddings()  # type: ignore[operator]
+        skip = set()
+        if not _tied(self.model):
+            skip = {
+                f"{name}.{leaf}" if name else leaf
+                for name, module in self.model.named_modules()
+                if module is embeddings
+                for leaf in module._parameters
+            }
+        names, seen = [], set()
+        for name, tensor in _tensors(self.model):
+            if id(tensor) in seen or name in skip or name.startswith(self.blocks_prefix + "."):
+                continue
+            seen.add(id(tensor))  # a tied head is the embeddings' tensor under another name
+            names.append(name)
+        return names
 
     def _retie(self) -> None:
         if _tied_config(self.model):
@@ -335,6 +365,8 @@ class BlockStream:
             for name, tensor in state.items()
             if name.startswith(prefix) and not tensor.is_meta
         }
+        if self.staging is None:
+            raise RuntimeError("this stream only reads: it has no folder to write blocks into")
         shard = self.shard_name(index + 1)
         self.sizes[shard] = write_safetensors(self.staging / shard, tensors)
         for name in tensors:
@@ -367,7 +399,7 @@ class BlockStream:
         last = self.shard_name(self.num_blocks + 1)
         self.sizes[last] = write_safetensors(directory / last, rest)
         weight_map = {**self.written, **dict.fromkeys(rest, last)}
-        if directory != self.staging:
+        if self.staging is not None and directory != self.staging:
             for shard in dict.fromkeys(self.written.values()):
                 os.replace(self.staging / shard, directory / shard)
         index = {
@@ -532,14 +564,15 @@ def walk_unchanged(model: nn.Module) -> None:
 
 def open_streamed(
     directory: Path,
-    staging: Path,
+    staging: Path | None,
     *,
     dtype: torch.dtype | None,
     device: torch.device,
     trust_remote_code: bool = False,
 ) -> nn.Module:
     """The skeleton of the model in `directory`, with its embeddings (everything before the
-    first block) read onto `device` and a `BlockStream` that writes into `staging`.
+    first block) read onto `device` and a `BlockStream` that writes into `staging` (None: a
+    stream that only reads, for evaluation).
 
     `dtype` None keeps the checkpoint's dtype. Raises `UserInputError` when the checkpoint's
     tensors do not match the model its config builds.
@@ -581,6 +614,30 @@ def open_streamed(
             _set(model, name, buffer.to(device))
     model.__dict__[_STREAM] = stream
     return model
+
+
+def loaded_bytes(directory: Path, dtype: torch.dtype | None) -> int:
+    """Bytes the checkpoint's tensors take once loaded whole (floating ones in `dtype`; None:
+    as stored)."""
+    total = 0
+    for _, stored, shape, _, _ in CheckpointTensors(directory).entries.values():
+        target = dtype if dtype is not None and stored.is_floating_point else stored
+        numel = 1
+        for size in shape:
+            numel *= size
+        total += numel * torch.empty((), dtype=target).element_size()
+    return total
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for a model on `device`: the GPU's free memory, or the host's available
+    memory (what the kernel could give without swapping)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def _checkpoint_dtype(config: Any) -> torch.dtype:

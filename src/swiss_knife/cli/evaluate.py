@@ -105,6 +105,69 @@ def _gguf_side(args: argparse.Namespace, path: str, with_tokenizer: bool) -> tup
     return tokenizer, info
 
 
+# Stream a model (auto) when loading it whole would take more than this share of the free memory.
+STREAM_WHEN_OVER = 0.8
+
+
+def _stream_evaluation(args: argparse.Namespace, config: Any) -> bool:
+    """Whether `evaluate` streams the model from disk block by block (`--stream`): `on` always
+    (refused in one line where it cannot), `auto` only when the whole model would not fit in
+    the free memory of the compute device, `off` never."""
+    from ..device import resolve_device
+    from ..evaluation.evaluate import streamed_unsupported
+    from ..models import DTYPES
+    from ..streaming import available_bytes, loaded_bytes, source_refusal
+
+    mode = getattr(args, "stream", "off")
+    if mode == "off":
+        return False
+    directory = Path(args.model).expanduser()
+    reason = source_refusal(directory if directory.is_dir() else None, args.gguf_file)
+    if reason is None:
+        # Speed is left out of a streamed evaluation (with a note); these are asked for.
+        wanted = [w for w in streamed_unsupported(config, args.reference) if w != "speed"]
+        if wanted:
+            reason = f"{', '.join(wanted)} needs the whole model in memory"
+    if mode == "on":
+        if reason is not None:
+            raise UserInputError(f"cannot stream this model from disk: {reason}")
+        return True
+    if reason is not None:
+        return False
+    need = loaded_bytes(directory, DTYPES.get(args.dtype))
+    free = available_bytes(resolve_device(args.device))
+    if need <= STREAM_WHEN_OVER * free:
+        return False
+    logger.info(
+        "the model takes %.1f GB loaded and %.1f GB is free: streaming it one block at a time",
+        need / 1e9,
+        free / 1e9,
+    )
+    return True
+
+
+def _open_streamed(args: argparse.Namespace) -> Any:
+    from ..device import resolve_device
+    from ..models import DTYPES, LoadedModel, load_tokenizer
+    from ..streaming import StreamRefused, open_streamed
+
+    directory = Path(args.model).expanduser()
+    device = resolve_device(args.device)
+    try:
+        model = open_streamed(
+            directory,
+            None,
+            dtype=DTYPES.get(args.dtype),
+            device=device,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except StreamRefused as exc:
+        raise UserInputError(f"cannot stream this model from disk: {exc}") from exc
+    logger.info("streaming %s one block at a time", args.model)
+    tokenizer = load_tokenizer(str(directory), trust_remote_code=args.trust_remote_code)
+    return LoadedModel(model, tokenizer, args.model, directory, None, device)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..data import read_documents, tokenize_documents
     from ..evaluation import evaluate, write_reports
@@ -128,7 +191,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         )
         report = _evaluate_gguf(args, args.model, config, tokens, reference, progress)
     else:
-        loaded = _load(args, args.model)
+        streamed = _stream_evaluation(args, config)
+        loaded = _open_streamed(args) if streamed else _load(args, args.model)
+        if streamed and config.speed.enabled:
+            _warn("speed is not measured for a model streamed from disk (it needs the whole "
+                  "model in memory); perplexity, size and memory are")  # fmt: skip
+            config = config.model_copy(
+                update={"speed": config.speed.model_copy(update={"enabled": False})}
+            )
         tokens = (
             tokenize_documents(docs, loaded.tokenizer, add_bos=data_cfg.add_bos) if docs else None
         )

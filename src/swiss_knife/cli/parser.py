@@ -200,12 +200,22 @@ def _evaluate_parser(add: Callable[..., Any]) -> None:
         swiss-knife evaluate ./model-int8 --eval-data data.jsonl --field text \\
             --reference ./model --output reports/
         swiss-knife evaluate ./model-q4_k.gguf --eval-data wiki.test.raw   # in llama.cpp
+        swiss-knife evaluate ./llama-70b --eval-data wiki.test.raw --stream on \
+            --max-windows 40   # perplexity block by block: one block in memory at a time
         """,
     )
     p.add_argument("model", help="hub id, local directory or .gguf file")
     p.add_argument("--reference", help="original model, for KL divergence and top-1 agreement")
     p.add_argument("--output", metavar="DIR", help="also write report.{json,md,html} here")
     _add_model_options(p)
+    p.add_argument(
+        "--stream",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="measure perplexity block by block, reading one block at a time from a local "
+        "safetensors folder, so the model need not fit in memory (speed is then not measured; "
+        "auto: when the whole model would not fit in free memory; on: always; off: never)",
+    )
     _add_data_options(p, required=False)
     _add_eval_options(p)
     _add_output_options(p)

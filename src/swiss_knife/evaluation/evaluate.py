@@ -231,11 +231,28 @@ def _measure_speed(
     return result.to_dict()
 
 
-def _memory_metrics(model: Any, device: torch.device, method: str, timed: _Timer) -> dict[str, Any]:
+def _memory_metrics(
+    model: Any, device: torch.device, method: str, timed: _Timer, streamed: bool
+) -> dict[str, Any]:
     """The model's peak memory (weights, buffers and the largest measured increase), with the
-    process's own numbers for reference and how they were measured."""
+    process's own numbers for reference and how they were measured. A streamed model holds
+    only its buffers between measurements: the blocks, embeddings and head it reads on the way
+    are in the increase."""
     params, buffers = parameter_bytes(model)
+    if streamed:
+        params = 0
+        buffers = sum(b.numel() * b.element_size() for b in model.buffers() if not b.is_meta)
     increase = max(timed.increases.values(), default=0)
+    note = MEMORY_METHOD_NOTE.format(
+        counter="allocated CUDA memory"
+        if method == "cuda_max_allocated"
+        else "process RSS (sampled every 5 ms)"
+    )
+    if streamed:
+        note += (
+            "; the model was streamed from disk one block at a time, so its weights are "
+            "counted in the increase as far as they were in memory at once"
+        )
     return {
         "device": str(device),
         "method": method,
@@ -247,12 +264,33 @@ def _memory_metrics(model: Any, device: torch.device, method: str, timed: _Timer
         # The process as a whole, for reference: these do depend on what else it holds.
         "peak_bytes": timed.process.get("peak_bytes", 0),
         "baseline_bytes": timed.process.get("baseline_bytes", 0),
-        "note": MEMORY_METHOD_NOTE.format(
-            counter="allocated CUDA memory"
-            if method == "cuda_max_allocated"
-            else "process RSS (sampled every 5 ms)"
-        ),
+        "streamed": streamed,
+        "note": note,
     }
+
+
+def streamed_unsupported(config: EvaluationConfig, reference: Any | None = None) -> list[str]:
+    """The measurements `config` asks for that need the whole model in memory (a model
+    streamed from disk gives perplexity, size and memory only)."""
+    wanted = []
+    if config.speed.enabled:
+        wanted.append("speed")
+    if config.bleu.references:
+        wanted.append("BLEU")
+    if config.harness.tasks:
+        wanted.append("the harness")
+    if reference is not None and config.agreement.enabled:
+        wanted.append("agreement with a reference")
+    return wanted
+
+
+def _check_streamable(config: EvaluationConfig, reference: Any | None) -> None:
+    wanted = streamed_unsupported(config, reference)
+    if wanted:
+        raise UserInputError(
+            f"{', '.join(wanted)} needs the whole model in memory, and this model is streamed "
+            "from disk (it measures perplexity, size and memory)"
+        )
 
 
 def evaluate(
@@ -274,13 +312,20 @@ def evaluate(
     reference: the original model, for KL divergence and top-1 agreement.
     weights_path: the checkpoint on disk, for size and bits per weight.
     """
+    from ..streaming import stream_of
+
     config = config or EvaluationConfig()
     torch.manual_seed(config.seed)
     report = EvaluationReport(name=name, source=source, eval_data=eval_data)
-    device = next(model.parameters()).device
+    stream = stream_of(model)
+    if stream is not None:
+        _check_streamable(config, reference)
+        device = stream.device
+    else:
+        device = next(model.parameters()).device
 
     method = "cuda_max_allocated" if device.type == "cuda" else "rss_sampled"
-    if config.memory:
+    if config.memory and stream is None:
         _warm_up(model, device)
     timed = _Timer(name, device, config.memory, report)
 
@@ -304,8 +349,9 @@ def evaluate(
     if config.size:
         metrics["size"] = model_size(model, weights_path).to_dict()
     if config.memory:
-        metrics["memory"] = _memory_metrics(model, device, method, timed)
+        metrics["memory"] = _memory_metrics(model, device, method, timed, stream is not None)
     metrics["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
     metrics["device"] = str(device)
+    metrics["streamed"] = stream is not None
     metrics["runtime"] = "transformers"  # evaluation.llama_cpp writes "llama.cpp"
     return report

@@ -187,20 +187,16 @@ def _batches(
     return batches
 
 
-def perplexity(
+def plan_windows(
     model: torch.nn.Module,
     tokens: torch.Tensor,
     *,
-    window: int = 512,
-    stride: int | None = None,
-    batch_size: int = 4,
-    progress: bool = False,
-) -> PerplexityResult:
-    """Sliding-window perplexity of ``model`` on the 1-D token stream ``tokens``.
-
-    ``stride`` defaults to ``window`` (non-overlapping windows). ``window`` is clamped to
-    ``model.config.max_position_embeddings`` when that is smaller, with a warning.
-    """
+    window: int,
+    stride: int | None,
+    batch_size: int,
+) -> tuple[int, int, list[tuple[int, int, int]], list[list[tuple[int, int, int]]]]:
+    """Check the arguments and cut the stream: ``(window, stride, windows, batches)``, where
+    ``batches`` groups the windows that have something to score (see `perplexity`)."""
     if window < 2:
         raise UserInputError(f"window must be at least 2 tokens, got {window}")
     if stride is None:
@@ -221,30 +217,75 @@ def perplexity(
         )
         window = limit
         stride = min(stride, window)
-
-    device = model_device(model)
-    stream = tokens.detach().to(device=device, dtype=torch.long)  # (num_tokens,)
-    windows = sliding_windows(stream.numel(), window, stride)
+    windows = sliding_windows(tokens.numel(), window, stride)
     # A trailing one-token window has nothing to score; skip its forward pass.
     to_run = [w for w in windows if _scored_span(*w)[0] < _scored_span(*w)[1]]
+    return window, stride, windows, _batches(to_run, batch_size)
 
+
+def window_inputs(stream: torch.Tensor, batch: list[tuple[int, int, int]]) -> torch.Tensor:
+    """The (batch, seq) input ids of one batch of windows."""
+    return torch.stack([stream[b:e] for b, e, _ in batch])
+
+
+def score_batch(
+    logits: torch.Tensor, input_ids: torch.Tensor, batch: list[tuple[int, int, int]]
+) -> tuple[float, int]:
+    """Summed negative log-likelihood and number of scored tokens of one batch of windows,
+    from the model's (batch, seq, vocab) logits."""
+    nll_sum = 0.0
+    count = 0
+    for row, (begin, end, target_len) in enumerate(batch):
+        first, last = _scored_span(begin, end, target_len)
+        # Logits at position i predict token i + 1, hence the shift by one.
+        row_logits = logits[row, first - 1 : last - 1].float()  # (scored, vocab)
+        log_probs = torch.log_softmax(row_logits, dim=-1)  # (scored, vocab)
+        targets = input_ids[row, first:last].unsqueeze(-1)  # (scored, 1)
+        token_nll = -log_probs.gather(-1, targets).squeeze(-1)  # (scored,)
+        # Accumulate in float64 on the host: hundreds of thousands of float32 terms would
+        # otherwise lose digits in the sum.
+        nll_sum += float(token_nll.double().sum())
+        count += last - first
+    return nll_sum, count
+
+
+def perplexity(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    *,
+    window: int = 512,
+    stride: int | None = None,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Sliding-window perplexity of ``model`` on the 1-D token stream ``tokens``.
+
+    ``stride`` defaults to ``window`` (non-overlapping windows). ``window`` is clamped to
+    ``model.config.max_position_embeddings`` when that is smaller, with a warning. A model
+    streamed from disk (`swiss_knife.streaming`) is measured block by block over all windows
+    (`swiss_knife.evaluation.streamed`), to the same result.
+    """
+    from ..streaming import stream_of
+
+    if stream_of(model) is not None:
+        from .streamed import streamed_perplexity
+
+        return streamed_perplexity(
+            model, tokens, window=window, stride=stride, batch_size=batch_size, progress=progress
+        )
+    window, stride, windows, batches = plan_windows(
+        model, tokens, window=window, stride=stride, batch_size=batch_size
+    )
+    device = model_device(model)
+    stream = tokens.detach().to(device=device, dtype=torch.long)  # (num_tokens,)
     nll_sum = 0.0
     count = 0
     with eval_mode(model):
-        batches = _batches(to_run, batch_size)
         for batch in track(batches, "perplexity", unit="batch", enabled=progress):
-            input_ids = torch.stack([stream[b:e] for b, e, _ in batch])  # (batch, seq)
+            input_ids = window_inputs(stream, batch)  # (batch, seq)
             logits = model(input_ids=input_ids, use_cache=False).logits  # (batch, seq, vocab)
-            for row, (begin, end, target_len) in enumerate(batch):
-                first, last = _scored_span(begin, end, target_len)
-                # Logits at position i predict token i + 1, hence the shift by one.
-                row_logits = logits[row, first - 1 : last - 1].float()  # (scored, vocab)
-                log_probs = torch.log_softmax(row_logits, dim=-1)  # (scored, vocab)
-                targets = input_ids[row, first:last].unsqueeze(-1)  # (scored, 1)
-                token_nll = -log_probs.gather(-1, targets).squeeze(-1)  # (scored,)
-                # Accumulate in float64 on the host: hundreds of thousands of float32 terms
-                # would otherwise lose digits in the sum.
-                nll_sum += float(token_nll.double().sum())
-                count += last - first
+            batch_nll, batch_count = score_batch(logits, input_ids, batch)
+            nll_sum += batch_nll
+            count += batch_count
 
     return PerplexityResult.from_sums(nll_sum, count, window, stride, len(windows))

@@ -112,10 +112,15 @@ def _count_nonzero(param: torch.Tensor) -> int:
 
 def model_size(model: torch.nn.Module, path: str | Path | None = None) -> SizeResult:
     """Parameter count, sparsity and in-memory bytes of ``model``; disk size if ``path`` given."""
+    from ..streaming import nonzero_count, stream_of
+
     params = _unique_parameters(model)
     num_params = sum(p.numel() for p in params)
     with torch.inference_mode():
         nonzero = sum(_count_nonzero(p) for p in params if p.device.type != "meta")
+    if stream_of(model) is not None:  # weights not in memory: counted as they were read
+        param_names = {id(p): n for n, p in model.named_parameters()}
+        nonzero += sum(nonzero_count(model, param_names[id(p)], p) for p in params if p.is_meta)
     param_b, buffer_b = parameter_bytes(model)
 
     disk_bytes: int | None = None
