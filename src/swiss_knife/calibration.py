@@ -640,21 +640,27 @@ class _Capture:
         self.distinct.append(call)
         return call
 
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        # An instance attribute shadows the class's forward; one set by a wrapper (accelerate)
-        # is put back afterwards.
-        previous = [block.__dict__.get("forward") for block in self.blocks]
-        try:
-            for index, block in enumerate(self.blocks):
-                block.forward = self.recorder(index)
-            yield
-        finally:
-            for block, old in zip(self.blocks, previous, strict=True):
-                if old is None:
-                    block.__dict__.pop("forward", None)
-                else:
-                    block.forward = old
+    def installed(self) -> contextlib.AbstractContextManager[None]:
+        return replaced_forwards(self.blocks, [self.recorder(i) for i in range(len(self.blocks))])
+
+
+@contextlib.contextmanager
+def replaced_forwards(
+    blocks: nn.ModuleList, forwards: Sequence[Callable[..., Tensor]]
+) -> Iterator[None]:
+    """Call `forwards[i]` instead of block i's forward for the duration. An instance attribute
+    shadows the class's forward; one set by a wrapper (accelerate) is put back afterwards."""
+    previous = [block.__dict__.get("forward") for block in blocks]
+    try:
+        for block, forward in zip(blocks, forwards, strict=True):
+            block.forward = forward
+        yield
+    finally:
+        for block, old in zip(blocks, previous, strict=True):
+            if old is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = old
 
 
 def _capture(

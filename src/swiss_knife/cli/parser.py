@@ -127,15 +127,17 @@ def _add_compression_options(parser: argparse.ArgumentParser, verb: str, users: 
     """Calibration text and model loading: shared by quantize and prune."""
     _add_calibration_options(parser, f"calibration ({users})", default_samples=128)
     _add_model_options(parser)
-    parser.add_argument(
-        "--stream",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="read one block at a time from a local safetensors folder and write the output "
+    _add_stream_option(
+        parser,
+        "read one block at a time from a local safetensors folder and write the output "
         "block by block, so the model need not fit in memory (auto: whenever the method and "
         "the checkpoint allow; on: refuse otherwise; off: load the whole model)",
     )
     _add_output_options(parser)
+
+
+def _add_stream_option(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--stream", choices=["auto", "on", "off"], default="auto", help=help)
 
 
 def _epilog(text: str) -> str:
@@ -208,11 +210,9 @@ def _evaluate_parser(add: Callable[..., Any]) -> None:
     p.add_argument("--reference", help="original model, for KL divergence and top-1 agreement")
     p.add_argument("--output", metavar="DIR", help="also write report.{json,md,html} here")
     _add_model_options(p)
-    p.add_argument(
-        "--stream",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="measure perplexity block by block, reading one block at a time from a local "
+    _add_stream_option(
+        p,
+        "measure perplexity block by block, reading one block at a time from a local "
         "safetensors folder, so the model need not fit in memory (speed is then not measured; "
         "auto: when the whole model would not fit in free memory; on: always; off: never)",
     )

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..arch import get_arch, get_blocks
-from ..calibration import _Capture, _run_block, _StopForward
+from ..calibration import _Capture, _run_block, _StopForward, replaced_forwards
 from ..errors import UnsupportedArchitectureError
 from ..progress import track
 from ..streaming import BlockStream, stream_of
@@ -120,8 +119,9 @@ def _capture(
     return capture.hidden, capture.calls
 
 
-@contextlib.contextmanager
-def _handing_over(blocks: nn.ModuleList, holder: list[Tensor]) -> Iterator[None]:
+def _handing_over(
+    blocks: nn.ModuleList, holder: list[Tensor]
+) -> contextlib.AbstractContextManager[None]:
     """Replace block 0 by a function returning ``holder[0]`` and the other blocks by the
     identity, for the duration."""
 
@@ -131,17 +131,7 @@ def _handing_over(blocks: nn.ModuleList, holder: list[Tensor]) -> Iterator[None]
     def passing(*args: Any, **kwargs: Any) -> Tensor:
         return args[0] if args else kwargs["hidden_states"]
 
-    previous = [block.__dict__.get("forward") for block in blocks]
-    try:
-        for index, block in enumerate(blocks):
-            block.forward = first if index == 0 else passing
-        yield
-    finally:
-        for block, old in zip(blocks, previous, strict=True):
-            if old is None:
-                block.__dict__.pop("forward", None)
-            else:
-                block.forward = old
+    return replaced_forwards(blocks, [first, *[passing] * (len(blocks) - 1)])
 
 
 def _score(
