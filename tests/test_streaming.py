@@ -262,6 +262,68 @@ def test_auto_streams_evaluation_only_when_the_model_does_not_fit(
     assert too_big["perplexity"] == fits["perplexity"]
 
 
+# ------------------------------------------------------------------------------ spilled activations
+
+
+@pytest.mark.parametrize("method", ["gptq", "sparsegpt-2:4"])
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_spilled_activations_give_the_same_output(
+    capsys: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, mode: str
+) -> None:
+    """Activations kept in files (--spill-activations) give the same tensors as in memory,
+    streamed or not; the files were used, and their folder is gone afterwards."""
+    from swiss_knife.calibration import SpilledActivations
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    source = _source(tmp_path, "llama")
+    spill = tmp_path / "spill"
+    writes: list[Path] = []
+    original = SpilledActivations._write
+
+    def counting(self: Any, path: Path, tensor: torch.Tensor) -> None:
+        writes.append(path)
+        original(self, path, tensor)
+
+    monkeypatch.setattr(SpilledActivations, "_write", counting)
+    extra = ["--calibration-batch-size", "1"]
+    with_spill = _run_calibrated(capsys, source, tmp_path / "a", method, mode, text,
+                                 [*extra, "--spill-activations", str(spill)])  # fmt: skip
+    assert len(writes) >= 4 * 3  # 4 mini-batches captured, then replayed through 2 blocks
+    assert spill.is_dir() and not list(spill.iterdir())
+    writes.clear()
+    in_memory = _run_calibrated(capsys, source, tmp_path / "b", method, mode, text, extra)
+    assert not writes
+    a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+    for key in ("output_dir", "seconds", "disk_bytes", "config"):
+        with_spill.pop(key, None)
+        in_memory.pop(key, None)
+    assert with_spill == in_memory
+
+
+def _run_calibrated(
+    capsys: Any, source: Path, out: Path, method: str, mode: str, text: Path, extra: list[str]
+) -> Any:
+    args = METHODS[method]
+    flags = ["--calibration-data", str(text), "--output-dir", str(out), "--stream", mode]
+    code = cli.main([args[0], str(source), *args[1:], *flags, *extra, "--json", "-q"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_streamed_perplexity_with_spilled_hidden_states(capsys: Any, tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    source = _source(tmp_path, "qwen2")
+    spill = tmp_path / "spill"
+    spilled = _evaluate(capsys, source, text, "on", "--spill-activations", str(spill))
+    in_memory = _evaluate(capsys, source, text, "on")
+    assert spilled["perplexity"] == in_memory["perplexity"]
+    assert spill.is_dir() and not list(spill.iterdir())
+
+
 # ------------------------------------------------------------------------------ memory
 
 # Peak RSS from VmHWM: getrusage's ru_maxrss survives exec, so a child of a big pytest process
@@ -320,6 +382,51 @@ def test_streamed_peak_memory_does_not_grow_with_blocks(tmp_path: Path) -> None:
         loaded_growth = peaks[12, "off", verb] - peaks[2, "off", verb]
         assert loaded_growth > 8 * block_mib, (verb, peaks)  # the measurement sees 10 blocks
         assert streamed_growth < 2 * block_mib, (verb, peaks)
+
+
+_SPILL_SCRIPT = """
+import sys
+from swiss_knife import cli
+code = cli.main(["prune", sys.argv[1], "--method", "wanda", "--sparsity", "0.5",
+                 "--calibration-data", sys.argv[2], "--num-samples", sys.argv[3], "--seq-len",
+                 "256", "--output-dir", sys.argv[4], "-q", *sys.argv[5:]])
+assert code == 0
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+print(int(status.split()[0]))  # KiB
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_spilled_activations_keep_peak_memory_flat_in_the_sample_count(tmp_path: Path) -> None:
+    """Wanda with 8 and with 192 calibration windows of 256 tokens (hidden 768: the 184 extra
+    windows' activations are 145 MB in fp32): the peak RSS grows by most of that in memory and
+    by far less with --spill-activations."""
+    shape = {"hidden_size": 768, "intermediate_size": 1024, "num_attention_heads": 12,
+             "num_key_value_heads": 12, "head_dim": 64, "vocab_size": 128,
+             "max_position_embeddings": 256}  # fmt: skip
+    source = tmp_path / "src"
+    build("llama", num_hidden_layers=2, **shape).save_pretrained(source)
+    make_char_tokenizer().save_pretrained(source)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 10, encoding="utf-8")
+    extra_mib = 184 * 256 * 768 * 4 / 2**20
+    peaks: dict[tuple[int, bool], float] = {}
+    for samples in (8, 192):
+        for spill in (False, True):
+            flags = ["--spill-activations", str(tmp_path / "spill")] if spill else []
+            out = tmp_path / f"out-{samples}-{spill}"
+            command = [sys.executable, "-c", _SPILL_SCRIPT, str(source), str(text)]
+            done = subprocess.run(
+                [*command, str(samples), str(out), *flags],
+                capture_output=True,
+                text=True,
+                timeout=600,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            peaks[samples, spill] = int(done.stdout.strip().splitlines()[-1]) / 1024
+    assert peaks[192, False] - peaks[8, False] > 0.8 * extra_mib, peaks
+    assert peaks[192, True] - peaks[8, True] < 0.4 * extra_mib, peaks
 
 
 # ------------------------------------------------------------------------------ kills

@@ -143,6 +143,21 @@ def apply_method(
 
     The one place where the command line, recipes and this API hand a config to its method.
     """
+    from .calibration import spilled_to
+
+    settings = getattr(config, "calibration", None)
+    with spilled_to(getattr(settings, "spill_dir", None)):
+        return _apply(network, config, calibration, device, progress, train_tokens)
+
+
+def _apply(
+    network: nn.Module,
+    config: Any,
+    calibration: Any,
+    device: Any,
+    progress: bool,
+    train_tokens: Any,
+) -> Any:
     kind = registry.for_config(config).kind
     if kind == "quantize":
         from .compression.quantization.api import quantize as run_quantize

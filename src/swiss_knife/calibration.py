@@ -74,12 +74,16 @@ all the tokens before it in its window.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import logging
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -413,8 +417,8 @@ class BlockInputs:
     """Activations entering the next block, per mini-batch, and every block's call arguments."""
 
     # Per mini-batch, (batch, seq, hidden): block 0's input after capture, then updated in place
-    # by the walk to the input of the next block.
-    hidden: list[Tensor]
+    # by the walk to the input of the next block. In memory, or in files (`SpilledActivations`).
+    hidden: list[Tensor] | SpilledActivations
     # calls[block][batch]; equal argument sets are stored once and shared.
     calls: list[list[BlockCall]]
     device: torch.device
@@ -427,11 +431,88 @@ class BlockInputs:
 
     @property
     def num_samples(self) -> int:
-        return sum(h.shape[0] for h in self.hidden)
+        return sum(shape[0] for shape in self.shapes())
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Each mini-batch's (batch, seq, hidden) shape, without reading spilled ones."""
+        if isinstance(self.hidden, SpilledActivations):
+            return [shape for _, shape, _ in self.hidden.entries]
+        return [tuple(h.shape) for h in self.hidden]
 
     def distinct_calls(self) -> int:
         """Number of argument sets actually stored (after sharing equal ones)."""
         return len({id(call) for per_block in self.calls for call in per_block})
+
+
+class SpilledActivations:
+    """The activations of every mini-batch in files of a work folder instead of memory: item b
+    is read from its file when asked for and written back when set, so one mini-batch at a time
+    is in memory. The folder is deleted by `close`.
+
+    Plain reads and writes, not memory maps: the pages of a mapped file count in the process's
+    resident set until the kernel needs them back, so a memory-mapped buffer would look (and,
+    to other processes' limits, be) as large as the one in memory.
+    """
+
+    def __init__(self, parent: Path) -> None:
+        parent.mkdir(parents=True, exist_ok=True)
+        self.directory = Path(tempfile.mkdtemp(prefix="swiss-knife-activations-", dir=parent))
+        # Per mini-batch: its file, shape and dtype.
+        self.entries: list[tuple[Path, tuple[int, ...], torch.dtype]] = []
+        self.bytes = 0
+
+    def _write(self, path: Path, tensor: Tensor) -> None:
+        data = tensor.detach().to("cpu").contiguous()
+        with open(path, "wb") as handle:
+            handle.write(data.view(torch.uint8).reshape(-1).numpy().data)
+
+    def append(self, tensor: Tensor) -> None:
+        path = self.directory / f"{len(self.entries):06d}.bin"
+        self._write(path, tensor)
+        self.entries.append((path, tuple(tensor.shape), tensor.dtype))
+        self.bytes += tensor.numel() * tensor.element_size()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> Tensor:
+        path, shape, dtype = self.entries[index]
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        raw = torch.empty(size, dtype=torch.uint8)
+        with open(path, "rb") as handle:
+            if handle.readinto(raw.numpy().data) != size:
+                raise RuntimeError(f"{path} was cut short: the activations buffer is damaged")
+        return raw.view(dtype).reshape(shape)
+
+    def __setitem__(self, index: int, tensor: Tensor) -> None:
+        path, shape, dtype = self.entries[index]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"mini-batch {index} changed shape or dtype in the buffer")
+        self._write(path, tensor)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return (self[index] for index in range(len(self)))
+
+    def close(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# Where `run_calibration` spills activations (None: keep them in memory); see `spilled_to`.
+_SPILL_DIR: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "swiss_knife_spill_dir", default=None
+)
+
+
+@contextlib.contextmanager
+def spilled_to(directory: str | Path | None) -> Iterator[None]:
+    """Within the block, every calibration walk keeps its activations in files in a fresh
+    folder inside `directory` (`SpilledActivations`), deleted when the walk ends; None keeps
+    them in memory."""
+    token = _SPILL_DIR.set(Path(directory).expanduser() if directory is not None else None)
+    try:
+        yield
+    finally:
+        _SPILL_DIR.reset(token)
 
 
 # Tokens (leading mini-batches) on which `run_calibration` measures relative output errors.
@@ -592,10 +673,15 @@ def _calibration_mode(model: nn.Module) -> Iterator[None]:
 class _Capture:
     """Replaces each block's forward by a recorder for the duration of the capture run."""
 
-    def __init__(self, blocks: nn.ModuleList, storage: torch.device) -> None:
+    def __init__(
+        self,
+        blocks: nn.ModuleList,
+        storage: torch.device,
+        spill: SpilledActivations | None = None,
+    ) -> None:
         self.blocks = blocks
         self.storage = storage
-        self.hidden: list[Tensor] = []
+        self.hidden: list[Tensor] | SpilledActivations = spill if spill is not None else []
         self.calls: list[list[BlockCall]] = [[] for _ in blocks]
         self.distinct: list[BlockCall] = []
         self.expected = 0
@@ -671,8 +757,9 @@ def _capture(
     device: torch.device,
     batch_size: int,
     storage: torch.device,
+    spill: SpilledActivations | None = None,
 ) -> BlockInputs:
-    capture = _Capture(blocks, storage)
+    capture = _Capture(blocks, storage, spill)
     with capture.installed(), _outside_blocks_on(model, spec, device):
         for batch in samples.split(batch_size):
             capture.expected = 0
@@ -855,8 +942,8 @@ class _GroupStop:
 def _error_batches(inputs: BlockInputs, max_tokens: int) -> int:
     """How many leading mini-batches the error measurements use: enough for `max_tokens`."""
     tokens = 0
-    for count, hidden in enumerate(inputs.hidden, start=1):
-        tokens += hidden.shape[0] * hidden.shape[1]
+    for count, shape in enumerate(inputs.shapes(), start=1):
+        tokens += shape[0] * shape[1]
         if tokens >= max_tokens:
             return count
     return inputs.num_batches
@@ -1232,6 +1319,7 @@ def _report_activations(
     blocks: nn.ModuleList,
     storage: torch.device,
     measure_error: bool,
+    spill_dir: Path | None = None,
 ) -> None:
     """Log how much memory the calibration activations take, before the walk starts."""
     from .arch import hidden_size
@@ -1240,17 +1328,36 @@ def _report_activations(
     dtype = dtype if dtype.is_floating_point else torch.float32
     one = samples.numel() * hidden_size(model.config, spec) * dtype.itemsize
     copies = 3 if measure_error else 2  # inputs and outputs while a block replays (+ reference)
+    where = f"in files under {spill_dir}" if spill_dir is not None else f"on {storage}"
     logger.info(
-        "calibration activations: %d x %d tokens x %d hidden in %s = %.1f MB on %s (up to "
+        "calibration activations: %d x %d tokens x %d hidden in %s = %.1f MB %s (up to "
         "%d copies while a block replays)",
         samples.shape[0],
         samples.shape[1],
         hidden_size(model.config, spec),
         str(dtype).replace("torch.", ""),
         one / 1e6,
-        storage,
+        where,
         copies,
     )
+    if spill_dir is None:
+        from .streaming import available_bytes
+
+        free = available_bytes(storage)
+        if one * copies > ACTIVATIONS_WARN_SHARE * free:
+            logger.warning(
+                "the calibration activations (%.1f GB, up to %d copies) may not fit in the %.1f "
+                "GB free on %s; --spill-activations DIR keeps them in files there instead",
+                one / 1e9,
+                copies,
+                free / 1e9,
+                storage,
+            )
+
+
+# `run_calibration` warns when the activations' copies would take more than this share of the
+# free memory where they are kept.
+ACTIVATIONS_WARN_SHARE = 0.5
 
 
 def run_calibration(
@@ -1276,7 +1383,6 @@ def run_calibration(
     docstring) or a precision the device cannot run, and `UnsupportedArchitectureError` for a
     model outside the `arch` table.
     """
-    from .progress import track
     from .streaming import stream_of
 
     started = time.perf_counter()
@@ -1290,10 +1396,54 @@ def run_calibration(
     compute = _resolve_compute_device(
         device if device is not None or stream is None else stream.device, blocks
     )
-    storage = torch.device("cpu") if offload_activations else compute
+    spill_dir = _SPILL_DIR.get()
+    storage = torch.device("cpu") if offload_activations or spill_dir else compute
     resolved = resolve_precision(precision, compute, _blocks_dtype(blocks))
     pass_precision = _pass_context(resolved, compute)
-    _report_activations(model, spec, samples, blocks, storage, measure_error)
+    _report_activations(model, spec, samples, blocks, storage, measure_error, spill_dir)
+
+    spill = SpilledActivations(spill_dir) if spill_dir is not None else None
+    with contextlib.ExitStack() as cleanup:
+        if spill is not None:
+            cleanup.callback(spill.close)
+        return _walk(
+            model,
+            spec,
+            blocks,
+            samples,
+            calibrator,
+            stream,
+            compute,
+            batch_size,
+            storage,
+            spill,
+            measure_error,
+            resolved,
+            pass_precision,
+            progress,
+            started,
+        )
+
+
+def _walk(
+    model: nn.Module,
+    spec: ArchSpec,
+    blocks: nn.ModuleList,
+    samples: Tensor,
+    calibrator: BlockCalibrator,
+    stream: Any,
+    compute: torch.device,
+    batch_size: int,
+    storage: torch.device,
+    spill: SpilledActivations | None,
+    measure_error: bool,
+    resolved: str,
+    pass_precision: Callable[[], Any],
+    progress: bool,
+    started: float,
+) -> CalibrationReport:
+    """`run_calibration`'s capture and walk, once its arguments are checked."""
+    from .progress import track
 
     block_records: list[BlockRecord] = []
     linear_records: list[LinearRecord] = []
@@ -1301,7 +1451,7 @@ def run_calibration(
         if stream is not None:
             stream.load_outside(compute)  # the embeddings, for the capture only
         try:
-            inputs = _capture(model, spec, blocks, samples, compute, batch_size, storage)
+            inputs = _capture(model, spec, blocks, samples, compute, batch_size, storage, spill)
         finally:
             if stream is not None:
                 stream.release_outside()

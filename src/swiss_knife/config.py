@@ -209,6 +209,12 @@ class CalibrationSettings(StrictModel):
         "activations' bf16 rounding moves pruning and quantization results by about 1 %, either "
         "way (benchmarks/RESULTS.md).",
     )
+    spill_dir: str | None = Field(
+        default=None,
+        description="Keep the calibration activations (samples x seq x hidden) in files in a "
+        "fresh folder inside this one, one mini-batch in memory at a time, instead of in "
+        "memory; the folder is deleted when the walk ends. null: in memory.",
+    )
 
 
 class QuantizeBase(StrictModel):

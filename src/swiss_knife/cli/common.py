@@ -100,6 +100,7 @@ _CALIBRATION_FLAGS = (
     ("seed", "seed"),
     ("calibration_batch_size", "batch_size"),
     ("calibration_precision", "precision"),
+    ("spill_activations", "spill_dir"),
 )
 
 

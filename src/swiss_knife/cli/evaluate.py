@@ -64,16 +64,33 @@ def _runtimes(args: argparse.Namespace, paths: list[str]) -> list[str]:
     return [LLAMA_CPP if gguf else TRANSFORMERS for gguf in ggufs]
 
 
-def _evaluate_gguf(
+def _measure(
     args: argparse.Namespace,
     path: str,
     config: Any,
     tokens: Any,
     reference: Any,
     progress: bool,
+    loaded: Any = None,
 ) -> Any:
+    """Measure the model at `path`: the model transformers holds (`loaded`), or else the
+    GGUF file in llama.cpp."""
+    from ..evaluation import evaluate
     from ..evaluation.llama_cpp import evaluate_gguf
 
+    if loaded is not None:
+        return evaluate(
+            loaded.model,
+            loaded.tokenizer,
+            config,
+            tokens=tokens,
+            reference=reference,
+            weights_path=loaded.weights_path,
+            name=Path(path).name or path,
+            source=path,
+            eval_data=args.eval_data,
+            progress=progress,
+        )
     file = _gguf_path(args, path)
     assert file is not None
     return evaluate_gguf(
@@ -169,8 +186,9 @@ def _open_streamed(args: argparse.Namespace) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..calibration import spilled_to
     from ..data import read_documents, tokenize_documents
-    from ..evaluation import evaluate, write_reports
+    from ..evaluation import write_reports
     from ..evaluation.compare import comparison_rows
     from ..evaluation.report import terminal_table
 
@@ -181,7 +199,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # Read the text before loading the model: a bad path fails in a second, not a minute.
     docs = read_documents(data_cfg) if data_cfg else None
     progress = _progress(args)
-    name = Path(args.model).name or args.model
     if runtime == LLAMA_CPP:
         tokenizer, info = _gguf_side(args, args.model, with_tokenizer=docs is not None)
         tokens = tokenize_documents(docs, tokenizer, add_bos=data_cfg.add_bos) if docs else None
@@ -189,7 +206,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         reference = (
             _load(args, args.reference, with_tokenizer=False).model if args.reference else None
         )
-        report = _evaluate_gguf(args, args.model, config, tokens, reference, progress)
+        report = _measure(args, args.model, config, tokens, reference, progress)
     else:
         streamed = _stream_evaluation(args, config)
         loaded = _open_streamed(args) if streamed else _load(args, args.model)
@@ -206,18 +223,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         reference = (
             _load(args, args.reference, with_tokenizer=False).model if args.reference else None
         )
-        report = evaluate(
-            loaded.model,
-            loaded.tokenizer,
-            config,
-            tokens=tokens,
-            reference=reference,
-            weights_path=loaded.weights_path,
-            name=name,
-            source=args.model,
-            eval_data=args.eval_data,
-            progress=progress,
-        )
+        with spilled_to(args.spill_activations):
+            report = _measure(args, args.model, config, tokens, reference, progress, loaded)
     if args.output:
         write_reports(args.output, [report], title=f"Evaluation of {args.model}")
     if args.json:
@@ -257,7 +264,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     tokens = tokenize_documents(docs, tokenizer, add_bos=data_cfg.add_bos) if docs else None
     _check_eval_tokens(tokens, config, checked, args.eval_data)
     if runtimes[0] == LLAMA_CPP:
-        first = _evaluate_gguf(args, args.original, config, tokens, None, progress)
+        first = _measure(args, args.original, config, tokens, None, progress)
     else:
         first = evaluate(
             reference,
@@ -273,23 +280,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     reports = [first]
     for path, runtime in zip(args.compressed, runtimes[1:], strict=True):
         if runtime == LLAMA_CPP:
-            reports.append(_evaluate_gguf(args, path, config, tokens, reference, progress))
+            reports.append(_measure(args, path, config, tokens, reference, progress))
             continue
         loaded = _load(args, path)
-        reports.append(
-            evaluate(
-                loaded.model,
-                loaded.tokenizer,
-                config,
-                tokens=tokens,
-                reference=reference,
-                weights_path=loaded.weights_path,
-                name=Path(path).name or path,
-                source=path,
-                eval_data=args.eval_data,
-                progress=progress,
-            )
-        )
+        reports.append(_measure(args, path, config, tokens, reference, progress, loaded))
         del loaded
     rows = comparison_rows(reports)
     paths = write_reports(args.report_dir, reports) if args.report_dir else {}

@@ -117,6 +117,12 @@ def _add_calibration_options(
         "autocast, about 2x faster where bf16 matmuls are native (auto: bf16 there, fp32 "
         "elsewhere); statistics and weights stay fp32",
     )
+    g.add_argument(
+        "--spill-activations",
+        metavar="DIR",
+        help="keep the calibration activations in files in a fresh folder inside DIR (one "
+        "mini-batch in memory at a time) instead of in memory; deleted at the end",
+    )
 
 
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -215,6 +221,12 @@ def _evaluate_parser(add: Callable[..., Any]) -> None:
         "measure perplexity block by block, reading one block at a time from a local "
         "safetensors folder, so the model need not fit in memory (speed is then not measured; "
         "auto: when the whole model would not fit in free memory; on: always; off: never)",
+    )
+    p.add_argument(
+        "--spill-activations",
+        metavar="DIR",
+        help="streamed: keep the hidden states of all windows in files in a fresh folder "
+        "inside DIR (one batch in memory at a time) instead of in memory; deleted at the end",
     )
     _add_data_options(p, required=False)
     _add_eval_options(p)

@@ -38,7 +38,7 @@ from torch import nn
 
 from .. import registry
 from ..arch import ArchSpec, drop_blocks, get_arch, get_blocks
-from ..calibration import block_io_scores
+from ..calibration import block_io_scores, spilled_to
 from ..config import LayerReductionConfig
 from ..errors import UnsupportedArchitectureError, UserInputError
 
@@ -251,14 +251,15 @@ def reduce_layers(
 
     scores: list[float] | None = None
     if calibration is not None:
-        scores = block_io_scores(
-            model,
-            calibration,
-            device=device,
-            batch_size=config.calibration.batch_size,
-            precision=config.calibration.precision,
-            progress=progress,
-        )
+        with spilled_to(config.calibration.spill_dir):
+            scores = block_io_scores(
+                model,
+                calibration,
+                device=device,
+                batch_size=config.calibration.batch_size,
+                precision=config.calibration.precision,
+                progress=progress,
+            )
     if removed is None:
         assert scores is not None and calibration is not None
         removed = select_by_importance(scores, count, config.keep_first, config.keep_last)

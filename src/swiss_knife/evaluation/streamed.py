@@ -32,7 +32,14 @@ import torch
 from torch import Tensor, nn
 
 from ..arch import get_arch, get_blocks
-from ..calibration import _Capture, _run_block, _StopForward, replaced_forwards
+from ..calibration import (
+    _SPILL_DIR,
+    SpilledActivations,
+    _Capture,
+    _run_block,
+    _StopForward,
+    replaced_forwards,
+)
 from ..errors import UnsupportedArchitectureError
 from ..progress import track
 from ..streaming import BlockStream, stream_of
@@ -67,9 +74,14 @@ def streamed_perplexity(
     ids = tokens.detach().to(device=device, dtype=torch.long)
     inputs = [window_inputs(ids, batch) for batch in batches]
     blocks = get_blocks(model, get_arch(model))
+    hidden_dtype = stream.dtype
     _report_hidden(model, inputs, stream.dtype)
-    with eval_mode(model):
-        hidden, calls = _capture(model, stream, blocks, inputs)
+    spill_dir = _SPILL_DIR.get()
+    spill = SpilledActivations(spill_dir) if spill_dir is not None else None
+    with eval_mode(model), contextlib.ExitStack() as cleanup:
+        if spill is not None:
+            cleanup.callback(spill.close)
+        hidden, calls = _capture(model, stream, blocks, inputs, spill)
         for index in track(range(len(blocks)), "perplexity", unit="block", enabled=progress):
             block = stream.enter(index, device)
             try:
@@ -77,7 +89,7 @@ def streamed_perplexity(
                 for name, param in block.named_parameters():
                     stream.nonzero[prefix + name] = int(torch.count_nonzero(param))
                 for b, call in enumerate(calls[index]):
-                    hidden[b] = _run_block(block, hidden[b], call)
+                    hidden[b] = _run_block(block, hidden[b].to(device), call).to(hidden_dtype)
             finally:
                 stream.leave(index, write=False)  # nothing to write: just free it
         nll_sum, count = _score(model, stream, blocks, hidden, inputs, batches)
@@ -97,10 +109,14 @@ def _report_hidden(model: nn.Module, inputs: list[Tensor], dtype: torch.dtype) -
 
 
 def _capture(
-    model: nn.Module, stream: BlockStream, blocks: nn.ModuleList, inputs: list[Tensor]
-) -> tuple[list[Tensor], list[list[Any]]]:
+    model: nn.Module,
+    stream: BlockStream,
+    blocks: nn.ModuleList,
+    inputs: list[Tensor],
+    spill: SpilledActivations | None,
+) -> tuple[list[Tensor] | SpilledActivations, list[list[Any]]]:
     """Block 0's input hidden states and every block's call arguments, per batch."""
-    capture = _Capture(blocks, stream.device)
+    capture = _Capture(blocks, stream.device, spill)
     stream.load_outside(stream.device)
     try:
         with capture.installed():
@@ -138,7 +154,7 @@ def _score(
     model: nn.Module,
     stream: BlockStream,
     blocks: nn.ModuleList,
-    hidden: list[Tensor],
+    hidden: list[Tensor] | SpilledActivations,
     inputs: list[Tensor],
     batches: list[list[tuple[int, int, int]]],
 ) -> tuple[float, int]:
@@ -153,7 +169,7 @@ def _score(
     try:
         with _handing_over(blocks, holder):
             for b, (input_ids, batch) in enumerate(zip(inputs, batches, strict=True)):
-                holder[:] = [hidden[b]]
+                holder[:] = [hidden[b].to(stream.device)]
                 zeros = torch.zeros(
                     (*input_ids.shape, width), dtype=stream.dtype, device=stream.device
                 )
@@ -161,7 +177,8 @@ def _score(
                 batch_nll, batch_count = score_batch(logits, input_ids, batch)
                 nll_sum += batch_nll
                 count += batch_count
-                hidden[b] = hidden[b][:0]  # done with it
+                if isinstance(hidden, list):
+                    hidden[b] = hidden[b][:0]  # done with it
     finally:
         stream.release(names)
     return nll_sum, count
