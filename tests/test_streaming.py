@@ -34,12 +34,14 @@ CALIB = ["--num-samples", "4", "--seq-len", "32"]
 METHODS: dict[str, list[str]] = {
     "rtn": ["quantize", "--method", "rtn", "--bits", "4", "--group-size", "16"],
     "gptq": ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "16", *CALIB],
+    "awq": ["quantize", "--method", "awq", "--bits", "4", "--group-size", "16", *CALIB],
+    "static": ["quantize", "--method", "static", *CALIB],
     "bf16": ["quantize", "--method", "bf16"],
     "magnitude": ["prune", "--method", "magnitude", "--sparsity", "0.5"],
     "wanda": ["prune", "--method", "wanda", "--sparsity", "0.5", *CALIB],
     "sparsegpt-2:4": ["prune", "--method", "sparsegpt", "--pattern", "2:4", *CALIB],
 }
-CALIBRATED = {"gptq", "wanda", "sparsegpt-2:4"}
+CALIBRATED = {"gptq", "awq", "static", "wanda", "sparsegpt-2:4"}
 # Checkpoints whose tensor names differ from the model's (transformers renames them on load and
 # back on save: GPT-NeoX's embed_out is the model's lm_head) are not streamed.
 RENAMED = {"gpt_neox"}
@@ -110,7 +112,7 @@ def test_streamed_equals_in_memory_for_every_method(
 
 
 @pytest.mark.parametrize("arch", LINEAR_ARCHS)
-@pytest.mark.parametrize("method", ["gptq", "wanda"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "wanda"])
 def test_streamed_equals_in_memory_for_every_architecture(
     capsys: Any, tmp_path: Path, arch: str, method: str
 ) -> None:
@@ -162,10 +164,10 @@ def test_stream_on_refuses_what_cannot_stream(tmp_path: Path) -> None:
     text = tmp_path / "text.txt"
     text.write_text(TEXT, encoding="utf-8")
     out = tmp_path / "out"
-    awq = sk("quantize", source, "--method", "awq", "--bits", "4", "--group-size", "16",
-             "--calibration-data", text, *CALIB, "--output-dir", out, "--stream", "on")  # fmt: skip
-    line = assert_user_error(awq)
-    assert "cannot stream" in line and "awq" in line
+    hqq = sk("quantize", source, "--method", "hqq", "--bits", "4", "--group-size", "16",
+             "--output-dir", out, "--stream", "on")  # fmt: skip
+    line = assert_user_error(hqq)
+    assert "cannot stream" in line and "hqq" in line
     owl = sk("prune", source, "--method", "wanda", "--sparsity", "0.5", "--allocation", "owl",
              "--calibration-data", text, *CALIB, "--output-dir", out, "--stream", "on")  # fmt: skip
     assert "owl" in assert_user_error(owl)

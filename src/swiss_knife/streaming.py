@@ -22,12 +22,15 @@ Peak memory is one block in its compute dtype plus what the method holds for it 
 scales) and the calibration activations (the embeddings during the capture, the largest outside
 tensor during the final write): it does not grow with the number of blocks.
 
-Which methods stream is decided before anything is loaded (`stream_refusal`): cast, RTN and GPTQ
-on integer grids (not the K grids), magnitude, Wanda and SparseGPT in one shot (unstructured or
-N:M, saved dense, uniform allocation). The others need the whole model at once (AWQ folds
-scales across modules, bitsandbytes/torchao quantize inside transformers, OWL and gradual
-schedules walk the model more than once, structured pruning rewrites shapes, distillation
-trains) and keep the in-memory path.
+Which methods stream is decided before anything is loaded (`stream_refusal`): cast, RTN, GPTQ
+and AWQ on integer grids (not the K grids), static int8, magnitude, Wanda and SparseGPT in one
+shot (unstructured or N:M, saved dense, uniform allocation). The others need the whole model at
+once (HQQ and the bitsandbytes/torchao methods quantize the model through transformers or a
+library, OWL and gradual schedules walk the model more than once, structured pruning and layer
+reduction rewrite shapes and names, distillation trains) and keep the in-memory path.
+
+`evaluate` streams too: perplexity over all windows, one block at a time
+(`evaluation.streamed`).
 """
 
 from __future__ import annotations
@@ -186,7 +189,7 @@ def stream_refusal(stage: Any) -> str | None:
     if isinstance(stage, CastConfig) or method in ("fp16", "bf16"):
         return None
     grid = str(getattr(stage, "grid", None))
-    if method in ("rtn", "gptq"):
+    if method in ("rtn", "gptq", "awq", "static"):
         if grid.startswith("gguf:q") and grid.endswith("_k"):
             return f"{method} on a K grid writes a GGUF block sidecar for the whole model"
         return None

@@ -105,7 +105,7 @@ from ...config import CalibrationSettings
 from ...errors import UnsupportedArchitectureError, UserInputError
 from ..metrics import sqnr_db
 from .base import QuantizationOutcome, QuantizeContext, register_method
-from .compressed_tensors_format import compressed_writer, plan_grids
+from .compressed_tensors_format import compressed_writer, plan_grids, stream_packed
 from .gguf_grid import GGUFGridConfig, is_k_grid
 from .grid import (
     QuantGrid,
@@ -975,6 +975,7 @@ def _apply_awq(model: nn.Module, config: AWQConfig, ctx: QuantizeContext) -> Qua
         total_tokens=int(ctx.calibration.numel()),
     )
     started = time.perf_counter()
+    stream_packed(model, calibrator.quantized)
     try:
         report = run_calibration(
             model,

@@ -287,6 +287,18 @@ def unpack_weight(tensors: Mapping[str, Tensor], grid: QuantGrid) -> QuantizedWe
     return QuantizedWeight(q=q, scale=tensors["weight_scale"], zero=zero, grid=grid)
 
 
+def stream_packed(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
+    """On a streamed model each finished block is written packed, and its integers dropped
+    (`quantized` is filled by the method as it walks); nothing for a model in memory."""
+    from swiss_knife.streaming import save_as
+
+    def release(prefix: str) -> None:
+        for name in [n for n in quantized if n.startswith(prefix)]:
+            quantized[name] = quantized[name].to("meta")
+
+    save_as(model, lambda: pack_state_dict(model, quantized), release)
+
+
 def pack_state_dict(
     model: nn.Module, quantized: Mapping[str, QuantizedWeight]
 ) -> dict[str, Tensor]:

@@ -80,7 +80,6 @@ on tiny layers where its per-token quantization overhead dominates).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -96,7 +95,9 @@ from ...arch import ArchSpec, attention_geometry, find_module, is_pre_norm
 from ...calibration import BlockCalibrator, BlockContext, run_calibration, sequential_groups
 from ...config import CalibrationSettings, Flag, QuantizeBase
 from ...errors import UnsupportedArchitectureError, UserInputError
+from ...streaming import save_as
 from ...targeting import TargetSpec, resolve_linear_targets
+from ..checkpoint import tied_duplicates, write_checkpoint
 from ..metrics import weight_sqnr_db
 from .base import QuantizationOutcome, QuantizeContext, register_method
 from .grid import QuantGrid, QuantizedWeight
@@ -554,16 +555,16 @@ def _float_linears_left(model: nn.Module, quantized: Mapping[str, Any]) -> list[
     ]
 
 
-def save_static_int8(model: nn.Module, state: StaticState, directory: Path) -> None:
-    """Write the int-quantized checkpoint (config.json, generation config, safetensors).
-
-    Goes through ``save_pretrained(state_dict=...)`` so tied weights, sharding and the config are
-    handled as for any checkpoint, then adds ``quantization_config`` to config.json.
-    """
+def static_state_dict(model: nn.Module, state: StaticState) -> dict[str, Tensor]:
+    """The tensors of the int-quantized checkpoint: the model's state with every quantized
+    linear's weight as int8 levels, its per-channel scales and its input scale (tied duplicates
+    dropped, all on the CPU; the blocks a streamed model wrote already stay meta)."""
     tensors = dict(model.state_dict())
     for name, qw in state.quantized.items():
         module = model.get_submodule(name)
         assert isinstance(module, nn.Linear)
+        if qw.q.is_meta:  # a streamed block, written already
+            continue
         dtype = module.weight.dtype
         current = qw.dequantize().to(dtype)
         if not torch.equal(current, module.weight.detach().cpu()):
@@ -573,13 +574,33 @@ def save_static_int8(model: nn.Module, state: StaticState, directory: Path) -> N
         tensors[f"{name}.weight"] = qw.q.contiguous()  # (out, in) int8
         tensors[f"{name}.weight_scale"] = qw.scale.to(dtype).contiguous()  # (out, 1)
         tensors[f"{name}.input_scale"] = state.input_scales[name].to(dtype).reshape(1)  # (1,)
-    model.save_pretrained(directory, state_dict=tensors)  # type: ignore[operator]
-    path = Path(directory) / "config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    config["quantization_config"] = quantization_config_dict(
-        _float_linears_left(model, state.quantized)
+    for name in tied_duplicates(model, tensors):
+        del tensors[name]
+    return {
+        name: tensor if tensor.is_meta else tensor.detach().to("cpu").contiguous()
+        for name, tensor in tensors.items()
+    }
+
+
+def save_static_int8(model: nn.Module, state: StaticState, directory: Path) -> None:
+    """Write the int-quantized checkpoint (config.json with its ``quantization_config``, the
+    generation config, safetensors) into `directory`."""
+    write_checkpoint(
+        model,  # type: ignore[arg-type]
+        quantization_config_dict(_float_linears_left(model, state.quantized)),
+        static_state_dict(model, state),
+        directory,
     )
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _stream_static(model: nn.Module, state: StaticState) -> None:
+    """On a streamed model each finished block is written in its int8 form, then dropped."""
+
+    def release(prefix: str) -> None:
+        for name in [n for n in state.quantized if n.startswith(prefix)]:
+            state.quantized[name] = state.quantized[name].to("meta")
+
+    save_as(model, lambda: static_state_dict(model, state), release)
 
 
 def _writer(model: nn.Module, state: StaticState) -> Callable[[Path], None]:
@@ -638,6 +659,7 @@ def apply_static(
             raise UserInputError(f"{name} already has static activation quantization")
     calibrator = StaticInt8Calibrator(plan, config.smoothquant_alpha)
     started = time.perf_counter()
+    _stream_static(model, calibrator.state)
     report = run_calibration(
         model,
         ctx.calibration,

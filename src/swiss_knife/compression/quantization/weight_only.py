@@ -33,10 +33,10 @@ from ...calibration import (
 from ...calibration import same_tensor as _same_tensor
 from ...config import CalibrationSettings
 from ...errors import UserInputError
-from ...streaming import for_each_block, save_as
+from ...streaming import for_each_block
 from ..metrics import sensitivity_table, sqnr_db
 from .base import QuantizationOutcome, QuantizeContext, register_method
-from .compressed_tensors_format import compressed_writer, pack_state_dict, plan_grids
+from .compressed_tensors_format import compressed_writer, plan_grids, stream_packed
 from .gguf_grid import (
     BLOCK_GRIDS,
     GRID_FILE,
@@ -196,16 +196,6 @@ def _scale_note(config: GPTQConfig, plan: Mapping[str, tuple[nn.Module, Any]]) -
     return f"{text} on the {len(grids)} fallback layer(s)" if is_k_grid(config.grid) else text
 
 
-def _stream_packed(model: nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
-    """On a streamed model each finished block is written packed, and its integers dropped."""
-
-    def release(prefix: str) -> None:
-        for name in [n for n in quantized if n.startswith(prefix)]:
-            quantized[name] = quantized[name].to("meta")
-
-    save_as(model, lambda: pack_state_dict(model, quantized), release)
-
-
 def _grid_report(config: RTNConfig | GPTQConfig, blocks: Mapping[str, Any]) -> dict[str, Any]:
     kinds = Counter(kind for kind, _ in blocks.values())
     return {"grid": config.grid, "file": GRID_FILE, "types": dict(kinds)}
@@ -217,7 +207,7 @@ def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantizeContext) -> Qua
     plan = _plan(model, config)
     quantized: dict[str, QuantizedWeight] = {}
     rows: list[dict[str, Any]] = []
-    _stream_packed(model, quantized)
+    stream_packed(model, quantized)
 
     def quantize_layers(names: list[str]) -> None:
         for name in names:
@@ -398,7 +388,7 @@ def _apply_gptq(model: nn.Module, config: GPTQConfig, ctx: QuantizeContext) -> Q
         raise UserInputError("gptq needs calibration data: pass --calibration-data")
     plan = _plan(model, config)
     calibrator = GPTQCalibrator(plan, config)
-    _stream_packed(model, calibrator.quantized)
+    stream_packed(model, calibrator.quantized)
     started = time.perf_counter()
     report = run_calibration(
         model,
