@@ -40,8 +40,15 @@ METHODS: dict[str, list[str]] = {
     "magnitude": ["prune", "--method", "magnitude", "--sparsity", "0.5"],
     "wanda": ["prune", "--method", "wanda", "--sparsity", "0.5", *CALIB],
     "sparsegpt-2:4": ["prune", "--method", "sparsegpt", "--pattern", "2:4", *CALIB],
+    "reduce-importance": [
+        *("reduce-layers", "--num-layers-to-remove", "1", "--keep-last", "0", "--keep-first"),
+        *("0", *CALIB),
+    ],
+    "reduce-last": [
+        *("reduce-layers", "--num-layers-to-keep", "1", "--selection", "last", "--keep-last", "0")
+    ],
 }
-CALIBRATED = {"gptq", "awq", "static", "wanda", "sparsegpt-2:4"}
+CALIBRATED = {"gptq", "awq", "static", "wanda", "sparsegpt-2:4", "reduce-importance"}
 # Checkpoints whose tensor names differ from the model's (transformers renames them on load and
 # back on save: GPT-NeoX's embed_out is the model's lm_head) are not streamed.
 RENAMED = {"gpt_neox"}
@@ -106,13 +113,15 @@ def test_streamed_equals_in_memory_for_every_method(
     streamed, _ = _same_outputs(capsys, tmp_path, "llama", method)
     index = json.loads((streamed / INDEX_NAME).read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) == 3  # two blocks and the tensors outside them
+    blocks = json.loads((streamed / "config.json").read_text())["num_hidden_layers"]
+    assert blocks == (1 if method.startswith("reduce") else 2)
+    assert len(shards) == blocks + 1  # one per block, and one for the tensors outside them
     assert all(name.startswith("model.layers.0.") for name, shard in index["weight_map"].items()
                if shard == shards[0])  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", LINEAR_ARCHS)
-@pytest.mark.parametrize("method", ["gptq", "awq", "wanda"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "wanda", "reduce-importance"])
 def test_streamed_equals_in_memory_for_every_architecture(
     capsys: Any, tmp_path: Path, arch: str, method: str
 ) -> None:

@@ -436,7 +436,9 @@ def save_model(
         if writer is not None:
             writer(tmp)
         else:
-            model.save_pretrained(tmp)  # type: ignore[operator]
+            from .compression.checkpoint import save_dense
+
+            save_dense(model, tmp)  # save_pretrained, or the rest of a streamed model
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if model_card is not None:

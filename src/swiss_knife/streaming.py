@@ -183,7 +183,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, Tensor | Lazy]) -> int:
 
 def stream_refusal(stage: Any) -> str | None:
     """Why `stage` cannot run streamed (a short phrase), or None when it can."""
-    from .config import CastConfig
+    from .config import CastConfig, LayerReductionConfig
 
     method = getattr(stage, "method", None)
     if isinstance(stage, CastConfig) or method in ("fp16", "bf16"):
@@ -203,8 +203,10 @@ def stream_refusal(stage: Any) -> str | None:
         if getattr(stage, "save_format", "dense") != "dense":
             return "the sparse-bitmask layout is written in one file"
         return None
+    if isinstance(stage, LayerReductionConfig):
+        return None
     if method is None:
-        return "only quantize, prune and cast stages stream"
+        return "only quantize, prune, cast and layer-reduction stages stream"
     return f"{method} needs the whole model in memory"
 
 
@@ -255,6 +257,11 @@ class BlockStream:
     done: set[int] = field(default_factory=set)
     # What runs before block 0 (embeddings): read only for the calibration capture.
     outside: list[str] = field(default_factory=list)
+    # False: finished blocks are freed without being written (a walk that only measures).
+    writes: bool = True
+    # The source blocks the output keeps, in order, when blocks were dropped (layer reduction):
+    # they are copied from the source, renumbered, by `write_remaining`.
+    kept: list[int] | None = None
 
     def load_outside(self, device: torch.device) -> None:
         """Read the tensors that run before the first block (the embeddings) onto `device`."""
@@ -345,6 +352,7 @@ class BlockStream:
         """Write block `index` in its saved form (unless `write` is False: the walk failed)
         and free its tensors."""
         block = self.block(index)
+        write = write and self.writes
         try:
             if write:
                 for inspect in self.inspectors:
@@ -378,6 +386,8 @@ class BlockStream:
     def write_remaining(self, directory: Path, state: Mapping[str, Tensor]) -> None:
         """Write the tensors of `state` not yet written (the ones outside the blocks), as the
         last shard, and the index of all shards, into `directory`."""
+        if self.kept is not None:
+            self._copy_kept(directory)
         missing_blocks = sorted(set(range(self.num_blocks)) - self.done)
         if missing_blocks:
             raise RuntimeError(f"blocks {missing_blocks} were never streamed through")
@@ -404,12 +414,44 @@ class BlockStream:
         weight_map = {**self.written, **dict.fromkeys(rest, last)}
         if self.staging is not None and directory != self.staging:
             for shard in dict.fromkeys(self.written.values()):
-                os.replace(self.staging / shard, directory / shard)
+                if not (directory / shard).exists():
+                    os.replace(self.staging / shard, directory / shard)
         index = {
             "metadata": {"total_size": sum(self.sizes.values())},
             "weight_map": dict(sorted(weight_map.items())),
         }
         (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+    def keep_blocks(self, kept: list[int]) -> None:
+        """The skeleton's blocks were cut down to the source blocks `kept` (in order): the
+        output copies them from the source under their new numbers (see `write_remaining`)."""
+        if self.done:
+            raise RuntimeError("blocks were written already; they cannot be dropped now")
+        self.kept = list(kept)
+        self.num_blocks = len(self.kept)
+
+    def _copy_kept(self, directory: Path) -> None:
+        """Copy the kept blocks' tensors from the source, one tensor at a time, renumbered: one
+        shard per block, as for a walked model."""
+        assert self.kept is not None
+        for new, old in enumerate(self.kept):
+            if new in self.done:
+                continue
+            tensors: dict[str, Tensor | Lazy] = {}
+            for name, tensor in _tensors(self.block(new)):
+                dtype = _dtype_for(tensor, self.dtype)
+                source_name = f"{self.blocks_prefix}.{old}.{name}"
+                if source_name not in self.source:
+                    raise UserInputError(f"{source_name} is missing from the source checkpoint")
+                tensors[self.prefix(new) + name] = (
+                    tensor.to("meta", dtype),
+                    self._reader(source_name, dtype),
+                )
+            shard = self.shard_name(new + 1)
+            self.sizes[shard] = write_safetensors(directory / shard, tensors)
+            for name in tensors:
+                self.written[name] = shard
+            self.done.add(new)
 
     def _tied_names(self) -> set[str]:
         names = set(getattr(self.model, "all_tied_weights_keys", None) or {})

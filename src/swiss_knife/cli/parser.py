@@ -133,13 +133,15 @@ def _add_compression_options(parser: argparse.ArgumentParser, verb: str, users: 
     """Calibration text and model loading: shared by quantize and prune."""
     _add_calibration_options(parser, f"calibration ({users})", default_samples=128)
     _add_model_options(parser)
-    _add_stream_option(
-        parser,
-        "read one block at a time from a local safetensors folder and write the output "
-        "block by block, so the model need not fit in memory (auto: whenever the method and "
-        "the checkpoint allow; on: refuse otherwise; off: load the whole model)",
-    )
+    _add_stream_option(parser, _STREAM_HELP)
     _add_output_options(parser)
+
+
+_STREAM_HELP = (
+    "read one block at a time from a local safetensors folder and write the output block by "
+    "block, so the model need not fit in memory (auto: whenever the method and the checkpoint "
+    "allow; on: refuse otherwise; off: load the whole model)"
+)
 
 
 def _add_stream_option(parser: argparse.ArgumentParser, help: str) -> None:
@@ -287,6 +289,8 @@ def _reduce_layers_parser(add: Callable[..., Any]) -> None:
         swiss-knife reduce-layers ./model --num-layers-to-keep 24 --selection last \\
             --output-dir ./model-24l
         swiss-knife reduce-layers ./model --layers 3,5,-2 --keep-last 0 --output-dir ./model-cut
+        swiss-knife reduce-layers ./llama-70b --num-layers-to-remove 16 --stream on \
+            --calibration-data wiki.train.txt --output-dir ./llama-64l   # block by block
         """,
     )
     p.add_argument("model", help="hub id, local directory or .gguf file")
@@ -295,6 +299,7 @@ def _reduce_layers_parser(add: Callable[..., Any]) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output dir")
     _add_calibration_options(p, "calibration (selection importance)", default_samples=32)
     _add_model_options(p)
+    _add_stream_option(p, _STREAM_HELP)
     _add_output_options(p)
 
 

@@ -41,6 +41,8 @@ from ..arch import ArchSpec, drop_blocks, get_arch, get_blocks
 from ..calibration import block_io_scores, spilled_to
 from ..config import LayerReductionConfig
 from ..errors import UnsupportedArchitectureError, UserInputError
+from ..streaming import stream_of
+from .checkpoint import save_dense
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +57,9 @@ class LayerReductionOutcome:
     report: dict[str, Any] = field(default_factory=dict)
 
     def writer(self, path: Path) -> None:
-        """A plain save_pretrained: the rewritten config describes the model."""
-        self.model.save_pretrained(path)  # type: ignore[operator]
+        """A plain save_pretrained: the rewritten config describes the model (for a streamed
+        model, the kept blocks are copied from the source, renumbered)."""
+        save_dense(self.model, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +253,9 @@ def reduce_layers(
     _check_index_dependent(model, spec, total, removed)
 
     scores: list[float] | None = None
+    stream = stream_of(model)
+    if stream is not None:
+        stream.writes = False  # the walk only scores; the kept blocks are copied at the end
     if calibration is not None:
         with spilled_to(config.calibration.spill_dir):
             scores = block_io_scores(
@@ -268,6 +274,8 @@ def reduce_layers(
     params_before = _num_params(model)
     drop_blocks(model, removed)
     params_after = _num_params(model)
+    if stream is not None:
+        stream.keep_blocks([i for i in range(total) if i not in removed])
     table = importance_table(scores, removed, total)
     steps = [
         f"removed {len(removed)} of {total} transformer blocks {removed} by {how}: "
