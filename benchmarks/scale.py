@@ -9,11 +9,15 @@ deletes each once measured (the free disk is checked first: the 32-block model t
 On each size the command line runs as a user runs it, one command after another, each in its
 own process:
 
-* ``quantize --method rtn --bits 4 --group-size 128`` (streamed: the default),
-* ``prune --method wanda --sparsity 0.5`` (streamed),
-* ``quantize --method gptq --bits 4 --group-size 128`` (streamed, 2 blocks: each 8B block
-  costs minutes of CPU),
-* the same RTN with ``--stream off`` (the whole model loaded) on the sizes that fit.
+* ``quantize --method rtn --bits 4 --group-size 128`` (streamed: the default, in bf16),
+* ``prune --method wanda --sparsity 0.5 --dtype fp32`` (streamed, computed and saved in fp32:
+  this CPU has no native bf16 matmuls, and one bf16 pass over an 8B block takes about a minute
+  where an fp32 pass takes seconds),
+* ``quantize --method gptq --bits 4 --group-size 128 --dtype fp32`` (streamed, 2 blocks),
+* ``evaluate --stream on --dtype fp32 --no-speed`` (perplexity block by block over 4 windows
+  of 128 tokens: the 32-block model is 32 GB in fp32, more than this machine's memory),
+* the same RTN and evaluate with ``--stream off`` (the whole model loaded) on the sizes that
+  fit; the report checks that streamed and whole-model perplexities are equal.
 
 Calibration: 2 windows of 128 tokens of WikiText-2 valid (a character tokenizer saved with the
 checkpoint; the ids are only inputs here). *Peak RSS* is the process's ``VmHWM`` (imports, the
@@ -23,8 +27,7 @@ across exec. *Seconds* is the wall time of the whole command.
 Floors (issue 16): peak RSS grows by less than 10 % from 2 to 8 blocks; the full 8B model is
 quantized with RTN and pruned with Wanda with peak RSS under 4 GiB.
 
-Not measured here (left for later): a streamed ``evaluate`` (evaluation loads the whole model),
-SparseGPT, and llm-compressor's GPTQ on these checkpoints.
+Not measured here (left for later): SparseGPT, and llm-compressor's GPTQ on these checkpoints.
 
 Usage::
 
@@ -70,16 +73,21 @@ SHAPE = {
 # of an 8B block is slow; the memory of a streamed walk does not depend on it beyond the
 # activations (2 x 128 tokens x 4096 x 2 bytes).
 CALIB = ["--num-samples", "2", "--seq-len", "128"]
+FP32 = ["--dtype", "fp32"]
+EVAL = ["evaluate", "--eval-data", str(CORPUS), "--window", "128", "--max-windows", "4",
+        "--no-speed", *FP32]  # fmt: skip
 # (label, argv after the model, which block counts, stream mode)
 RUNS: list[tuple[str, list[str], tuple[int, ...], str]] = [
     ("RTN W4 g128", ["quantize", "--method", "rtn", "--bits", "4", "--group-size", "128"],
      (2, 4, 8, 32), "auto"),
-    ("Wanda 50 %", ["prune", "--method", "wanda", "--sparsity", "0.5", *CALIB],
+    ("Wanda 50 %, fp32", ["prune", "--method", "wanda", "--sparsity", "0.5", *CALIB, *FP32],
      (2, 4, 8, 32), "auto"),
-    ("GPTQ W4 g128", ["quantize", "--method", "gptq", "--bits", "4", "--group-size", "128",
-                      *CALIB], (2,), "auto"),
+    ("GPTQ W4 g128, fp32", ["quantize", "--method", "gptq", "--bits", "4", "--group-size",
+                            "128", *CALIB, *FP32], (2,), "auto"),
+    ("evaluate, fp32", EVAL, (2, 4, 8, 32), "on"),
     ("RTN W4 g128, whole model", ["quantize", "--method", "rtn", "--bits", "4",
                                   "--group-size", "128"], (2, 4, 8), "off"),
+    ("evaluate, fp32, whole model", EVAL, (2, 4), "off"),
 ]  # fmt: skip
 
 WORKER = """
@@ -167,17 +175,25 @@ def write_checkpoint(folder: Path, blocks: int) -> None:
 
 
 def run(model: Path, argv: list[str], stream: str, out: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-c", WORKER, argv[0], str(model), *argv[1:], "--output-dir",
-           str(out), "--stream", stream, "-q", "--json"]  # fmt: skip
-    if "--num-samples" in argv:
-        cmd += ["--calibration-data", str(CORPUS)]
+    if argv[0] == "evaluate":
+        where = ["--output", str(out)]
+    else:
+        where = ["--output-dir", str(out)]
+        if "--num-samples" in argv:
+            where += ["--calibration-data", str(CORPUS)]
+    cmd = [sys.executable, "-c", WORKER, argv[0], str(model), *argv[1:], *where,
+           "--stream", stream, "-q", "--json"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     lines = [line for line in done.stdout.splitlines() if line.startswith('{"code"')]
     if done.returncode or not lines:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(lines[-1])
-    streamed = "streaming" in done.stderr or (out / "model.safetensors.index.json").is_file()
-    result["streamed"] = streamed
+    if argv[0] == "evaluate":
+        metrics = json.loads((out / "report.json").read_text())["reports"][0]["metrics"]
+        result["streamed"] = metrics["streamed"]
+        result["perplexity"] = metrics["perplexity"]["perplexity"]
+    else:
+        result["streamed"] = (out / "model.safetensors.index.json").is_file()
     shutil.rmtree(out, ignore_errors=True)
     return result
 
@@ -197,7 +213,7 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(b) for b in args.blocks.split(",")]
     root = Path(tempfile.mkdtemp(prefix="sk-scale-", dir=args.workdir))
-    need = (max(sizes) * block_bytes() + outside_bytes()) * 1.6
+    need = (max(sizes) * block_bytes() + outside_bytes()) * 3.2  # + an fp32 output
     free = shutil.disk_usage(root).free
     if free < need:
         raise SystemExit(f"needs {need / 1e9:.1f} GB free in {root.parent}, has {free / 1e9:.1f}")
@@ -243,9 +259,9 @@ def section(
         f"in its own process, nothing else running; load average {load_start[0]:.2f} at the "
         f"start, {load_end[0]:.2f} at the end. Checkpoint: bf16, hidden 4096, MLP 14336, 32/8 "
         f"heads, vocab 128256; one block is {block_bytes() / 1e9:.2f} GB, embeddings + head "
-        f"{outside_bytes() / 1e9:.2f} GB. Calibration: 2 x 128 tokens.",
+        f"{outside_bytes() / 1e9:.2f} GB (twice that in fp32). Calibration: 2 x 128 tokens.",
         "",
-        "| command | blocks | checkpoint (GB) | streamed | peak RSS (GiB) | seconds |",
+        "| command | blocks | checkpoint (GB, bf16) | streamed | peak RSS (GiB) | seconds |",
         "|---|---:|---:|---|---:|---:|",
     ]
     for label, blocks, _, result in rows:
@@ -256,13 +272,20 @@ def section(
         )
     lines.append("")
     by = {(label, blocks): result for label, blocks, _, result in rows}
-    for label in ("RTN W4 g128", "Wanda 50 %", "GPTQ W4 g128"):
+    for blocks in sizes:
+        streamed = by.get(("evaluate, fp32", blocks))
+        whole = by.get(("evaluate, fp32, whole model", blocks))
+        if streamed and whole:
+            same = "equal" if streamed["perplexity"] == whole["perplexity"] else "DIFFERENT"
+            lines.append(f"- Perplexity on {blocks} blocks, streamed {streamed['perplexity']:.6g}"
+                         f" vs whole model {whole['perplexity']:.6g}: {same}")  # fmt: skip
+    for label in ("RTN W4 g128", "Wanda 50 %, fp32", "GPTQ W4 g128, fp32", "evaluate, fp32"):
         if (label, 2) in by and (label, 8) in by:
             growth = by[label, 8]["peak"] / by[label, 2]["peak"] - 1
             verdict = "met" if growth < 0.10 else "NOT met"
             lines.append(f"- Floor, {label}: peak RSS 2 -> 8 blocks {growth:+.1%} (< 10 %): "
                          f"{verdict}")  # fmt: skip
-    for label in ("RTN W4 g128", "Wanda 50 %"):
+    for label in ("RTN W4 g128", "Wanda 50 %, fp32"):
         if (label, 32) in by:
             peak = by[label, 32]["peak"] / gib
             verdict = "met" if peak < 4 else "NOT met"

@@ -203,6 +203,34 @@ def test_streamed_run_prints_its_human_summary(tmp_path: Path) -> None:
     assert "saved to" in done.stdout and "worst layers" in done.stdout.lower()
 
 
+def test_converting_reads_go_a_slice_of_rows_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tensor read into another dtype is converted in slices of rows (so a large embedding
+    matrix is never whole in both dtypes), to the same values as a whole conversion."""
+    from safetensors.torch import save_file
+
+    from swiss_knife import streaming
+
+    table = torch.randn(37, 11).to(torch.bfloat16)
+    save_file({"table": table, "norm": torch.randn(5).half()}, str(tmp_path / "model.safetensors"))
+    reads: list[int] = []
+    read = streaming.CheckpointTensors._read
+
+    def counting(self: Any, name: str, begin: int, end: int) -> torch.Tensor:
+        reads.append(end - begin)
+        return read(self, name, begin, end)
+
+    monkeypatch.setattr(streaming.CheckpointTensors, "_read", counting)
+    monkeypatch.setattr(streaming, "_CHUNK_BYTES", 5 * 11 * 2)  # five rows
+    source = streaming.CheckpointTensors(tmp_path)
+    converted = source.get("table", torch.float32)
+    assert converted.dtype == torch.float32 and torch.equal(converted, table.float())
+    assert reads == [5 * 22] * 7 + [2 * 22]
+    assert torch.equal(source.get("table"), table)
+    assert torch.equal(source.get("norm", torch.float32), source.get("norm").float())
+
+
 # ------------------------------------------------------------------------------ evaluate
 
 

@@ -100,16 +100,38 @@ class CheckpointTensors:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
-    def get(self, name: str) -> Tensor:
-        """The tensor ``name``, read from disk into memory of its own."""
-        path, dtype, shape, begin, end = self.entries[name]
+    def get(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        """The tensor ``name``, read from disk into memory of its own; converted to `dtype`
+        (when given) a slice of rows at a time, so the stored and the converted copies of a
+        large tensor (an embedding matrix) are never both whole in memory."""
+        _, stored, shape, begin, end = self.entries[name]
+        if dtype is None or dtype == stored or len(shape) == 0 or end - begin <= _CHUNK_BYTES:
+            raw = self._read(name, begin, end)
+            value = raw.view(stored).reshape(shape)
+            return value if dtype is None else value.to(dtype)
+        out = torch.empty(shape, dtype=dtype)
+        row_bytes = (end - begin) // shape[0]
+        step = max(1, _CHUNK_BYTES // max(row_bytes, 1))
+        for first in range(0, shape[0], step):
+            rows = min(step, shape[0] - first)
+            start = begin + first * row_bytes
+            chunk = self._read(name, start, start + rows * row_bytes)
+            out[first : first + rows].copy_(chunk.view(stored).reshape(rows, *shape[1:]))
+        return out
+
+    def _read(self, name: str, begin: int, end: int) -> Tensor:
+        path = self.entries[name][0]
         raw = torch.empty(end - begin, dtype=torch.uint8)
         with open(path, "rb") as handle:
             handle.seek(begin)
             got = handle.readinto(raw.numpy().data)
         if got != end - begin:
             raise UserInputError(f"{path} ends inside tensor {name}: the file is truncated")
-        return raw.view(dtype).reshape(shape)
+        return raw
+
+
+# Converting reads go a slice of rows of at most this many stored bytes at a time.
+_CHUNK_BYTES = 64 * 2**20
 
 
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -276,7 +298,8 @@ class BlockStream:
         for name in names:
             current = _get(self.model, name)
             if current.is_meta:
-                value = self.source.get(name)
+                on_host = device.type == "cpu"
+                value = self.source.get(name, _dtype_for(current, self.dtype) if on_host else None)
                 if current.is_floating_point():
                     self.nonzero.setdefault(name, int(torch.count_nonzero(value)))
                 _set(
@@ -339,7 +362,8 @@ class BlockStream:
                 raise UserInputError(
                     f"{full} is missing from the checkpoint in {self.source.directory}"
                 )
-            value = self.source.get(full)
+            on_host = target.type == "cpu"
+            value = self.source.get(full, _dtype_for(tensor, self.dtype) if on_host else None)
             if tuple(value.shape) != tuple(tensor.shape):
                 raise UserInputError(
                     f"{full} has shape {tuple(value.shape)} in the checkpoint, "
@@ -462,7 +486,7 @@ class BlockStream:
         return names
 
     def _reader(self, name: str, dtype: torch.dtype) -> Callable[[], Tensor]:
-        return lambda: self.source.get(name).to(dtype)
+        return lambda: self.source.get(name, dtype)
 
 
 def _return_freed_memory() -> None:
