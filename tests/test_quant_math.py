@@ -314,3 +314,32 @@ def test_gptq_singular_hessian_falls_back(caplog: pytest.LogCaptureFixture) -> N
 def test_gptq_rejects_mismatched_hessian() -> None:
     with pytest.raises(ValueError, match="H must be"):
         gptq_quantize(gaussian(8, 16), torch.eye(8), QuantGrid(4))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_shared_factors_give_the_same_result(
+    act_order: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two weights that read the same input (q and k) solved with one cached factorisation
+    give exactly what two separate solves give; the factorisation runs once."""
+    from swiss_knife.compression.quantization import gptq
+
+    calls: list[int] = []
+    factorise = gptq.inverse_cholesky_upper
+
+    def counting(H: torch.Tensor, damp: float, *, label: str) -> tuple[torch.Tensor, float]:
+        calls.append(H.shape[0])
+        return factorise(H, damp, label=label)
+
+    monkeypatch.setattr(gptq, "inverse_cholesky_upper", counting)
+    x = gaussian(300, 64)
+    h = x.T @ x
+    grid = QuantGrid(4, False, 32)
+    q, k = gaussian(48, 64), gaussian(16, 64)
+    alone = [gptq_quantize(w, h, grid, act_order=act_order) for w in (q, k)]
+    assert len(calls) == 2
+    factors: dict[tuple[object, ...], torch.Tensor] = {}
+    shared = [gptq_quantize(w, h, grid, act_order=act_order, factors=factors) for w in (q, k)]
+    assert len(calls) == 3 and len(factors) == 1
+    for (a, loss_a), (b, loss_b) in zip(alone, shared, strict=True):
+        assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale) and loss_a == loss_b

@@ -38,6 +38,7 @@ copy of ``W``. The per-column loop runs ``in`` small vector steps; everything el
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -75,6 +76,7 @@ def gptq_quantize(
     clip_search: bool = False,
     scale_dtype: torch.dtype | None = None,
     weighted_scales: bool = False,
+    factors: Factors | None = None,
 ) -> tuple[QuantizedWeight, float]:
     """Quantize ``W`` ``(out, in)`` with GPTQ given the input Hessian ``H = X^T X`` ``(in, in)``.
 
@@ -89,6 +91,10 @@ def gptq_quantize(
         weighted_scales: (symmetric grids) fit scales by llama.cpp's importance-weighted search
             (`grid.fit_weighted_symmetric`) with ``diag(H)`` as the importance matrix, instead
             of the clip search.
+        factors: a cache of the damped inverse Hessian's Cholesky factor for THIS ``H``
+            (shared by the linears that read the same input: q/k/v, gate/up), filled on the
+            first call and reused by the next; the factor depends only on ``H``, the damping
+            and the column order, so the results are the same as without it.
 
     Returns:
         ``(result, loss)``: the quantized weight, in the original column order, and the summed
@@ -111,7 +117,23 @@ def gptq_quantize(
             clip_search=clip_search,
             scale_dtype=scale_dtype,
             weighted_scales=weighted_scales,
+            factors=factors,
         )
+
+
+# A cache of inverse-Hessian factors of one Hessian: (kind, damp, act order, static groups) -> U.
+Factors = dict[tuple[Any, ...], Tensor]
+
+
+def _factor(H: Tensor, damp: float, factors: Factors | None, key: tuple[Any, ...]) -> Tensor:
+    """`inverse_cholesky_upper` of ``H`` (already in processing order), from `factors` when a
+    linear with the same Hessian and settings has been solved before."""
+    if factors is not None and key in factors:
+        return factors[key]
+    U, _ = inverse_cholesky_upper(H, damp, label="GPTQ")  # (in, in) upper triangular
+    if factors is not None:
+        factors[key] = U
+    return U
 
 
 def _check_arguments(W: Tensor, H: Tensor, grid: QuantGrid, block_size: int, damp: float) -> None:
@@ -216,6 +238,7 @@ def _gptq_quantize(
     clip_search: bool,
     scale_dtype: torch.dtype | None,
     weighted_scales: bool = False,
+    factors: Factors | None = None,
 ) -> tuple[QuantizedWeight, float]:
     """`gptq_quantize` itself, under the caller's thread setting."""
     _check_arguments(W, H, grid, block_size, damp)
@@ -247,7 +270,7 @@ def _gptq_quantize(
         W = W[:, perm]
         H = H[perm][:, perm]
         importance = None if importance is None else importance[:, perm]
-    U, _ = inverse_cholesky_upper(H, damp, label="GPTQ")  # (in, in) upper triangular
+    U = _factor(H, damp, factors, ("grid", damp, act_order))  # (in, in) upper triangular
     del H
 
     step_group = _step_groups(perm, group, in_features, fit_up_front)
@@ -304,6 +327,7 @@ def gptq_quantize_k(
     damp: float = 0.01,
     act_order: bool = False,
     static_groups: bool = False,
+    factors: Factors | None = None,
 ) -> tuple[KQuantizedWeight, float]:
     """GPTQ on a llama.cpp K-quant grid (Q4_K, Q5_K, Q6_K): ``W`` ``(out, in)``, ``in`` a
     multiple of 256, with its input Hessian ``H`` ``(in, in)``.
@@ -338,6 +362,7 @@ def gptq_quantize_k(
             damp=damp,
             act_order=act_order,
             static_groups=static_groups,
+            factors=factors,
         )
 
 
@@ -363,6 +388,7 @@ def _gptq_quantize_k(
     damp: float,
     act_order: bool,
     static_groups: bool,
+    factors: Factors | None = None,
 ) -> tuple[KQuantizedWeight, float]:
     _check_arguments(W, H, QuantGrid(bits=4), block_size, damp)
     out_features, in_features = W.shape
@@ -377,7 +403,7 @@ def _gptq_quantize_k(
     if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
-    U, _ = inverse_cholesky_upper(H, damp, label="GPTQ")  # (in, in) upper triangular
+    U = _factor(H, damp, factors, ("k", damp, act_order, static_groups))  # (in, in) upper
     del H
     column = perm if perm is not None else torch.arange(in_features, device=W.device)
     sub_of = (column // spec.sub).tolist()  # original sub-block of each processed column

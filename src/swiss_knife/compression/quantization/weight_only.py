@@ -51,7 +51,7 @@ from .gguf_grid import (
     plan_k_grids,
     rtn_quantize_k,
 )
-from .gptq import gptq_quantize, gptq_quantize_k
+from .gptq import Factors, gptq_quantize, gptq_quantize_k
 from .grid import QuantGrid, QuantizedWeight
 from .rtn import rtn_quantize
 
@@ -302,6 +302,9 @@ class GPTQCalibrator(BlockCalibrator):
         # very same tensor, so they share one Hessian instead of accumulating three equal ones.
         # Holding the tensor keeps its memory from being reused by another input meanwhile.
         self._last: tuple[torch.Tensor, HessianObserver] | None = None
+        # Per shared Hessian (by observer), its inverse factor: q/k/v (and gate/up) then cost
+        # one factorisation instead of three (two). Dropped once its last linear is solved.
+        self._factors: dict[int, Factors] = {}
         # True-sequential GPTQ needs only each linear's own inputs: with the calibration set in
         # one mini-batch the engine quantizes every linear just before it runs (one pass).
         self.solve_during_pass = config.true_sequential
@@ -326,11 +329,14 @@ class GPTQCalibrator(BlockCalibrator):
 
     def solve(self, name: str, module: nn.Module) -> Mapping[str, float]:
         observer = self.observers.pop(name)
+        factors = self._factors.setdefault(id(observer), {})
+        if not any(other is observer for other in self.observers.values()):
+            del self._factors[id(observer)]  # the last linear reading this input
         weight = _weight(module)
         cfg = self.config
         grid = self.plan[name][1]
         if isinstance(grid, KSpec):
-            return self._solve_k(name, weight, observer, grid)
+            return self._solve_k(name, weight, observer, grid, factors)
         qw, loss = gptq_quantize(
             weight.detach().float(),  # (out, in)
             observer.hessian,  # (in, in)
@@ -343,6 +349,7 @@ class GPTQCalibrator(BlockCalibrator):
             clip_search=cfg.clip_search,
             scale_dtype=_scale_dtype(cfg, weight.dtype),
             weighted_scales=_weighted(cfg, grid),
+            factors=factors,
         )
         if is_k_grid(cfg.grid):  # a K grid's fallback layer: GGUF block bytes
             kind, data, values = fallback_blocks(qw)
@@ -364,7 +371,12 @@ class GPTQCalibrator(BlockCalibrator):
         return {"gptq_loss": float(loss)}
 
     def _solve_k(
-        self, name: str, weight: torch.Tensor, observer: HessianObserver, spec: KSpec
+        self,
+        name: str,
+        weight: torch.Tensor,
+        observer: HessianObserver,
+        spec: KSpec,
+        factors: Factors,
     ) -> Mapping[str, float]:
         cfg = self.config
         kq, loss = gptq_quantize_k(
@@ -375,6 +387,7 @@ class GPTQCalibrator(BlockCalibrator):
             damp=cfg.damp,
             act_order=cfg.act_order,
             static_groups=cfg.static_groups,
+            factors=factors,
         )
         with torch.no_grad():
             weight.copy_(kq.dequantize().to(weight.dtype))
