@@ -511,3 +511,50 @@ def test_kill_during_streamed_save_leaves_nothing_complete(tmp_path: Path) -> No
               "--output-dir", fresh).returncode == 0  # fmt: skip
     a, b = _tensors(out), _tensors(fresh)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------ Python API
+
+
+def test_api_compress_checkpoint_streams_like_the_command_line(capsys: Any, tmp_path: Path) -> None:
+    import swiss_knife as sk
+    from swiss_knife.config import CalibrationSettings
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    source = _source(tmp_path, "qwen2")
+    settings = CalibrationSettings(num_samples=4, seq_len=32)
+    config = sk.GPTQConfig(bits=4, group_size=16, calibration=settings)
+    streamed = sk.compress_checkpoint(source, config, tmp_path / "api-on", calibration=text)
+    loaded = sk.compress_checkpoint(
+        source, config, tmp_path / "api-off", calibration=text, stream="off"
+    )
+    _run(capsys, source, tmp_path / "cli", "gptq", "on", text)
+    assert (streamed / INDEX_NAME).is_file() and not (loaded / INDEX_NAME).exists()
+    cli_tensors = _tensors(tmp_path / "cli")
+    for folder in (streamed, loaded):
+        tensors = _tensors(folder)
+        assert tensors.keys() == cli_tensors.keys()
+        assert all(torch.equal(tensors[n], cli_tensors[n]) for n in tensors)
+        assert (folder / "swiss_knife.json").is_file()
+    with pytest.raises(sk.UserInputError, match="cannot stream"):
+        sk.compress_checkpoint(source, sk.HQQConfig(), tmp_path / "hqq", stream="on")
+    assert not (tmp_path / "hqq").exists() and not list(tmp_path.glob(".hqq.*"))
+
+
+def test_api_load_stream_measures_perplexity_block_by_block(tmp_path: Path) -> None:
+    import swiss_knife as sk
+
+    source = _source(tmp_path, "gemma2")
+    config = sk.EvaluationConfig.model_validate(
+        {"perplexity": {"window": 32}, "speed": {"enabled": False}, "memory": False}
+    )
+    ids = torch.randint(4, 60, (200,), generator=torch.Generator().manual_seed(0))
+    big = sk.load(str(source), stream=True)
+    whole = sk.load(str(source))
+    streamed = sk.evaluate(big.model, big.tokenizer, config, tokens=ids)
+    in_memory = sk.evaluate(whole.model, whole.tokenizer, config, tokens=ids)
+    assert streamed.metrics["streamed"] and not in_memory.metrics["streamed"]
+    assert streamed.metrics["perplexity"] == in_memory.metrics["perplexity"]
+    with pytest.raises(sk.UserInputError, match="cannot stream"):
+        sk.load(str(_source(tmp_path, "gpt_neox")), stream=True)

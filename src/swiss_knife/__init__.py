@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load": "api",
+    "compress_checkpoint": "api",
     "save": "api",
     "quantize": "api",
     "prune": "api",
@@ -75,6 +76,7 @@ __all__ = [
     "UserInputError",
     "__version__",
     "cast_model",
+    "compress_checkpoint",
     "device_info",
     "distill",
     "evaluate",
@@ -125,7 +127,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from .api import Compressed, export_gguf, load, prune, quantize, save
+    from .api import Compressed, compress_checkpoint, export_gguf, load, prune, quantize, save
     from .arch import get_arch
     from .compression.distillation.api import distill
     from .compression.layers import reduce_layers

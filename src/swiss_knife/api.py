@@ -47,14 +47,153 @@ class Compressed:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def load(source: str, **options: Any) -> LoadedModel:
+def load(source: str, *, stream: bool = False, **options: Any) -> LoadedModel:
     """Load a causal LM and its tokenizer: a hub id, a local folder or a .gguf file.
 
     Options are those of `ModelSpec` (dtype, device, gguf_file, revision, trust_remote_code).
+    ``stream=True`` reads nothing but the config: the model's blocks are read from the local
+    safetensors folder one at a time when `sk.evaluate` measures its perplexity, so a model
+    larger than memory can be measured (to compress one, see `sk.compress_checkpoint`).
 
         model = sk.load("HuggingFaceTB/SmolLM2-135M", dtype="bf16")
+        big = sk.load("./Llama-3-70B", stream=True)
+        sk.evaluate(big.model, big.tokenizer, sk.EvaluationConfig(...), tokens=ids)
     """
-    return load_model(source, **options)
+    if not stream:
+        return load_model(source, **options)
+    from .config import ModelSpec, validate_dict
+    from .device import resolve_device
+    from .models import DTYPES, load_tokenizer
+    from .streaming import StreamRefused, open_streamed, source_refusal
+
+    spec = validate_dict(ModelSpec, {"path": source, **options}, "model options")
+    directory = Path(source).expanduser()
+    reason = source_refusal(directory if directory.is_dir() else None, spec.gguf_file)
+    if reason is not None:
+        raise UserInputError(f"cannot stream {source} from disk: {reason}")
+    device = resolve_device(spec.device)
+    try:
+        network = open_streamed(
+            directory,
+            None,
+            dtype=DTYPES.get(spec.dtype),
+            device=device,
+            trust_remote_code=spec.trust_remote_code,
+        )
+    except StreamRefused as exc:
+        raise UserInputError(f"cannot stream {source} from disk: {exc}") from exc
+    tokenizer = load_tokenizer(str(directory), trust_remote_code=spec.trust_remote_code)
+    return LoadedModel(network, tokenizer, source, directory, None, device)
+
+
+class _Api:
+    """Errors for an API user: they name the arguments."""
+
+    def no_calibration(self, label: str, reason: str) -> UserInputError:
+        return UserInputError(f"{label}: {reason} needs calibration text: pass calibration=")
+
+    def no_train_text(self, label: str) -> UserInputError:
+        return UserInputError(
+            f"{label} prunes gradually and fine-tunes between steps; that runs through "
+            "sk.prune on a loaded model"
+        )
+
+
+def compress_checkpoint(
+    source: str | Path,
+    config: Any,
+    output_dir: str | Path,
+    *,
+    calibration: str | Path | DataConfig | None = None,
+    stream: str = "auto",
+    overwrite: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: bool = False,
+) -> Path:
+    """Apply one stage (a quantize, prune, cast or layer-reduction config) to the checkpoint
+    in `source` and save the result in `output_dir`, as the command line does: streamed from
+    disk one block at a time where the stage and the checkpoint allow (``stream`` "auto";
+    "on" refuses otherwise, "off" loads the whole model). Returns the output folder.
+
+        sk.compress_checkpoint("./Llama-3-70B", sk.GPTQConfig(bits=4, group_size=128),
+                               "./70b-w4", calibration="wiki.txt")
+    """
+    import shutil
+
+    from .config import CastConfig, LayerReductionConfig, ModelSpec, validate_dict
+    from .device import resolve_device
+    from .models import check_output_dir, load_tokenizer
+    from .stages import (
+        STREAM_MODES,
+        StageData,
+        open_streamed_stage,
+        run_stage,
+        stream_decision,
+        write_checkpoint,
+    )
+
+    if stream not in STREAM_MODES:
+        raise UserInputError(f"stream must be one of {', '.join(STREAM_MODES)}, got {stream!r}")
+    if not isinstance(config, CastConfig | LayerReductionConfig):
+        registry.for_config(config)  # a one-line error for what is not a stage config
+    source = str(source)
+    spec = validate_dict(ModelSpec, {"path": source, "dtype": dtype, "device": device}, "model")
+    directory = Path(source).expanduser()
+    protect = [source] if directory.exists() else []
+    out = check_output_dir(output_dir, overwrite=overwrite, protect=protect)
+    data = StageData(
+        DataConfig(source=str(calibration)) if isinstance(calibration, str | Path) else calibration,
+        None,
+    )
+    label = str(getattr(config, "method", None) or getattr(config, "type", "stage"))
+    streamed, reason = stream_decision(
+        stream, config, directory if directory.is_dir() else None, None
+    )
+    staging: Path | None = None
+    if streamed:
+        network, staging = open_streamed_stage(
+            directory, out, dtype=dtype, device=resolve_device(device), trust_remote_code=False
+        )
+        loaded = LoadedModel(
+            network, load_tokenizer(source), source, directory, None, resolve_device(device)
+        )
+    else:
+        if reason is not None:
+            logger.info("loading the whole model (not streamed: %s)", reason)
+        loaded = load_model(spec)
+    try:
+        result = run_stage(
+            loaded.model,
+            config,
+            tokenizer=loaded.tokenizer,
+            device=loaded.device,
+            data=data,
+            speaker=_Api(),
+            label=label,
+            progress=progress,
+        )
+        manifest = build_manifest(
+            source=source,
+            recipe={"stage": config_to_dict(config)},
+            extra={"steps": result.steps, "format": result.format, "stage_report": result.report},
+        )
+        return write_checkpoint(
+            result,
+            out,
+            tokenizer=loaded.tokenizer,
+            manifest=manifest,
+            title=f"{Path(source).name} (Swiss Knife)",
+            source=source,
+            tags=[label],
+            steps=result.steps,
+            overwrite=overwrite,
+            protect=protect,
+            staging=staging,
+        )
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already when the save succeeded
 
 
 def _parts(model: LoadedModel | nn.Module) -> tuple[nn.Module, Any | None, Any, str | None]:
