@@ -343,3 +343,29 @@ def test_gptq_shared_factors_give_the_same_result(
     assert len(calls) == 3 and len(factors) == 1
     for (a, loss_a), (b, loss_b) in zip(alone, shared, strict=True):
         assert torch.equal(a.q, b.q) and torch.equal(a.scale, b.scale) and loss_a == loss_b
+
+
+def test_large_factorisations_get_the_threads_a_column_loop_took() -> None:
+    """Inside a column loop (one thread) an inverse-Hessian factorisation of at least
+    FACTOR_THREADS_MIN rows runs on the threads the caller had; a small one stays on one."""
+    from swiss_knife.device import (
+        FACTOR_THREADS_MIN,
+        column_loop_threads,
+        factorisation_threads,
+        intra_op_threads,
+    )
+
+    cpu = torch.device("cpu")
+    with intra_op_threads(2):
+        with column_loop_threads(cpu):
+            assert torch.get_num_threads() == 1
+            with factorisation_threads(FACTOR_THREADS_MIN, cpu):
+                assert torch.get_num_threads() == 2
+            with factorisation_threads(FACTOR_THREADS_MIN - 1, cpu):
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with factorisation_threads(FACTOR_THREADS_MIN, cpu):  # outside a column loop: as is
+            assert torch.get_num_threads() == 2
+    with intra_op_threads(1), factorisation_threads(FACTOR_THREADS_MIN, cpu):
+        assert torch.get_num_threads() == 1

@@ -133,9 +133,42 @@ def intra_op_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+# The thread counts that the enclosing `column_loop_threads` blocks took away, innermost last.
+_LOOP_CALLERS: list[int] = []
+
+# The smallest matrix (rows) whose O(n^3) factorisation gets every thread back inside a column
+# loop: from here on one factorisation is billions of operations, and a thread pool's barriers
+# cost nothing next to it (benchmarks/RESULTS.md, "Factorisation threads").
+FACTOR_THREADS_MIN = 2048
+
+
+def factorisation_threads(
+    size: int, device: torch.device
+) -> contextlib.AbstractContextManager[None]:
+    """Every thread the caller had before a column loop took them (`column_loop_threads`), for
+    the factorisation of a `size` x `size` matrix on the CPU when it is large enough to pay for
+    a thread pool; otherwise the current setting."""
+    if device.type != "cpu" or size < FACTOR_THREADS_MIN or not _LOOP_CALLERS:
+        return contextlib.nullcontext()
+    return intra_op_threads(max(_LOOP_CALLERS[-1], 1))
+
+
 def column_loop_threads(device: torch.device) -> contextlib.AbstractContextManager[None]:
     """The thread setting for a column-by-column solve (GPTQ, SparseGPT) on `device`.
 
-    One intra-op thread on the CPU (see `intra_op_threads`); GPU work is left as it is.
+    One intra-op thread on the CPU (see `intra_op_threads`); GPU work is left as it is. A large
+    factorisation inside gets the threads back (`factorisation_threads`).
     """
-    return intra_op_threads(1) if device.type == "cpu" else contextlib.nullcontext()
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    return _column_loop()
+
+
+@contextlib.contextmanager
+def _column_loop() -> Iterator[None]:
+    _LOOP_CALLERS.append(torch.get_num_threads())
+    try:
+        with intra_op_threads(1):
+            yield
+    finally:
+        _LOOP_CALLERS.pop()
