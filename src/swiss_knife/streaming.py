@@ -639,9 +639,10 @@ def open_streamed(
     device: torch.device,
     trust_remote_code: bool = False,
 ) -> nn.Module:
-    """The skeleton of the model in `directory`, with its embeddings (everything before the
-    first block) read onto `device` and a `BlockStream` that writes into `staging` (None: a
-    stream that only reads, for evaluation).
+    """The skeleton of the model in `directory` on the meta device (only its non-persistent
+    buffers, e.g. rotary tables, are real, on `device`), with a `BlockStream` that reads its
+    tensors when asked and writes finished blocks into `staging` (None: a stream that only
+    reads, for evaluation).
 
     `dtype` None keeps the checkpoint's dtype. Raises `UserInputError` when the checkpoint's
     tensors do not match the model its config builds.
