@@ -419,8 +419,10 @@ def test_streamed_peak_memory_does_not_grow_with_blocks(tmp_path: Path) -> None:
     for verb in ("quantize", "evaluate"):
         streamed_growth = peaks[12, "on", verb] - peaks[2, "on", verb]
         loaded_growth = peaks[12, "off", verb] - peaks[2, "off", verb]
-        assert loaded_growth > 8 * block_mib, (verb, peaks)  # the measurement sees 10 blocks
-        assert streamed_growth < 2 * block_mib, (verb, peaks)
+        # The whole model's peak grows by the 10 blocks; a streamed one by far less. Generous:
+        # late in a full test run, peaks of the same command vary by up to ~3 blocks.
+        assert loaded_growth > 8 * block_mib, (verb, peaks)
+        assert streamed_growth < 5 * block_mib, (verb, peaks)
 
 
 _SPILL_SCRIPT = """
@@ -437,9 +439,10 @@ print(int(status.split()[0]))  # KiB
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
 def test_spilled_activations_keep_peak_memory_flat_in_the_sample_count(tmp_path: Path) -> None:
-    """Wanda with 8 and with 192 calibration windows of 256 tokens (hidden 768: the 184 extra
-    windows' activations are 145 MB in fp32): the peak RSS grows by most of that in memory and
-    by far less with --spill-activations."""
+    """Wanda with 8 and with 256 calibration windows of 256 tokens (hidden 768: the 248 extra
+    windows' activations are 195 MB in fp32): the peak RSS grows by most of that in memory and
+    by far less with --spill-activations (late in a full test run, peaks of the same command
+    vary by up to ~80 MB, hence this many windows)."""
     shape = {"hidden_size": 768, "intermediate_size": 1024, "num_attention_heads": 12,
              "num_key_value_heads": 12, "head_dim": 64, "vocab_size": 128,
              "max_position_embeddings": 256}  # fmt: skip
@@ -447,10 +450,10 @@ def test_spilled_activations_keep_peak_memory_flat_in_the_sample_count(tmp_path:
     build("llama", num_hidden_layers=2, **shape).save_pretrained(source)
     make_char_tokenizer().save_pretrained(source)
     text = tmp_path / "text.txt"
-    text.write_text(TEXT * 10, encoding="utf-8")
-    extra_mib = 184 * 256 * 768 * 4 / 2**20
+    text.write_text(TEXT * 14, encoding="utf-8")
+    extra_mib = 248 * 256 * 768 * 4 / 2**20
     peaks: dict[tuple[int, bool], float] = {}
-    for samples in (8, 192):
+    for samples in (8, 256):
         for spill in (False, True):
             flags = ["--spill-activations", str(tmp_path / "spill")] if spill else []
             out = tmp_path / f"out-{samples}-{spill}"
@@ -464,8 +467,8 @@ def test_spilled_activations_keep_peak_memory_flat_in_the_sample_count(tmp_path:
             )
             assert done.returncode == 0, done.stderr[-3000:]
             peaks[samples, spill] = int(done.stdout.strip().splitlines()[-1]) / 1024
-    assert peaks[192, False] - peaks[8, False] > 0.8 * extra_mib, peaks
-    assert peaks[192, True] - peaks[8, True] < 0.4 * extra_mib, peaks
+    assert peaks[256, False] - peaks[8, False] > 0.8 * extra_mib, peaks
+    assert peaks[256, True] - peaks[8, True] < 0.5 * extra_mib, peaks
 
 
 # ------------------------------------------------------------------------------ kills
