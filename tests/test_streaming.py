@@ -561,3 +561,15 @@ def test_api_load_stream_measures_perplexity_block_by_block(tmp_path: Path) -> N
     assert streamed.metrics["perplexity"] == in_memory.metrics["perplexity"]
     with pytest.raises(sk.UserInputError, match="cannot stream"):
         sk.load(str(_source(tmp_path, "gpt_neox")), stream=True)
+
+
+def test_spill_folder_that_cannot_be_made_is_a_one_line_error(tmp_path: Path) -> None:
+    source = _source(tmp_path, "llama")
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    done = sk("prune", source, "--method", "wanda", "--sparsity", "0.5", "--calibration-data",
+              text, *CALIB, "--output-dir", tmp_path / "out", "--spill-activations", blocker)  # fmt: skip
+    assert "cannot keep the activations" in assert_user_error(done, quiet=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))

@@ -455,8 +455,14 @@ class SpilledActivations:
     """
 
     def __init__(self, parent: Path) -> None:
-        parent.mkdir(parents=True, exist_ok=True)
-        self.directory = Path(tempfile.mkdtemp(prefix="swiss-knife-activations-", dir=parent))
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.directory = Path(tempfile.mkdtemp(prefix="swiss-knife-activations-", dir=parent))
+        except OSError as exc:
+            raise UserInputError(
+                f"cannot keep the activations in {parent} (--spill-activations / "
+                f"calibration.spill_dir): {exc.strerror or exc}"
+            ) from exc
         # Per mini-batch: its file, shape and dtype.
         self.entries: list[tuple[Path, tuple[int, ...], torch.dtype]] = []
         self.bytes = 0
