@@ -268,3 +268,19 @@ def eval_text(tmp_path: Path) -> Path:
     ]
     path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def factorisations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the inverse-Hessian factorisations GPTQ runs during the test, in order."""
+    from swiss_knife.compression.quantization import gptq
+
+    calls: list[int] = []
+    factorise = gptq.inverse_cholesky_upper
+
+    def counting(H: Any, damp: float, *, label: str) -> Any:
+        calls.append(H.shape[0])
+        return factorise(H, damp, label=label)
+
+    monkeypatch.setattr(gptq, "inverse_cholesky_upper", counting)
+    return calls

@@ -318,20 +318,11 @@ def test_gptq_rejects_mismatched_hessian() -> None:
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_shared_factors_give_the_same_result(
-    act_order: bool, monkeypatch: pytest.MonkeyPatch
+    act_order: bool, factorisations: list[int]
 ) -> None:
     """Two weights that read the same input (q and k) solved with one cached factorisation
     give exactly what two separate solves give; the factorisation runs once."""
-    from swiss_knife.compression.quantization import gptq
-
-    calls: list[int] = []
-    factorise = gptq.inverse_cholesky_upper
-
-    def counting(H: torch.Tensor, damp: float, *, label: str) -> tuple[torch.Tensor, float]:
-        calls.append(H.shape[0])
-        return factorise(H, damp, label=label)
-
-    monkeypatch.setattr(gptq, "inverse_cholesky_upper", counting)
+    calls = factorisations
     x = gaussian(300, 64)
     h = x.T @ x
     grid = QuantGrid(4, False, 32)

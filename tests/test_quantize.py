@@ -449,19 +449,10 @@ def test_true_sequential_gptq_in_one_pass_equals_the_group_passes() -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_gptq_factorises_each_shared_input_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gptq_factorises_each_shared_input_once(factorisations: list[int]) -> None:
     """In a Llama block q/k/v read one input and gate/up another: GPTQ factorises 4 inverse
     Hessians per block (qkv, o, gate/up, down), not 7."""
-    from swiss_knife.compression.quantization import gptq
-
-    calls: list[int] = []
-    factorise = gptq.inverse_cholesky_upper
-
-    def counting(H: torch.Tensor, damp: float, *, label: str) -> tuple[torch.Tensor, float]:
-        calls.append(H.shape[0])
-        return factorise(H, damp, label=label)
-
-    monkeypatch.setattr(gptq, "inverse_cholesky_upper", counting)
+    calls = factorisations
     model = make_tiny_llama()
     quantize(model, GPTQConfig(bits=4, group_size=16), calibration=_calibration())
     assert len(calls) == 4 * model.config.num_hidden_layers

@@ -63,27 +63,19 @@ def load(source: str, *, stream: bool = False, **options: Any) -> LoadedModel:
         return load_model(source, **options)
     from .config import ModelSpec, validate_dict
     from .device import resolve_device
-    from .models import DTYPES, load_tokenizer
-    from .streaming import StreamRefused, open_streamed, source_refusal
+    from .models import open_streamed_model
 
     spec = validate_dict(ModelSpec, {"path": source, **options}, "model options")
-    directory = Path(source).expanduser()
-    reason = source_refusal(directory if directory.is_dir() else None, spec.gguf_file)
-    if reason is not None:
-        raise UserInputError(f"cannot stream {source} from disk: {reason}")
-    device = resolve_device(spec.device)
-    try:
-        network = open_streamed(
-            directory,
-            None,
-            dtype=DTYPES.get(spec.dtype),
-            device=device,
-            trust_remote_code=spec.trust_remote_code,
+    if spec.gguf_file:
+        raise UserInputError(
+            f"cannot stream {source} from disk: a GGUF file is dequantized whole by transformers"
         )
-    except StreamRefused as exc:
-        raise UserInputError(f"cannot stream {source} from disk: {exc}") from exc
-    tokenizer = load_tokenizer(str(directory), trust_remote_code=spec.trust_remote_code)
-    return LoadedModel(network, tokenizer, source, directory, None, device)
+    return open_streamed_model(
+        source,
+        dtype=spec.dtype,
+        device=resolve_device(spec.device),
+        trust_remote_code=spec.trust_remote_code,
+    )
 
 
 class _Api:
@@ -123,15 +115,8 @@ def compress_checkpoint(
 
     from .config import CastConfig, LayerReductionConfig, ModelSpec, validate_dict
     from .device import resolve_device
-    from .models import check_output_dir, load_tokenizer
-    from .stages import (
-        STREAM_MODES,
-        StageData,
-        open_streamed_stage,
-        run_stage,
-        stream_decision,
-        write_checkpoint,
-    )
+    from .models import check_output_dir
+    from .stages import STREAM_MODES, StageData, open_for_stage, run_stage, write_checkpoint
 
     if stream not in STREAM_MODES:
         raise UserInputError(f"stream must be one of {', '.join(STREAM_MODES)}, got {stream!r}")
@@ -147,21 +132,17 @@ def compress_checkpoint(
         None,
     )
     label = str(getattr(config, "method", None) or getattr(config, "type", "stage"))
-    streamed, reason = stream_decision(
-        stream, config, directory if directory.is_dir() else None, None
+    loaded, staging = open_for_stage(
+        stream,
+        config,
+        source,
+        out,
+        gguf_file=None,
+        dtype=dtype,
+        device=resolve_device(device),
+        trust_remote_code=False,
+        load_whole=lambda: load_model(spec),
     )
-    staging: Path | None = None
-    if streamed:
-        network, staging = open_streamed_stage(
-            directory, out, dtype=dtype, device=resolve_device(device), trust_remote_code=False
-        )
-        loaded = LoadedModel(
-            network, load_tokenizer(source), source, directory, None, resolve_device(device)
-        )
-    else:
-        if reason is not None:
-            logger.info("loading the whole model (not streamed: %s)", reason)
-        loaded = load_model(spec)
     try:
         result = run_stage(
             loaded.model,

@@ -465,7 +465,6 @@ class SpilledActivations:
             ) from exc
         # Per mini-batch: its file, shape and dtype.
         self.entries: list[tuple[Path, tuple[int, ...], torch.dtype]] = []
-        self.bytes = 0
 
     def _write(self, path: Path, tensor: Tensor) -> None:
         data = tensor.detach().to("cpu").contiguous()
@@ -476,7 +475,6 @@ class SpilledActivations:
         path = self.directory / f"{len(self.entries):06d}.bin"
         self._write(path, tensor)
         self.entries.append((path, tuple(tensor.shape), tensor.dtype))
-        self.bytes += tensor.numel() * tensor.element_size()
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -495,9 +493,6 @@ class SpilledActivations:
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise RuntimeError(f"mini-batch {index} changed shape or dtype in the buffer")
         self._write(path, tensor)
-
-    def __iter__(self) -> Iterator[Tensor]:
-        return (self[index] for index in range(len(self)))
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

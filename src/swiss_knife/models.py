@@ -64,6 +64,32 @@ class LoadedModel:
         return self.directory / self.gguf_file if self.gguf_file else self.directory
 
 
+def open_streamed_model(
+    source: str, *, dtype: str, device: torch.device, trust_remote_code: bool
+) -> LoadedModel:
+    """The model in the local safetensors folder `source`, streamed from disk for reading only
+    (`streaming.open_streamed`: nothing but the config is read now), with its tokenizer.
+    Raises `UserInputError` naming why it cannot be streamed."""
+    from .streaming import StreamRefused, open_streamed, source_refusal
+
+    directory = Path(source).expanduser()
+    reason = source_refusal(directory if directory.is_dir() else None, None)
+    try:
+        if reason is not None:
+            raise StreamRefused(reason)
+        network = open_streamed(
+            directory,
+            None,
+            dtype=DTYPES.get(dtype),
+            device=device,
+            trust_remote_code=trust_remote_code,
+        )
+    except StreamRefused as exc:
+        raise UserInputError(f"cannot stream {source} from disk: {exc}") from exc
+    tokenizer = load_tokenizer(str(directory), trust_remote_code=trust_remote_code)
+    return LoadedModel(network, tokenizer, source, directory, None, device)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     for name, value in DTYPES.items():
         if value == dtype:

@@ -11,6 +11,7 @@ carries those words.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,8 @@ from torch import nn
 
 from .config import CastConfig, DataConfig, LayerReductionConfig
 from .errors import ConfigError, SwissKnifeError, UserInputError
+
+logger = logging.getLogger(__name__)
 
 
 class Speaker(Protocol):
@@ -267,3 +270,43 @@ def open_streamed_stage(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return model, staging
+
+
+def open_for_stage(
+    mode: str,
+    stage: Any,
+    source: str,
+    out: Path,
+    *,
+    gguf_file: str | None,
+    dtype: str,
+    device: Any,
+    trust_remote_code: bool,
+    load_whole: Callable[[], Any],
+) -> tuple[Any, Path | None]:
+    """The model a stage runs on: streamed from the local folder `source` where `mode` and the
+    stage allow (a `LoadedModel` and the work folder beside `out` its blocks are written into),
+    or `load_whole()` and None, saying in the log why it is not streamed."""
+    from .models import LoadedModel, load_tokenizer
+    from .streaming import StreamRefused
+
+    directory = Path(source).expanduser()
+    local = directory if directory.is_dir() else None
+    streamed, reason = stream_decision(mode, stage, local, gguf_file)
+    if not streamed:
+        if reason is not None and local is not None:
+            logger.info("loading the whole model (not streamed: %s)", reason)
+        return load_whole(), None
+    assert local is not None
+    try:
+        network, staging = open_streamed_stage(
+            local, out, dtype=dtype, device=device, trust_remote_code=trust_remote_code
+        )
+    except StreamRefused as exc:
+        if mode == "on":
+            raise UserInputError(f"cannot stream this checkpoint from disk: {exc}") from exc
+        logger.info("loading the whole model (not streamed: %s)", exc)
+        return load_whole(), None
+    logger.info("streaming %s one block at a time", source)
+    tokenizer = load_tokenizer(str(local), trust_remote_code=trust_remote_code)
+    return LoadedModel(network, tokenizer, source, local, None, device), staging

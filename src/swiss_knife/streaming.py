@@ -5,7 +5,7 @@ tables, computed at build time, are real). What runs before the first block (the
 read only for the calibration capture and freed after it. The engine asks for one block at a
 time:
 
-* `BlockStream.enter` reads that block's tensors from the safetensors files (memory-mapped, by
+* `BlockStream.enter` reads that block's tensors from the safetensors files (plain reads, by
   tensor name, sharded checkpoints included) onto the compute device;
 * `BlockStream.leave` hands the finished block to the output: its tensors in the method's saved
   form (a method that saves another form than the dense state, e.g. packed integers, says so
@@ -24,10 +24,11 @@ tensor during the final write): it does not grow with the number of blocks.
 
 Which methods stream is decided before anything is loaded (`stream_refusal`): cast, RTN, GPTQ
 and AWQ on integer grids (not the K grids), static int8, magnitude, Wanda and SparseGPT in one
-shot (unstructured or N:M, saved dense, uniform allocation). The others need the whole model at
-once (HQQ and the bitsandbytes/torchao methods quantize the model through transformers or a
-library, OWL and gradual schedules walk the model more than once, structured pruning and layer
-reduction rewrite shapes and names, distillation trains) and keep the in-memory path.
+shot (unstructured or N:M, saved dense, uniform allocation), and layer reduction (the kept
+blocks copied from the source, renumbered). The others need the whole model at once (HQQ and
+the bitsandbytes/torchao methods quantize the model through transformers or a library, OWL and
+gradual schedules walk the model more than once, structured pruning rewrites shapes,
+distillation trains) and keep the in-memory path.
 
 `evaluate` streams too: perplexity over all windows, one block at a time
 (`evaluation.streamed`).

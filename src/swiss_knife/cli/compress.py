@@ -16,7 +16,6 @@ from ..cli_flags import (
     method_options,
 )
 from ..errors import SwissKnifeError, UserInputError
-from ..streaming import StreamRefused
 from .common import (
     _CALIBRATION_FLAGS,
     _calibration_settings,
@@ -186,35 +185,19 @@ def _open(args: argparse.Namespace, config: Any, out: Path) -> tuple[Any, Path |
     """The model, streamed from disk where `--stream` and the stage allow (with the work
     folder its blocks are written into) or loaded whole (and None)."""
     from ..device import resolve_device
-    from ..models import LoadedModel, load_tokenizer
-    from ..stages import open_streamed_stage, stream_decision
+    from ..stages import open_for_stage
 
-    directory = Path(args.model).expanduser()
-    local = directory if directory.is_dir() else None
-    mode = getattr(args, "stream", "off")
-    streamed, reason = stream_decision(mode, config, local, args.gguf_file)
-    if not streamed:
-        if reason is not None and local is not None:
-            logger.info("loading the whole model (not streamed: %s)", reason)
-        return _load(args, args.model), None
-    assert local is not None
-    device = resolve_device(args.device)
-    try:
-        model, staging = open_streamed_stage(
-            local,
-            out,
-            dtype=args.dtype,
-            device=device,
-            trust_remote_code=args.trust_remote_code,
-        )
-    except StreamRefused as exc:
-        if mode == "on":
-            raise UserInputError(f"cannot stream this checkpoint from disk: {exc}") from exc
-        logger.info("loading the whole model (not streamed: %s)", exc)
-        return _load(args, args.model), None
-    logger.info("streaming %s one block at a time", args.model)
-    tokenizer = load_tokenizer(str(local), trust_remote_code=args.trust_remote_code)
-    return LoadedModel(model, tokenizer, args.model, local, None, device), staging
+    return open_for_stage(
+        getattr(args, "stream", "off"),
+        config,
+        args.model,
+        out,
+        gguf_file=args.gguf_file,
+        dtype=args.dtype,
+        device=resolve_device(args.device),
+        trust_remote_code=args.trust_remote_code,
+        load_whole=lambda: _load(args, args.model),
+    )
 
 
 # (report key, label, format) for the per-layer columns a method may report, in print order.

@@ -165,24 +165,16 @@ def _stream_evaluation(args: argparse.Namespace, config: Any) -> bool:
 
 def _open_streamed(args: argparse.Namespace) -> Any:
     from ..device import resolve_device
-    from ..models import DTYPES, LoadedModel, load_tokenizer
-    from ..streaming import StreamRefused, open_streamed
+    from ..models import open_streamed_model
 
-    directory = Path(args.model).expanduser()
-    device = resolve_device(args.device)
-    try:
-        model = open_streamed(
-            directory,
-            None,
-            dtype=DTYPES.get(args.dtype),
-            device=device,
-            trust_remote_code=args.trust_remote_code,
-        )
-    except StreamRefused as exc:
-        raise UserInputError(f"cannot stream this model from disk: {exc}") from exc
+    loaded = open_streamed_model(
+        args.model,
+        dtype=args.dtype,
+        device=resolve_device(args.device),
+        trust_remote_code=args.trust_remote_code,
+    )
     logger.info("streaming %s one block at a time", args.model)
-    tokenizer = load_tokenizer(str(directory), trust_remote_code=args.trust_remote_code)
-    return LoadedModel(model, tokenizer, args.model, directory, None, device)
+    return loaded
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
