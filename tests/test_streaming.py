@@ -40,6 +40,17 @@ METHODS: dict[str, list[str]] = {
     "magnitude": ["prune", "--method", "magnitude", "--sparsity", "0.5"],
     "wanda": ["prune", "--method", "wanda", "--sparsity", "0.5", *CALIB],
     "sparsegpt-2:4": ["prune", "--method", "sparsegpt", "--pattern", "2:4", *CALIB],
+    "wanda-owl": ["prune", "--method", "wanda", "--sparsity", "0.5", "--allocation", "owl", *CALIB],
+    "magnitude-owl": [
+        *("prune", "--method", "magnitude", "--sparsity", "0.5", "--allocation", "owl", *CALIB)
+    ],
+    "structured": [
+        *("prune", "--method", "structured", "--mlp-ratio", "0.25", "--head-ratio", "0.5"),
+        *CALIB,
+    ],
+    "structured-magnitude": [
+        *("prune", "--method", "structured", "--mlp-ratio", "0.5", "--importance", "magnitude")
+    ],
     "reduce-importance": [
         *("reduce-layers", "--num-layers-to-remove", "1", "--keep-last", "0", "--keep-first"),
         *("0", *CALIB),
@@ -48,7 +59,10 @@ METHODS: dict[str, list[str]] = {
         *("reduce-layers", "--num-layers-to-keep", "1", "--selection", "last", "--keep-last", "0")
     ],
 }
-CALIBRATED = {"gptq", "awq", "static", "wanda", "sparsegpt-2:4", "reduce-importance"}
+CALIBRATED = {
+    *("gptq", "awq", "static", "wanda", "sparsegpt-2:4", "wanda-owl", "magnitude-owl"),
+    *("structured", "reduce-importance"),
+}
 # Checkpoints whose tensor names differ from the model's (transformers renames them on load and
 # back on save: GPT-NeoX's embed_out is the model's lm_head) are not streamed.
 RENAMED = {"gpt_neox"}
@@ -121,7 +135,9 @@ def test_streamed_equals_in_memory_for_every_method(
 
 
 @pytest.mark.parametrize("arch", LINEAR_ARCHS)
-@pytest.mark.parametrize("method", ["gptq", "awq", "wanda", "reduce-importance"])
+@pytest.mark.parametrize(
+    "method", ["gptq", "awq", "wanda", "reduce-importance", "structured-magnitude"]
+)
 def test_streamed_equals_in_memory_for_every_architecture(
     capsys: Any, tmp_path: Path, arch: str, method: str
 ) -> None:
@@ -177,9 +193,12 @@ def test_stream_on_refuses_what_cannot_stream(tmp_path: Path) -> None:
              "--output-dir", out, "--stream", "on")  # fmt: skip
     line = assert_user_error(hqq)
     assert "cannot stream" in line and "hqq" in line
-    owl = sk("prune", source, "--method", "wanda", "--sparsity", "0.5", "--allocation", "owl",
-             "--calibration-data", text, *CALIB, "--output-dir", out, "--stream", "on")  # fmt: skip
-    assert "owl" in assert_user_error(owl)
+    gradual = sk("prune", source, "--method", "wanda", "--sparsity", "0.5", "--gradual-steps",
+                 "2", "--calibration-data", text, *CALIB, "--output-dir", out, "--stream", "on")  # fmt: skip
+    assert "gradual schedule" in assert_user_error(gradual)
+    hidden = sk("prune", source, "--method", "structured", "--hidden-ratio", "0.25", "--importance",
+                "magnitude", "--output-dir", out, "--stream", "on")  # fmt: skip
+    assert "hidden channels" in assert_user_error(hidden)
     assert not out.exists()
     assert not list(tmp_path.glob(".out.*"))
 

@@ -24,11 +24,12 @@ tensor during the final write): it does not grow with the number of blocks.
 
 Which methods stream is decided before anything is loaded (`stream_refusal`): cast, RTN, GPTQ
 and AWQ on integer grids (not the K grids), static int8, magnitude, Wanda and SparseGPT in one
-shot (unstructured or N:M, saved dense, uniform allocation), and layer reduction (the kept
-blocks copied from the source, renumbered). The others need the whole model at once (HQQ and
-the bitsandbytes/torchao methods quantize the model through transformers or a library, OWL and
-gradual schedules walk the model more than once, structured pruning rewrites shapes,
-distillation trains) and keep the in-memory path.
+shot (unstructured or N:M, saved dense, uniform or OWL allocation: OWL's pre-pass is a walk
+that writes nothing, `BlockStream.writes`), and layer reduction (the kept blocks copied from the
+source, renumbered). The others need the whole model at once (HQQ and the bitsandbytes/torchao
+methods quantize the model through transformers or a library, gradual schedules fine-tune the
+whole model between steps, structured pruning rewrites shapes, distillation trains) and keep
+the in-memory path.
 
 `evaluate` streams too: perplexity over all windows, one block at a time
 (`evaluation.streamed`).
@@ -36,6 +37,7 @@ distillation trains) and keep the in-memory path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -219,12 +221,14 @@ def stream_refusal(stage: Any) -> str | None:
     if method in ("magnitude", "wanda", "sparsegpt"):
         if getattr(stage, "schedule", None) is not None:
             return "a gradual schedule fine-tunes the whole model between steps"
-        if getattr(stage, "allocation", "uniform") != "uniform":
-            return f"allocation {stage.allocation!r} ranks all layers before pruning any"
         if getattr(stage, "scope", "layer") == "global":
             return "a global scope ranks all layers' weights together"
         if getattr(stage, "save_format", "dense") != "dense":
             return "the sparse-bitmask layout is written in one file"
+        return None
+    if method == "structured":
+        if getattr(stage, "hidden_ratio", 0.0) > 0:
+            return "removing hidden channels rewrites the embeddings and LM head"
         return None
     if isinstance(stage, LayerReductionConfig):
         return None
@@ -612,10 +616,39 @@ def for_each_block(
             f"{outside[0]} is outside the transformer blocks; a streamed run changes only "
             "block weights (pass --stream off to load the whole model)"
         )
+    walk_blocks(model, lambda index, block: work(by_block.get(index, [])))
+
+
+@contextlib.contextmanager
+def reading_only(model: nn.Module) -> Iterator[None]:
+    """A walk of a streamed model that only measures (a pre-pass): the blocks it reads are
+    freed without being written, so a later walk can read and write them. Nothing for a model
+    in memory."""
+    stream = stream_of(model)
+    if stream is None:
+        yield
+        return
+    stream.writes = False
+    try:
+        yield
+    finally:
+        stream.writes = True
+
+
+def walk_blocks(model: nn.Module, work: Callable[[int, nn.Module], None]) -> None:
+    """Call `work(index, block)` on every block in order; a streamed model reads each block
+    before and writes and frees it after (nothing is written when `work` fails)."""
+    from .arch import get_arch, get_blocks
+
+    stream = stream_of(model)
+    if stream is None:
+        for index, block in enumerate(get_blocks(model, get_arch(model))):
+            work(index, block)
+        return
     for index in range(stream.num_blocks):
-        stream.enter(index)
+        block = stream.enter(index)
         try:
-            work(by_block.get(index, []))
+            work(index, block)
         except BaseException:
             stream.leave(index, write=False)
             raise
@@ -684,6 +717,7 @@ def open_streamed(
         if not buffer.is_meta and buffer.device != device:
             _set(model, name, buffer.to(device))
     model.__dict__[_STREAM] = stream
+    stream._retie()  # the skeleton shares a tied head with the embeddings, as the model does
     return model
 
 

@@ -83,6 +83,8 @@ from ...config import (
     PruneBase,
 )
 from ...errors import UnsupportedArchitectureError, UserInputError
+from ...streaming import reading_only, walk_blocks
+from ..checkpoint import dense_writer
 from .base import PruneContext, PruneOutcome, register_method
 
 
@@ -471,13 +473,6 @@ class _ActivationStats(BlockCalibrator):
         return self.observers[f"{self.plan.spec.blocks}.{index}.{relative}"]
 
 
-@dataclass
-class _Scores:
-    mlp: list[Tensor]  # per block, (intermediate,)
-    groups: list[Tensor]  # per block, (kv_heads,)
-    hidden: Tensor | None  # (hidden,)
-
-
 def _up_weights(block: nn.Module, plan: _Plan) -> list[Tensor]:
     """The (intermediate, hidden) input weights of the MLP channels (gate and up when gated)."""
     spec = plan.spec
@@ -527,16 +522,18 @@ def _norms(model: nn.Module, plan: _Plan) -> list[tuple[str, nn.Module]]:
     return found
 
 
-def _compute_scores(
-    model: nn.Module, plan: _Plan, config: StructuredPruneConfig, ctx: PruneContext
-) -> tuple[_Scores, dict[str, Any]]:
-    spec = plan.spec
-    blocks = get_blocks(model, spec)
+def _activation_stats(
+    model: nn.Module, config: StructuredPruneConfig, ctx: PruneContext, plan: _Plan
+) -> tuple[_ActivationStats | None, dict[str, Any]]:
+    """The calibration walk of activation importance (None for magnitude importance), and the
+    importance part of the report. On a streamed model the walk writes nothing: the blocks are
+    cut in a second walk."""
     info: dict[str, Any] = {"kind": config.importance}
-    stats: _ActivationStats | None = None
-    if config.importance == "activation":
-        assert ctx.calibration is not None  # prune() refuses activation importance without it
-        stats = _ActivationStats(plan)
+    if config.importance != "activation":
+        return None, info
+    assert ctx.calibration is not None  # prune() refuses activation importance without it
+    stats = _ActivationStats(plan)
+    with reading_only(model):
         report = run_calibration(
             model,
             ctx.calibration,
@@ -547,34 +544,40 @@ def _compute_scores(
             progress=ctx.progress,
             measure_error=False,
         )
-        info["calibration_tokens"] = report.tokens
-        info["calibration_seconds"] = round(report.seconds, 3)
-        info["calibration_precision"] = report.precision
+    info["calibration_tokens"] = report.tokens
+    info["calibration_seconds"] = round(report.seconds, 3)
+    info["calibration_precision"] = report.precision
+    return stats, info
 
-    mlp: list[Tensor] = []
-    groups: list[Tensor] = []
-    with torch.no_grad():
-        for index, block in enumerate(blocks):
-            if plan.prunes_mlp:
-                down = _weight_out_in(get_module(block, spec.mlp_down))
-                if stats is not None:
-                    abs_mean = stats.stats(index, spec.mlp_down).abs_mean
-                    mlp.append(mlp_activation_scores(abs_mean, down).cpu())
-                else:
-                    mlp.append(mlp_magnitude_scores(_up_weights(block, plan), down).cpu())
-            if plan.prunes_heads:
-                o_weight = _weight_out_in(get_module(block, spec.o_proj))
-                if stats is not None:
-                    observer = stats.stats(index, spec.o_proj)
-                    sq_mean = observer.sq_norm / max(observer.count, 1)
-                    per_head = head_activation_scores(sq_mean, o_weight, plan.head_dim)
-                else:
-                    per_head = head_magnitude_scores(
-                        _v_weight(block, plan), o_weight, plan.heads, plan.kv_heads, plan.head_dim
-                    )
-                groups.append(group_scores(per_head, plan.kv_heads).cpu())
-        hidden = _hidden_scores(model, plan, stats) if plan.prunes_hidden else None
-    return _Scores(mlp, groups, hidden), info
+
+def _block_scores(
+    index: int, block: nn.Module, plan: _Plan, stats: _ActivationStats | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """Block `index`'s MLP channel scores ``(intermediate,)`` and key/value group scores
+    ``(kv_heads,)`` (None where that part is not pruned), from its unpruned weights and, for
+    activation importance, the statistics of the calibration walk."""
+    spec = plan.spec
+    mlp: Tensor | None = None
+    groups: Tensor | None = None
+    if plan.prunes_mlp:
+        down = _weight_out_in(get_module(block, spec.mlp_down))
+        if stats is not None:
+            abs_mean = stats.stats(index, spec.mlp_down).abs_mean
+            mlp = mlp_activation_scores(abs_mean, down).cpu()
+        else:
+            mlp = mlp_magnitude_scores(_up_weights(block, plan), down).cpu()
+    if plan.prunes_heads:
+        o_weight = _weight_out_in(get_module(block, spec.o_proj))
+        if stats is not None:
+            observer = stats.stats(index, spec.o_proj)
+            sq_mean = observer.sq_norm / max(observer.count, 1)
+            per_head = head_activation_scores(sq_mean, o_weight, plan.head_dim)
+        else:
+            per_head = head_magnitude_scores(
+                _v_weight(block, plan), o_weight, plan.heads, plan.kv_heads, plan.head_dim
+            )
+        groups = group_scores(per_head, plan.kv_heads).cpu()
+    return mlp, groups
 
 
 def _hidden_scores(model: nn.Module, plan: _Plan, stats: _ActivationStats | None) -> Tensor:
@@ -770,25 +773,27 @@ def _num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def _prune_block(index: int, block: nn.Module, plan: _Plan, scores: _Scores) -> dict[str, Any]:
-    """Cut block `index`'s least important MLP channels and key/value groups (as planned);
-    returns its per-layer report row."""
+def _prune_block(
+    index: int, block: nn.Module, plan: _Plan, mlp: Tensor | None, groups: Tensor | None
+) -> dict[str, Any]:
+    """Cut block `index`'s least important MLP channels and key/value groups (as planned, by
+    the scores of `_block_scores`); returns its per-layer report row."""
     row: dict[str, Any] = {"layer": index}
     if plan.prunes_mlp:
-        keep = top_indices(scores.mlp[index], plan.mlp_keep)
+        assert mlp is not None
+        keep = top_indices(mlp, plan.mlp_keep)
         row["mlp_channels"] = plan.mlp_keep
-        row["mlp_importance_removed"] = round(removed_fraction(scores.mlp[index], keep), 4)
+        row["mlp_importance_removed"] = round(removed_fraction(mlp, keep), 4)
         _prune_mlp(block, plan, keep)
     if plan.prunes_heads:
-        keep_groups = top_indices(scores.groups[index], plan.groups_keep)
+        assert groups is not None
+        keep_groups = top_indices(groups, plan.groups_keep)
         kept_heads = _prune_heads(block, plan, keep_groups)
         row["heads"] = len(kept_heads)
         row["kv_heads"] = plan.groups_keep
         removed = sorted(set(range(plan.kv_heads)) - set(keep_groups.tolist()))
         row["removed_kv_groups"] = removed
-        row["head_importance_removed"] = round(
-            removed_fraction(scores.groups[index], keep_groups), 4
-        )
+        row["head_importance_removed"] = round(removed_fraction(groups, keep_groups), 4)
     return row
 
 
@@ -819,21 +824,24 @@ def apply_structured(
     """Remove MLP channels, whole key/value groups of heads and hidden channels, per config."""
     plan = _plan(model, config)
     params_before = _num_params(model)
-    scores, importance = _compute_scores(model, plan, config, ctx)
+    stats, importance = _activation_stats(model, config, ctx, plan)
 
-    spec = plan.spec
-    blocks = get_blocks(model, spec)
     per_layer: list[dict[str, Any]] = []
     new_heads = plan.groups_keep * plan.group_size
+
+    def cut(index: int, block: nn.Module) -> None:
+        # A block's scores need only its own unpruned weights and statistics, so each block is
+        # scored and cut in turn (a streamed model reads one block at a time).
+        mlp, groups = _block_scores(index, block, plan, stats)
+        per_layer.append(_prune_block(index, block, plan, mlp, groups))
+
     with torch.no_grad():
-        for index, block in enumerate(blocks):
-            per_layer.append(_prune_block(index, block, plan, scores))
-        hidden_keep_idx = None
+        walk_blocks(model, cut)
         if plan.prunes_hidden:
-            assert scores.hidden is not None
-            hidden_keep_idx = top_indices(scores.hidden, plan.hidden_keep)
+            hidden = _hidden_scores(model, plan, stats)
+            hidden_keep_idx = top_indices(hidden, plan.hidden_keep)
             importance["hidden_importance_removed"] = round(
-                removed_fraction(scores.hidden, hidden_keep_idx), 4
+                removed_fraction(hidden, hidden_keep_idx), 4
             )
             _prune_hidden(model, plan, hidden_keep_idx)
     _rewrite_config(model, plan)
@@ -846,7 +854,7 @@ def apply_structured(
         f"({100 * (1 - params_after / params_before):.1f}% fewer)"
     )
     report: dict[str, Any] = {
-        "arch": spec.name,
+        "arch": plan.spec.name,
         "params_before": params_before,
         "params_after": params_after,
         "mlp": {"before": plan.intermediate, "after": plan.mlp_keep},
@@ -862,11 +870,12 @@ def apply_structured(
         "importance": importance,
     }
 
-    def writer(path: Any) -> None:
-        model.save_pretrained(path)  # type: ignore[operator]
-
     return PruneOutcome(
-        model=model, writer=writer, format="dense/structured", steps=steps, report=report
+        model=model,
+        writer=dense_writer(model),
+        format="dense/structured",
+        steps=steps,
+        report=report,
     )
 
 

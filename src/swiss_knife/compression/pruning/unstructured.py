@@ -12,7 +12,8 @@ block over the calibration set to observe, one to replay (``true_sequential`` ob
 per block instead of one), and the engine's error measurement recomputes each pruned linear's old
 output once during the replay. Linears that read the same input (q/k/v, gate/up) share one
 observer, so SparseGPT accumulates one ``in x in`` Hessian per distinct input, not per linear.
-OWL adds a pre-pass (one observe and one replay per block) on the unpruned model. Peak memory is
+OWL adds a pre-pass (one observe and one replay per block) on the unpruned model; a streamed
+model reads its blocks twice, once for the pre-pass (which writes nothing) and once to prune them. Peak memory is
 the engine's (one block plus the activations) plus one Hessian per distinct input of a block.
 
 Sparsity is measured as exact zeros in the targeted weights. The pruned model is an ordinary
@@ -51,7 +52,7 @@ from ...config import (
     UnstructuredPruneConfig,
 )
 from ...errors import UserInputError
-from ...streaming import for_each_block, inspect_blocks, nonzero_count
+from ...streaming import for_each_block, inspect_blocks, nonzero_count, reading_only
 from ...targeting import TargetSpec, resolve_targets
 from ..checkpoint import dense_writer
 from ..metrics import sensitivity_table
@@ -421,16 +422,18 @@ def owl_ratios(
     if ctx.calibration is None:
         raise UserInputError("allocation 'owl' needs calibration data: pass --calibration-data")
     calibrator = _OutlierCalibrator(targets, config.owl_threshold)
-    run_calibration(
-        model,
-        ctx.calibration,
-        calibrator,
-        device=ctx.device,
-        batch_size=config.calibration.batch_size,
-        precision=config.calibration.precision,
-        progress=ctx.progress,
-        measure_error=False,
-    )
+    # A streamed model's pre-pass only reads: the pruning walk after it writes the blocks.
+    with reading_only(model):
+        run_calibration(
+            model,
+            ctx.calibration,
+            calibrator,
+            device=ctx.device,
+            batch_size=config.calibration.batch_size,
+            precision=config.calibration.precision,
+            progress=ctx.progress,
+            measure_error=False,
+        )
     return calibrator.ratios
 
 
