@@ -272,7 +272,9 @@ def eval_text(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def factorisations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The sizes of the inverse-Hessian factorisations GPTQ runs during the test, in order."""
+    """The sizes of the inverse-Hessian factorisations GPTQ and SparseGPT run during the test,
+    in order."""
+    from swiss_knife.compression.pruning import sparsegpt
     from swiss_knife.compression.quantization import gptq
 
     calls: list[int] = []
@@ -283,4 +285,5 @@ def factorisations(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return factorise(H, damp, label=label)
 
     monkeypatch.setattr(gptq, "inverse_cholesky_upper", counting)
+    monkeypatch.setattr(sparsegpt, "inverse_cholesky_upper", counting)
     return calls

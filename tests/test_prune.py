@@ -530,3 +530,29 @@ def test_sparsegpt_calibration_precision_defaults_to_auto_unless_given() -> None
     again = SparseGPTPruneConfig.model_validate(pinned.model_dump())
     assert again.calibration.precision == "fp32"
     assert WandaPruneConfig().calibration.precision == "fp32"
+
+
+def test_sparsegpt_factorises_each_shared_input_once(
+    factorisations: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """q/k/v share one inverse-Hessian factor and gate/up another (4 per Llama block, not 7),
+    and the pruned weights are exactly those of a factorisation per linear."""
+    from swiss_knife.compression.pruning import sparsegpt, unstructured
+
+    shared = make_tiny_llama()
+    separate = copy.deepcopy(shared)
+    config = SparseGPTPruneConfig(sparsity=0.5, calibration=CalibrationSettings(seq_len=32))
+    prune(shared, config, calibration=calibration())
+    assert len(factorisations) == 4 * shared.config.num_hidden_layers
+
+    def uncached(*args: Any, **kwargs: Any) -> Any:
+        return sparsegpt.sparsegpt_prune(*args, **{**kwargs, "factors": None})
+
+    monkeypatch.setattr(unstructured, "sparsegpt_prune", uncached)
+    factorisations.clear()
+    prune(separate, config, calibration=calibration())
+    assert len(factorisations) == 7 * shared.config.num_hidden_layers
+    for (name, a), (_, b) in zip(
+        shared.state_dict().items(), separate.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name

@@ -294,6 +294,42 @@ def test_gptq_weighted_scales_lower_output_error_on_block_grids() -> None:
     assert GPTQConfig(grid="gguf:q4_0").weighted_scales
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_scale_refit_lowers_the_objective_and_keeps_the_integers(act_order: bool) -> None:
+    """The joint refit of each row's block scales (integers fixed) on correlated inputs: every
+    row's damped objective is no worse, the layer's total drops, and the held-out output error
+    drops too; the integers are GPTQ's and the scales stay exact in fp16."""
+    g = torch.Generator().manual_seed(2)
+    mix = 0.3 * torch.randn(256, 256, generator=g) + torch.eye(256)
+    X = torch.randn(4096, 256, generator=g) @ mix
+    held_out = torch.randn(1024, 256, generator=g) @ mix
+    W = 0.05 * torch.randn(96, 256, generator=g)
+    W[:5, 32:64] = 0.0  # all-zero blocks: their scale is free and must stay finite
+    H = X.T @ X
+    grid = QuantGrid(bits=4, symmetric=True, group_size=32)
+    common: dict[str, Any] = {"act_order": act_order, "static_groups": act_order,
+                              "scale_dtype": torch.float16, "weighted_scales": True}  # fmt: skip
+    base, loss = gptq_quantize(W, H, grid, **common)
+    refit, refit_loss = gptq_quantize(W, H, grid, refit_scales=True, **common)
+    assert torch.equal(base.q, refit.q)
+    assert refit.scale.dtype == torch.float16 and bool(torch.isfinite(refit.scale).all())
+    damped = H + 0.01 * torch.diagonal(H).mean() * torch.eye(256)
+
+    def rows(qw: Any) -> torch.Tensor:
+        E = W - qw.dequantize().float()
+        return ((E @ damped) * E).sum(dim=1)
+
+    assert bool((rows(refit) <= rows(base) * (1 + 1e-5)).all())
+    assert refit_loss < 0.98 * loss
+    assert refit_loss == pytest.approx(float(rows(refit).sum()), rel=1e-4)
+
+    def output_error(qw: Any) -> float:
+        return float((held_out @ (W - qw.dequantize().float()).T).norm())
+
+    assert output_error(refit) < output_error(base)
+    assert GPTQConfig(grid="gguf:q4_0").refit_scales
+
+
 # ----------------------------------------------------------------------------- refusals
 
 

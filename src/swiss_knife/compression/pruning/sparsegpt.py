@@ -72,6 +72,7 @@ def sparsegpt_prune(
     block_size: int = 128,
     damp: float = 0.01,
     refit_iterations: int = 0,
+    factors: dict[float, Tensor] | None = None,
 ) -> SparseGPTResult:
     """Prune ``W`` ``(out, in)`` with SparseGPT given the input Hessian ``H = X^T X`` ``(in, in)``.
 
@@ -82,13 +83,17 @@ def sparsegpt_prune(
     conjugate-gradient steps then re-fit the kept weights with the mask fixed
     (`refit_kept_weights`; 0: the paper's algorithm). Inputs no calibration
     token activated (``H_jj = 0``) get a zero weight column, as in GPTQ: they cannot affect the
-    output. ``W`` and ``H`` are not modified.
+    output. ``W`` and ``H`` are not modified. `factors` caches the damped inverse Hessian's
+    Cholesky factor (by damping) for the linears that read the same input (q/k/v, gate/up):
+    it depends only on ``H`` and the damping, so the results are the same as without it.
 
     On the CPU the column walk runs on one thread, as GPTQ's does (`column_loop_threads`): it is
     thousands of tiny vector ops, each of which would end in a thread-pool barrier. The
     factorisation of ``H`` and the re-fit are large dense kernels and use every thread.
     """
-    result = _sparsegpt_prune(W, H, sparsity=sparsity, nm=nm, block_size=block_size, damp=damp)
+    result = _sparsegpt_prune(
+        W, H, sparsity=sparsity, nm=nm, block_size=block_size, damp=damp, factors=factors
+    )
     if refit_iterations <= 0:
         return result
     # Outside the single-thread section: the refit is a handful of large matmuls.
@@ -106,6 +111,7 @@ def _sparsegpt_prune(
     nm: tuple[int, int] | None,
     block_size: int,
     damp: float,
+    factors: dict[float, Tensor] | None = None,
 ) -> SparseGPTResult:
     if W.ndim != 2:
         raise ValueError(f"W must be 2-D (out, in), got shape {tuple(W.shape)}")
@@ -124,12 +130,16 @@ def _sparsegpt_prune(
         block_size = max(m, block_size // m * m)
     # A contiguous copy: GPT-2's Conv1D weights arrive as a transposed view.
     W = W.detach().to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # (out, in)
-    H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)  # (in, in)
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
+    dead = (torch.diagonal(H) == 0).to(W.device)  # (in,)
     W[:, dead] = 0.0
-    U, _ = inverse_cholesky_upper(H, damp, label="SparseGPT")  # (in, in) upper triangular
-    del H
+    U = None if factors is None else factors.get(damp)
+    if U is None:
+        H = H.detach().to(device=W.device, dtype=torch.float32, copy=True)  # (in, in)
+        H[dead, dead] = 1.0
+        U, _ = inverse_cholesky_upper(H, damp, label="SparseGPT")  # (in, in) upper triangular
+        del H
+        if factors is not None:
+            factors[damp] = U
     return _walk(W, U, sparsity=sparsity, nm=nm, block_size=block_size)
 
 

@@ -11,7 +11,8 @@ Costs on top of the tensor math (see each module): Wanda and SparseGPT need one 
 block over the calibration set to observe, one to replay (``true_sequential`` observes four groups
 per block instead of one), and the engine's error measurement recomputes each pruned linear's old
 output once during the replay. Linears that read the same input (q/k/v, gate/up) share one
-observer, so SparseGPT accumulates one ``in x in`` Hessian per distinct input, not per linear.
+observer, so SparseGPT accumulates one ``in x in`` Hessian per distinct input, not per linear,
+and factorises its inverse once for all the linears that read it (4 per Llama block, not 7).
 OWL adds a pre-pass (one observe and one replay per block) on the unpruned model; a streamed
 model reads its blocks twice, once for the pre-pass (which writes nothing) and once to prune them. Peak memory is
 the engine's (one block plus the activations) plus one Hessian per distinct input of a block.
@@ -236,6 +237,10 @@ class _SharedObservers:
     def pop(self, name: str) -> Any:
         return self.by_name.pop(name)
 
+    def reads(self, observer: Any) -> bool:
+        """Whether a linear not yet popped still reads `observer`'s input."""
+        return any(other is observer for other in self.by_name.values())
+
     def release(self) -> None:
         self._last = None
 
@@ -292,6 +297,8 @@ class _PruneCalibrator(BlockCalibrator):
         self.solved: set[str] = set()
         sparsegpt = isinstance(config, SparseGPTPruneConfig)
         self.observers = _SharedObservers(HessianObserver if sparsegpt else wanda_observer)
+        # SparseGPT's inverse-Hessian factors, per shared observer (one per distinct input).
+        self._factors: dict[int, dict[float, Tensor]] = {}
         self.keep: Masks = {}
         # True-sequential pruning needs only each linear's own inputs: when the calibration set
         # is one mini-batch, the engine prunes every linear just before it runs, one pass per
@@ -309,6 +316,9 @@ class _PruneCalibrator(BlockCalibrator):
         W = oriented(module)  # (out, in)
         metrics: dict[str, float] = {}
         if isinstance(self.config, SparseGPTPruneConfig):
+            factors = self._factors.setdefault(id(observer), {})
+            if not self.observers.reads(observer):
+                del self._factors[id(observer)]  # the last linear reading this input
             result = sparsegpt_prune(
                 W,
                 observer.hessian,  # (in, in)
@@ -317,6 +327,7 @@ class _PruneCalibrator(BlockCalibrator):
                 block_size=self.config.block_size,
                 damp=self.config.damp,
                 refit_iterations=self.config.refit_iterations,
+                factors=factors,
             )
             pruned, keep = result.weight, result.keep
             metrics["sparsegpt_loss"] = result.loss
@@ -340,6 +351,7 @@ class _PruneCalibrator(BlockCalibrator):
 
     def end_block(self, ctx: BlockContext) -> None:
         self.observers.release()
+        self._factors.clear()
 
 
 # ------------------------------------------------------------------------------- selection

@@ -30,6 +30,11 @@ Details from the paper and its reference code (IST-DASLab/gptq):
   (compressed-tensors dropped ``actorder="group"``; ``actorder="weight"`` is this static form), so
   an exportable act-order result needs ``static_groups=True`` or per-channel scales.
 
+On symmetric grids an optional last step (`refit_symmetric_scales`, on by default for llama.cpp's
+block grids) refits each row's group scales jointly with the integers fixed: the objective is a
+quadratic in the scales once the integers are chosen, so its exact minimum is one small linear
+solve per row.
+
 Cost for ``W`` ``(out, in)``: O(in^3) for the Cholesky factorisations plus O(out * in^2) for the
 updates; memory O(in^2) for ``H`` and its factor (float32, float64 on fallback) plus a float32
 copy of ``W``. The per-column loop runs ``in`` small vector steps; everything else is blocked.
@@ -59,6 +64,7 @@ from swiss_knife.compression.quantization.grid import (
     fit_qparams,
     fit_weighted_symmetric,
     resolve_scale_dtype,
+    scale_eps,
 )
 from swiss_knife.device import column_loop_threads
 from swiss_knife.errors import UserInputError
@@ -76,6 +82,7 @@ def gptq_quantize(
     clip_search: bool = False,
     scale_dtype: torch.dtype | None = None,
     weighted_scales: bool = False,
+    refit_scales: bool = False,
     factors: Factors | None = None,
 ) -> tuple[QuantizedWeight, float]:
     """Quantize ``W`` ``(out, in)`` with GPTQ given the input Hessian ``H = X^T X`` ``(in, in)``.
@@ -91,6 +98,10 @@ def gptq_quantize(
         weighted_scales: (symmetric grids) fit scales by llama.cpp's importance-weighted search
             (`grid.fit_weighted_symmetric`) with ``diag(H)`` as the importance matrix, instead
             of the clip search.
+        refit_scales: (symmetric grids, contiguous groups) once every integer is fixed, refit
+            each row's group scales jointly to minimise ``tr((W - Q) H_damped (W - Q)^T)``
+            (`refit_symmetric_scales`); a row keeps its old scales where the refit, rounded to
+            the scale dtype, is not better.
         factors: a cache of the damped inverse Hessian's Cholesky factor for THIS ``H``
             (shared by the linears that read the same input: q/k/v, gate/up), filled on the
             first call and reused by the next; the factor depends only on ``H``, the damping
@@ -117,6 +128,7 @@ def gptq_quantize(
             clip_search=clip_search,
             scale_dtype=scale_dtype,
             weighted_scales=weighted_scales,
+            refit_scales=refit_scales,
             factors=factors,
         )
 
@@ -238,6 +250,7 @@ def _gptq_quantize(
     clip_search: bool,
     scale_dtype: torch.dtype | None,
     weighted_scales: bool = False,
+    refit_scales: bool = False,
     factors: Factors | None = None,
 ) -> tuple[QuantizedWeight, float]:
     """`gptq_quantize` itself, under the caller's thread setting."""
@@ -263,6 +276,8 @@ def _gptq_quantize(
     # Per channel there is one group, fitted up front on the whole row, as in the reference code.
     fit_up_front = static_groups or n_groups == 1
     scale, zero = _initial_qparams(W, fit, group, sdtype, fit_up_front, importance)
+    # The refit needs the original weights and Hessian (damped as the solve's), in original order.
+    original = (W.clone(), _damped(H, damp)) if refit_scales and grid.symmetric else None
 
     perm: Tensor | None = None
     if act_order:
@@ -310,7 +325,86 @@ def _gptq_quantize(
         loss += Err1.double().square().sum(dim=1)  # each column's (w - q)^2 / U_jj^2
 
     result = _in_original_order(Q, perm, scale, zero, grid, group, fit_up_front)
+    if original is not None and result.g_idx is None:
+        result = refit_symmetric_scales(*original, result)
+        return result, _objective(*original, result)
     return result, float(loss.sum())
+
+
+def _damped(H: Tensor, damp: float) -> Tensor:
+    """``H + damp * mean(diag H) * I``, the Hessian the solve minimises over (a new tensor)."""
+    H = H.clone()
+    diagonal = torch.diagonal(H)
+    diagonal += damp * diagonal.mean()
+    return H
+
+
+def _objective(W: Tensor, H: Tensor, qw: QuantizedWeight) -> float:
+    """``tr((W - Q) H (W - Q)^T)`` for the dequantized ``Q`` of ``qw``."""
+    E = W - qw.dequantize().float()  # (out, in)
+    return float(((E @ H) * E).double().sum())
+
+
+# Bytes of the (rows, groups, in) intermediate the refit works through at a time.
+REFIT_CHUNK_BYTES = 1 << 26
+
+
+def refit_symmetric_scales(W: Tensor, H: Tensor, qw: QuantizedWeight) -> QuantizedWeight:
+    """``qw`` with each row's group scales refitted, integers fixed, to minimise the layer's
+    output error on the calibration inputs.
+
+    With the integers ``q`` fixed, a row's dequantized weight ``sum_g s_g q_g`` (``q_g``: the
+    row's integers in group ``g``, zero elsewhere) is linear in its scales, so
+    ``(w - Q) H (w - Q)^T`` is a quadratic in ``s``: ``s^T A s - 2 b^T s + c`` with
+    ``A_gh = q_g^T H q_h`` and ``b_g = q_g^T H w``. Its minimum solves ``A s = b``, a
+    ``groups x groups`` system per row. GPTQ chose each scale before the error feedback moved
+    the weights after it, and llama.cpp's search fits each block alone on a diagonal
+    importance; the joint refit accounts for the correlations between groups that ``H`` holds.
+    A small ridge towards the old scales keeps a group of all-zero integers (whose scale is
+    free) where it was. The new scales are rounded to the stored dtype, and a row keeps its old
+    ones unless its error drops.
+
+    Args:
+        W: ``(out, in)`` float32 original weights; H: ``(in, in)`` float32 Hessian;
+        qw: a symmetric result with contiguous groups (``g_idx`` None).
+
+    Cost: O(out * in^2) multiply-adds (about one more GPTQ update pass) and ``out`` solves of
+    ``groups x groups``; memory bounded by `REFIT_CHUNK_BYTES` plus two ``(out, in)`` copies.
+    """
+    if not qw.grid.symmetric or qw.g_idx is not None:
+        raise ValueError("refit_symmetric_scales needs a symmetric result with contiguous groups")
+    out_features, in_features = qw.q.shape
+    n_groups = qw.scale.shape[1]
+    size = in_features // n_groups
+    q = qw.q.float()  # (out, in)
+    old = qw.scale.double()  # (out, G)
+    b = (q * (W @ H)).reshape(out_features, n_groups, size).sum(dim=2).double()  # (out, G)
+    A = torch.empty(out_features, n_groups, n_groups, dtype=torch.float64, device=q.device)
+    H_rows = H.reshape(n_groups, size, in_features)  # (G, size, in)
+    rows = max(1, REFIT_CHUNK_BYTES // (4 * n_groups * in_features))
+    for r1 in range(0, out_features, rows):
+        r2 = min(r1 + rows, out_features)
+        qc = q[r1:r2].reshape(r2 - r1, n_groups, size)  # (n, G, size)
+        Z = torch.bmm(qc.transpose(0, 1), H_rows)  # (G, n, in): q_g^T H for every group g
+        Z = Z.reshape(n_groups, r2 - r1, n_groups, size)  # (G, n, G, size)
+        A[r1:r2] = torch.einsum("gnhs,nhs->ngh", Z, qc).double()
+    ridge = 1e-6 * torch.diagonal(A, dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)  # (out,)
+    eye = torch.eye(n_groups, dtype=torch.float64, device=q.device)
+    A += ridge[:, None, None] * eye
+    scale = torch.linalg.solve(A, (b + ridge[:, None] * old).unsqueeze(2)).squeeze(2)
+    eps = scale_eps(qw.scale.dtype)
+    new_scale = scale.to(qw.scale.dtype)
+    new_scale = torch.where(new_scale == 0, torch.full_like(new_scale, eps), new_scale)
+    refit = QuantizedWeight(q=qw.q, scale=new_scale, zero=None, grid=qw.grid, g_idx=None)
+    better = _row_errors(W, H, refit) < _row_errors(W, H, qw)  # (out,)
+    final = torch.where(better[:, None], new_scale, qw.scale)
+    return QuantizedWeight(q=qw.q, scale=final, zero=None, grid=qw.grid, g_idx=None)
+
+
+def _row_errors(W: Tensor, H: Tensor, qw: QuantizedWeight) -> Tensor:
+    """``(out,)`` float64: each row's ``(w - q) H (w - q)^T``."""
+    E = W - qw.dequantize().float()  # (out, in)
+    return ((E @ H) * E).double().sum(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def resolve_scale_dtype(weight: Tensor, scale_dtype: torch.dtype | None) -> torc
     return weight.dtype if weight.is_floating_point() else torch.float32
 
 
-def _scale_eps(dtype: torch.dtype) -> float:
+def scale_eps(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps)
 
 
@@ -158,7 +158,7 @@ def _qparams_from_range(
     # Round the scale to its storage dtype first so that the levels below are chosen for the
     # scale the checkpoint will actually hold.
     scale = scale.to(scale_dtype)
-    scale = torch.where(scale == 0, torch.full_like(scale, _scale_eps(scale_dtype)), scale)
+    scale = torch.where(scale == 0, torch.full_like(scale, scale_eps(scale_dtype)), scale)
     if symmetric:
         zero = torch.zeros(scale.shape, dtype=torch.int8, device=scale.device)
     else:
@@ -305,7 +305,7 @@ def fit_weighted_symmetric(
         better = score > best_score
         best_score = torch.where(better, score, best_score)
         best_scale = torch.where(better, sum_qx / sum_q2.clamp_min(1e-30), best_scale)
-    eps = _scale_eps(scale_dtype)
+    eps = scale_eps(scale_dtype)
     best_scale = torch.where(live & (best_scale != 0), best_scale, torch.full_like(peak, eps))
     scale = best_scale.to(scale_dtype)
     scale = torch.where(scale == 0, torch.full_like(scale, eps), scale)

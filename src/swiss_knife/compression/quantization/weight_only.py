@@ -92,6 +92,11 @@ class GPTQConfig(GGUFGridConfig):
         "grid's fallback layers): choose each block's scale by llama.cpp's importance-weighted "
         "search, the Hessian diagonal as importance matrix, instead of the clip search.",
     )
+    refit_scales: bool = Field(
+        default=True,
+        description="On llama.cpp's symmetric block grids: once a layer's integers are fixed, "
+        "refit each row's block scales jointly to minimise the layer's output error.",
+    )
     calibration: CalibrationSettings = Field(default_factory=CalibrationSettings)
 
     @model_validator(mode="before")
@@ -349,6 +354,7 @@ class GPTQCalibrator(BlockCalibrator):
             clip_search=cfg.clip_search,
             scale_dtype=_scale_dtype(cfg, weight.dtype),
             weighted_scales=_weighted(cfg, grid),
+            refit_scales=cfg.refit_scales and _on_gguf_blocks(cfg) and grid.symmetric,
             factors=factors,
         )
         if is_k_grid(cfg.grid):  # a K grid's fallback layer: GGUF block bytes
