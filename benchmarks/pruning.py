@@ -110,6 +110,7 @@ from quantization import (
     llmc_versions_text,
     load_avg,
     log,
+    matches,
     max_rss,
     num_parameters,
     pkg,
@@ -477,7 +478,7 @@ def run_seed(
     rows: list[Row] = []
     for index, variant in enumerate(variants(case, include_llmc=llmc is not None)):
         name = describe(variant)
-        if args.only and variant.kind != "dense" and not any(s in name for s in args.only):
+        if args.only and variant.kind != "dense" and not matches(name, args.only):
             continue
         if not first_seed and not calibrated(variant):
             continue
@@ -821,7 +822,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=None,
         metavar="TEXT",
-        help="run only the variants whose 'Tool: label' contains one of these strings",
+        help="run only the variants whose 'Tool: label' contains one of these strings (one ending in $: ends with it)",
     )
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="llm-compressor venv")
     parser.add_argument("--keep", type=Path, default=None, help="keep checkpoints and logs here")

@@ -731,11 +731,7 @@ def run_case(
     rows: list[Row] = []
     earlier = reusable_rows(args.reuse, case.key)
     for index, variant in enumerate(variants(case, include_llmc=llmc_python is not None)):
-        if (
-            args.only
-            and variant.kind != "fp32"
-            and not any(s in describe(variant) for s in args.only)
-        ):
+        if args.only and variant.kind != "fp32" and not matches(describe(variant), args.only):
             kept = earlier.get(reuse_key(variant.tool, variant.config, variant.label))
             if kept is not None:
                 rows.append(kept(variant))
@@ -1047,6 +1043,15 @@ def notes(rows: list[Row]) -> list[str]:
     return out
 
 
+def matches(name: str, only: list[str] | None) -> bool:
+    """Whether a row named `name` ("Tool: label") is selected by ``--only`` strings: a string
+    selects the names containing it; one ending in ``$`` only the names ending with the rest
+    ("SparseGPT 50%$" picks that row, not "SparseGPT 50% + OWL")."""
+    if not only:
+        return True
+    return any(name.endswith(s[:-1]) if s.endswith("$") else s in name for s in only)
+
+
 def write_section(section: str, mark_start: str = MARK_START, mark_end: str = MARK_END) -> None:
     """Replace (or append) a script's section of RESULTS.md, leaving the others alone."""
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else RESULTS_HEADER
@@ -1120,7 +1125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=None,
         metavar="TEXT",
-        help="run only the variants whose 'Tool: label' contains one of these strings",
+        help="run only the variants whose 'Tool: label' contains one of these strings (one ending in $: ends with it)",
     )
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="llm-compressor venv")
     parser.add_argument(

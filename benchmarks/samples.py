@@ -1,0 +1,168 @@
+"""Calibration-set size: how time, peak memory and perplexity grow with the number of samples.
+
+Ours against llm-compressor on SmolLM2-135M-Instruct for the three calibrated methods whose
+floors the scaling issue sets (GPTQ W4 g64, SparseGPT 50 %, Wanda 50 %), at several calibration
+sample counts (windows of 512 tokens; default 16, 64 and 128). Each count runs the rows of the
+two side-by-side benchmarks, in their own worker processes and with their own measurement
+(`benchmarks/quantization.py` and `benchmarks/pruning.py`, selected with ``--only``): peak RSS
+of the worker (VmHWM, model load and evaluation included), wall time of the method alone,
+perplexity on the same WikiText-2 test windows. One row runs at a time; the load average is
+recorded before and after each. The floors (issue: at 64 and 128 samples, peak RSS at most 0.5x
+llm-compressor's, time at most 0.6x, perplexity no worse) are checked for each count.
+
+Usage::
+
+    python benchmarks/samples.py                     # 16, 64, 128 samples; writes RESULTS.md
+    python benchmarks/samples.py --samples 16 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_section
+
+HERE = Path(__file__).resolve().parent
+# (method, script, our row, llm-compressor's row, time field); rows are matched by the end of
+# "Tool: label" (see ``--only`` in the two scripts).
+METHODS = (
+    ("GPTQ W4 g64", "quantization.py",
+     "Swiss Knife: GPTQ W4 g64 (defaults: act-order, static groups, clip search)$",
+     "llm-compressor: GPTQ W4 g64$", "quant_s"),
+    ("SparseGPT 50%", "pruning.py", "Swiss Knife: SparseGPT 50%$",
+     "llm-compressor: SparseGPT 50%$", "prune_s"),
+    ("Wanda 50%", "pruning.py", "Swiss Knife: Wanda 50%$", "llm-compressor: Wanda 50%$",
+     "prune_s"),
+)  # fmt: skip
+FLOOR_SAMPLES = (64, 128)
+RSS_FLOOR, TIME_FLOOR = 0.5, 0.6
+
+
+def log(message: str) -> None:
+    print(f"[samples {dt.datetime.now():%H:%M:%S}] {message}", flush=True)
+
+
+def run_script(script: str, samples: int, only: list[str], out: Path, args: Any) -> list[Any]:
+    """Run one side-by-side script on SmolLM2 for `only` rows; its JSON rows."""
+    command = [
+        sys.executable, str(HERE / script), "--models", "smollm2",
+        "--calib-samples", str(samples), "--eval-windows", str(args.eval_windows),
+        "--speed-repeats", "1", "--no-write", "--json", str(out), "--only", *only,
+    ]  # fmt: skip
+    log(shlex.join(command[1:]))
+    subprocess.run(command, check=True)
+    cases = json.loads(out.read_text())
+    return list(cases[0]["rows"])
+
+
+def find(rows: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    for row in rows:
+        if f"{row['tool']}: {row['label']}".endswith(name.rstrip("$")):
+            return row
+    return None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def measure(args: Any, root: Path) -> dict[int, dict[str, tuple[dict[str, Any] | None, ...]]]:
+    """Every count's rows: {samples: {method: (ours, theirs)}}."""
+    found: dict[int, dict[str, tuple[dict[str, Any] | None, ...]]] = {}
+    for samples in args.samples:
+        found[samples] = {}
+        for script in ("quantization.py", "pruning.py"):
+            picked = [m for m in METHODS if m[1] == script]
+            only = [name for m in picked for name in (m[2], m[3])]
+            rows = run_script(script, samples, only, root / f"{script}-{samples}.json", args)
+            for method, _, ours, theirs, _ in picked:
+                found[samples][method] = (find(rows, ours), find(rows, theirs))
+        if args.write:
+            write_section("samples", report(found, args))
+    return found
+
+
+def report(found: dict[int, dict[str, tuple[dict[str, Any] | None, ...]]], args: Any) -> str:
+    lines = [
+        "## Calibration-set size: ours vs llm-compressor at 16, 64 and 128 samples "
+        "(`benchmarks/samples.py`)",
+        "",
+        f"Run {dt.date.today()} on {os.cpu_count()} CPU cores, SmolLM2-135M-Instruct, "
+        f"{args.eval_windows} x 512 WikiText-2 test tokens scored, calibration windows of 512 "
+        "tokens from WikiText-2 valid; one row at a time, nothing else heavy on the machine. "
+        "Time: the method alone (calibration walk and solve, not loading or saving); peak RSS: "
+        "the worker process's VmHWM. Command: `" + shlex.join(["python", *sys.argv]) + "`.",
+        "",
+        "| method | samples | ours s | llm-c s | time ratio | ours GiB | llm-c GiB | RSS ratio "
+        "| ours ppl | llm-c ppl | load before → after (ours; llm-c) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    floors = []
+    for method, _, _, _, time_field in METHODS:
+        for samples, by_method in found.items():
+            ours, theirs = by_method.get(method, (None, None))
+            if ours is None or theirs is None:
+                lines.append(f"| {method} | {samples} | row missing | | | | | | | | |")
+                continue
+            t_ours, t_theirs = ours.get(time_field), theirs.get(time_field)
+            r_ours, r_theirs = ours.get("peak_rss"), theirs.get("peak_rss")
+            p_ours, p_theirs = ours.get("ppl"), theirs.get("ppl")
+            t_ratio, r_ratio = ratio(t_ours, t_theirs), ratio(r_ours, r_theirs)
+            gib = 2.0**30
+            loads = f"{_load(ours)}; {_load(theirs)}"
+            lines.append(
+                f"| {method} | {samples} | {fmt(t_ours, '.1f')} | {fmt(t_theirs, '.1f')} | "
+                f"{fmt(t_ratio, '.2f')}× | {fmt(r_ours and r_ours / gib, '.2f')} | "
+                f"{fmt(r_theirs and r_theirs / gib, '.2f')} | {fmt(r_ratio, '.2f')}× | "
+                f"{fmt(p_ours, '.3f')} | {fmt(p_theirs, '.3f')} | {loads} |"
+            )
+            if (
+                samples in FLOOR_SAMPLES
+                and t_ratio is not None
+                and r_ratio is not None
+                and p_ours is not None
+                and p_theirs is not None
+            ):
+                checks = [
+                    ("RSS", r_ratio <= RSS_FLOOR, f"{r_ratio:.2f}× (≤ {RSS_FLOOR}×)"),
+                    ("time", t_ratio <= TIME_FLOOR, f"{t_ratio:.2f}× (≤ {TIME_FLOOR}×)"),
+                    ("ppl", p_ours <= p_theirs, f"{p_ours:.3f} vs {p_theirs:.3f}"),
+                ]
+                text = "; ".join(f"{what} {'PASS' if ok else 'FAIL'} {n}" for what, ok, n in checks)
+                floors.append(f"- {method}, {samples} samples: {text}")
+    lines += ["", "Floors (issue 16: at 64 and 128 samples):", "", *floors]
+    return "\n".join(lines)
+
+
+def _load(row: dict[str, Any]) -> str:
+    load = row.get("load")
+    return "–" if not load else f"{load[0]:.1f} → {load[1]:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", type=int, nargs="+", default=[16, 64, 128])
+    parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--no-write", dest="write", action="store_false")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sk-bench-samples-") as root:
+        found = measure(args, Path(root))
+    print(report(found, args))
+
+
+if __name__ == "__main__":
+    main()
