@@ -169,9 +169,10 @@ def calibration_text(prepared: Any, tokenizer: Any, path: Path) -> Path:
 
 
 def calibrated(method: str, kind: str, prepared: Any, work: Path, ignore: list[str],
-               k_mix: dict[str, str]) -> Path:  # fmt: skip
-    """GPTQ or AWQ on ``kind``'s llama.cpp grid, saved, exported with auto (and, for Q4_K_M,
-    the embedding's type of llama.cpp's file); the GGUF path."""
+               k_mix: dict[str, str], extra: dict[str, Any] | None = None,
+               tag: str = "") -> Path:  # fmt: skip
+    """GPTQ or AWQ on ``kind``'s llama.cpp grid (with the `extra` settings), saved, exported
+    with auto (and, for Q4_K_M, the embedding's type of llama.cpp's file); the GGUF path."""
     import swiss_knife as sk
 
     model = sk.load(str(prepared.dense_dir), dtype="fp32", device="cpu")
@@ -186,10 +187,11 @@ def calibrated(method: str, kind: str, prepared: Any, work: Path, ignore: list[s
         overrides = {m: t for m, t in k_mix.items() if not m.startswith("model.layers.")}
     if ignore:  # layers no block divides: f16, as llama.cpp's quantizer falls back to
         overrides.update({pattern: "f16" for pattern in ignore})
+    settings.update(extra or {})
     config = sk.GPTQConfig(**settings) if method == "gptq" else sk.AWQConfig(**settings)
     sk.quantize(model, config, calibration=prepared.calibration)
-    folder = sk.save(model, work / f"{method}-{kind}")
-    out = work / f"{method}-{kind}.gguf"
+    folder = sk.save(model, work / f"{method}-{kind}{tag}")
+    out = work / f"{method}-{kind}{tag}.gguf"
     sk.export_gguf(folder, out, sk.GGUFExportConfig(tensor_type="auto", type_overrides=overrides))
     return out
 

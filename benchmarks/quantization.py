@@ -544,13 +544,7 @@ def worker_main(spec_file: Path) -> None:
         with PeakMemory("cpu") as peak:
             load, cpu = os.getloadavg()[0], cpu_seconds()
             start = time.perf_counter()
-            outcome = quantize(
-                loaded.model,
-                config,
-                calibration=calibration,
-                tokenizer=loaded.tokenizer,
-                source_dir=spec["model_dir"],
-            )
+            outcome = quantize(loaded.model, config, calibration=calibration)
             result["seconds"] = time.perf_counter() - start
             result["cpu_seconds"] = cpu_seconds() - cpu
             result["loadavg_before_after"] = [load, os.getloadavg()[0]]
