@@ -41,7 +41,7 @@ from ..arch import ArchSpec, drop_blocks, get_arch, get_blocks
 from ..calibration import block_io_scores, spilled_to
 from ..config import LayerReductionConfig
 from ..errors import UnsupportedArchitectureError, UserInputError
-from ..streaming import stream_of
+from ..streaming import reading_only, stream_of
 from .checkpoint import save_dense
 
 logger = logging.getLogger(__name__)
@@ -253,11 +253,9 @@ def reduce_layers(
     _check_index_dependent(model, spec, total, removed)
 
     scores: list[float] | None = None
-    stream = stream_of(model)
-    if stream is not None:
-        stream.writes = False  # the walk only scores; the kept blocks are copied at the end
     if calibration is not None:
-        with spilled_to(config.calibration.spill_dir):
+        # The walk only scores; a streamed model's kept blocks are copied at the end.
+        with spilled_to(config.calibration.spill_dir), reading_only(model):
             scores = block_io_scores(
                 model,
                 calibration,
@@ -274,6 +272,7 @@ def reduce_layers(
     params_before = _num_params(model)
     drop_blocks(model, removed)
     params_after = _num_params(model)
+    stream = stream_of(model)
     if stream is not None:
         stream.keep_blocks([i for i in range(total) if i not in removed])
     table = importance_table(scores, removed, total)

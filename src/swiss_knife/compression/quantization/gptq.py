@@ -326,8 +326,7 @@ def _gptq_quantize(
 
     result = _in_original_order(Q, perm, scale, zero, grid, group, fit_up_front)
     if original is not None and result.g_idx is None:
-        result = refit_symmetric_scales(*original, result)
-        return result, _objective(*original, result)
+        return refit_symmetric_scales(*original, result)
     return result, float(loss.sum())
 
 
@@ -339,17 +338,13 @@ def _damped(H: Tensor, damp: float) -> Tensor:
     return H
 
 
-def _objective(W: Tensor, H: Tensor, qw: QuantizedWeight) -> float:
-    """``tr((W - Q) H (W - Q)^T)`` for the dequantized ``Q`` of ``qw``."""
-    E = W - qw.dequantize().float()  # (out, in)
-    return float(((E @ H) * E).double().sum())
-
-
 # Bytes of the (rows, groups, in) intermediate the refit works through at a time.
 REFIT_CHUNK_BYTES = 1 << 26
 
 
-def refit_symmetric_scales(W: Tensor, H: Tensor, qw: QuantizedWeight) -> QuantizedWeight:
+def refit_symmetric_scales(
+    W: Tensor, H: Tensor, qw: QuantizedWeight
+) -> tuple[QuantizedWeight, float]:
     """``qw`` with each row's group scales refitted, integers fixed, to minimise the layer's
     output error on the calibration inputs.
 
@@ -362,7 +357,7 @@ def refit_symmetric_scales(W: Tensor, H: Tensor, qw: QuantizedWeight) -> Quantiz
     importance; the joint refit accounts for the correlations between groups that ``H`` holds.
     A small ridge towards the old scales keeps a group of all-zero integers (whose scale is
     free) where it was. The new scales are rounded to the stored dtype, and a row keeps its old
-    ones unless its error drops.
+    ones unless its error drops. Returns the result and its ``tr((W - Q) H (W - Q)^T)``.
 
     Args:
         W: ``(out, in)`` float32 original weights; H: ``(in, in)`` float32 Hessian;
@@ -396,9 +391,11 @@ def refit_symmetric_scales(W: Tensor, H: Tensor, qw: QuantizedWeight) -> Quantiz
     new_scale = scale.to(qw.scale.dtype)
     new_scale = torch.where(new_scale == 0, torch.full_like(new_scale, eps), new_scale)
     refit = QuantizedWeight(q=qw.q, scale=new_scale, zero=None, grid=qw.grid, g_idx=None)
-    better = _row_errors(W, H, refit) < _row_errors(W, H, qw)  # (out,)
+    new_rows, old_rows = _row_errors(W, H, refit), _row_errors(W, H, qw)  # (out,) each
+    better = new_rows < old_rows
     final = torch.where(better[:, None], new_scale, qw.scale)
-    return QuantizedWeight(q=qw.q, scale=final, zero=None, grid=qw.grid, g_idx=None)
+    loss = float(torch.where(better, new_rows, old_rows).sum())
+    return QuantizedWeight(q=qw.q, scale=final, zero=None, grid=qw.grid, g_idx=None), loss
 
 
 def _row_errors(W: Tensor, H: Tensor, qw: QuantizedWeight) -> Tensor:
