@@ -115,6 +115,7 @@ from quantization import (
     num_parameters,
     pkg,
     run_logged,
+    streamed_worker,
     verdict,
     write_section,
 )
@@ -144,6 +145,7 @@ class Variant:
     stage: dict[str, Any] | None = None  # ours: a recipe stage (type prune, reduce_layers, ...)
     llmc_args: tuple[str, ...] = ()  # llmc: worker flags
     role: str = ""  # the part it plays in the floors; ours and llm-compressor's share a role
+    stream: bool = False  # ours: sk.compress_checkpoint(stream="on") from disk to disk
 
 
 @dataclass
@@ -201,9 +203,9 @@ def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
     """Every configuration run on ``case``, baseline first; llm-compressor next to its match."""
     calibration = {"num_samples": case.calib_samples, "seq_len": case.seq_len}
 
-    def ours(label: str, family: str, role: str, **stage: Any) -> Variant:
+    def ours(label: str, family: str, role: str, stream: bool = False, **stage: Any) -> Variant:
         full = {"type": "prune", "calibration": calibration, **stage}
-        return Variant(label, SK, family, "ours", stage=full, role=role)
+        return Variant(label, SK, family, "ours", stage=full, role=role, stream=stream)
 
     def peer(label: str, family: str, role: str, *flags: str) -> Variant:
         return Variant(label, LLMC, family, "llmc", llmc_args=flags, role=role)
@@ -234,6 +236,10 @@ def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
                 rows.append(
                     peer(label, family, role, f"--method={method}", "--sparsity=0.5", *flags)
                 )
+        # The same 50 % settings streamed from disk to disk, one block in memory at a time (the
+        # command line's default for a checkpoint on disk).
+        rows.append(ours(f"{title} 50% streamed from disk", "50% unstructured",
+                         f"{method}-50-streamed", stream=True, method=method, sparsity=0.5))  # fmt: skip
         # Informational (no floor): the two faster walks at 50 %. bf16 autocast for the block
         # passes; true-sequential with the whole calibration set in one mini-batch, which the
         # engine walks in one pass per block (each linear pruned just before it runs).
@@ -296,12 +302,17 @@ def worker_main(spec_file: Path) -> None:
     from swiss_knife.models import load_model, save_model
 
     stage = spec["stage"]
+    if spec.get("stream"):
+        result: dict[str, Any] = {"threads": torch.get_num_threads()}
+        peak, _ = streamed_worker(spec, result)
+        result.update(process_max_rss_bytes=max_rss(), save_seconds=0.0,
+                      process_seconds=time.perf_counter() - started,
+                      rss_before_bytes=peak.baseline_bytes, rss_peak_bytes=peak.peak_bytes)  # fmt: skip
+        Path(spec["result"]).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        return
     loaded = load_model(spec["model_dir"], dtype="fp32", device="cpu")
     calibration = torch.load(spec["calibration"])
-    result: dict[str, Any] = {
-        "threads": torch.get_num_threads(),
-        "max_rss_after_load_bytes": max_rss(),
-    }
+    result = {"threads": torch.get_num_threads(), "max_rss_after_load_bytes": max_rss()}
     with PeakMemory("cpu") as peak:
         load, cpu = os.getloadavg()[0], cpu_seconds()
         start = time.perf_counter()
@@ -366,6 +377,7 @@ def prune_variant(
             "output_dir": str(out_dir),
             "result": str(result_file),
             "threads": args.threads,
+            "stream": variant.stream,
         }
         spec_file = out_dir.with_suffix(".spec.json")
         spec_file.write_text(json.dumps(spec, indent=2))

@@ -131,6 +131,7 @@ class Variant:
     config: dict[str, Any] | None = None  # ours: a QuantizeConfig as a dict
     llmc_method: str | None = None  # llmc: "gptq" or "rtn"
     role: str = ""  # the part this row plays in the floors, e.g. "gptq_matched"
+    stream: bool = False  # ours: sk.compress_checkpoint(stream="on") from disk to disk
 
 
 @dataclass
@@ -176,8 +177,10 @@ def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
     grid = f"g{g}" if g else "per-channel"
     calib = CalibrationSettings(num_samples=case.calib_samples, seq_len=case.seq_len)
 
-    def ours(label: str, family: str, config: Any, role: str = "") -> Variant:
-        return Variant(label, SK, family, "ours", config.model_dump(mode="json"), role=role)
+    def ours(label: str, family: str, config: Any, role: str = "", stream: bool = False) -> Variant:
+        return Variant(
+            label, SK, family, "ours", config.model_dump(mode="json"), role=role, stream=stream
+        )
 
     rows = [
         Variant("fp32 (dense checkpoint)", "—", "fp32", "fp32"),
@@ -195,6 +198,14 @@ def variants(case: Case, *, include_llmc: bool) -> list[Variant]:
             "4-bit",
             GPTQConfig(bits=4, group_size=g, calibration=calib),
             "gptq_default",
+        ),
+        # The same settings streamed from disk to disk, one block in memory at a time (the
+        # command line's default for a checkpoint on disk).
+        ours(
+            f"GPTQ W4 {grid} streamed from disk (defaults)",
+            "4-bit",
+            GPTQConfig(bits=4, group_size=g, calibration=calib),
+            stream=True,
         ),
         # llm-compressor's defaults: activation order with static groups, min/max ranges, every
         # linear of a block calibrated on the block's inputs in one pass.
@@ -475,6 +486,7 @@ def quantize_variant(
             "output_dir": str(out_dir),
             "result": str(result_file),
             "threads": args.threads,
+            "stream": variant.stream,
         }
         spec_file = out_dir.with_suffix(".spec.json")
         spec_file.write_text(json.dumps(spec, indent=2))
@@ -504,6 +516,38 @@ def cpu_seconds() -> float:
     return times.user + times.system
 
 
+def streamed_worker(spec: dict[str, Any], result: dict[str, Any]) -> tuple[Any, float]:
+    """A streamed row: `sk.compress_checkpoint(stream="on")` reads the dense checkpoint one
+    block at a time, quantizes it and writes the output as blocks finish. Its time covers the
+    reading and the writing too (they interleave with the walk); returns the PeakMemory and
+    the end of the call (the save is inside it)."""
+    from pydantic import TypeAdapter
+
+    import swiss_knife as sk
+    from swiss_knife.config import PruneConfig, QuantizeConfig
+    from swiss_knife.evaluation.memory import PeakMemory
+
+    kind = QuantizeConfig if "config" in spec else PruneConfig
+    config: Any = TypeAdapter(kind).validate_python(spec.get("config") or spec["stage"])
+    calibration = torch.load(spec["calibration"]) if spec["calibration"] else None
+    result["max_rss_after_load_bytes"] = max_rss()  # nothing loaded yet: imports only
+    with PeakMemory("cpu") as peak:
+        load, cpu = os.getloadavg()[0], cpu_seconds()
+        start = time.perf_counter()
+        sk.compress_checkpoint(spec["model_dir"], config, spec["output_dir"],
+                               calibration=calibration, stream="on", dtype="fp32", device="cpu")  # fmt: skip
+        result["seconds"] = time.perf_counter() - start
+        result["cpu_seconds"] = cpu_seconds() - cpu
+        result["loadavg_before_after"] = [load, os.getloadavg()[0]]
+    manifest = json.loads((Path(spec["output_dir"]) / "swiss_knife.json").read_text())
+    stage = manifest.get("stage_report") or {}
+    result["steps"], result["format"] = manifest.get("steps", []), manifest.get("format")
+    result["report"] = {k: stage[k] for k in ("seconds", "calibration_seconds",
+                                              "calibration_tokens", "blocks") if k in stage}  # fmt: skip
+    result["max_rss_after_quantize_bytes"] = max_rss()
+    return peak, time.perf_counter()
+
+
 def worker_main(spec_file: Path) -> None:
     """Quantize one model with Swiss Knife (or the bitsandbytes peer) and save it."""
     started = time.perf_counter()
@@ -531,6 +575,8 @@ def worker_main(spec_file: Path) -> None:
         save_start = time.perf_counter()
         model.save_pretrained(out)
         result["steps"] = [f"BitsAndBytesConfig: {qconfig.to_dict()}"]
+    elif spec.get("stream"):
+        peak, save_start = streamed_worker(spec, result)
     else:
         from pydantic import TypeAdapter
 

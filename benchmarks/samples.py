@@ -5,10 +5,13 @@ floors the scaling issue sets (GPTQ W4 g64, SparseGPT 50 %, Wanda 50 %), at seve
 sample counts (windows of 512 tokens; default 16, 64 and 128). Each count runs the rows of the
 two side-by-side benchmarks, in their own worker processes and with their own measurement
 (`benchmarks/quantization.py` and `benchmarks/pruning.py`, selected with ``--only``): peak RSS
-of the worker (VmHWM, model load and evaluation included), wall time of the method alone,
-perplexity on the same WikiText-2 test windows. One row runs at a time; the load average is
-recorded before and after each. The floors (issue: at 64 and 128 samples, peak RSS at most 0.5x
-llm-compressor's, time at most 0.6x, perplexity no worse) are checked for each count.
+of the worker (VmHWM: imports, model, method and save; the evaluation runs in the parent on the
+saved folder), wall time of the method alone, perplexity on the same WikiText-2 test windows.
+Ours runs twice: on the whole model loaded in memory, and streamed from disk to disk
+(`sk.compress_checkpoint(stream="on")`, one block in memory at a time). One row runs at a
+time; the load average is recorded before and after each. The floors (issue: streamed, at 64
+and 128 samples, peak RSS at most 0.5x llm-compressor's, time at most 0.6x, perplexity no
+worse) are checked for each count.
 
 Usage::
 
@@ -33,16 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section
 
 HERE = Path(__file__).resolve().parent
-# (method, script, our row, llm-compressor's row, time field); rows are matched by the end of
-# "Tool: label" (see ``--only`` in the two scripts).
+# (method, script, our in-memory row, our streamed row, llm-compressor's row, time field); rows
+# are matched by the end of "Tool: label" (see ``--only`` in the two scripts).
 METHODS = (
     ("GPTQ W4 g64", "quantization.py",
      "Swiss Knife: GPTQ W4 g64 (defaults: act-order, static groups, clip search)$",
+     "Swiss Knife: GPTQ W4 g64 streamed from disk (defaults)$",
      "llm-compressor: GPTQ W4 g64$", "quant_s"),
     ("SparseGPT 50%", "pruning.py", "Swiss Knife: SparseGPT 50%$",
-     "llm-compressor: SparseGPT 50%$", "prune_s"),
-    ("Wanda 50%", "pruning.py", "Swiss Knife: Wanda 50%$", "llm-compressor: Wanda 50%$",
+     "Swiss Knife: SparseGPT 50% streamed from disk$", "llm-compressor: SparseGPT 50%$",
      "prune_s"),
+    ("Wanda 50%", "pruning.py", "Swiss Knife: Wanda 50%$",
+     "Swiss Knife: Wanda 50% streamed from disk$", "llm-compressor: Wanda 50%$", "prune_s"),
 )  # fmt: skip
 FLOOR_SAMPLES = (64, 128)
 RSS_FLOOR, TIME_FLOOR = 0.5, 0.6
@@ -90,10 +95,10 @@ def measure(args: Any, root: Path) -> dict[int, dict[str, tuple[dict[str, Any] |
         found[samples] = {}
         for script in ("quantization.py", "pruning.py"):
             picked = [m for m in METHODS if m[1] == script]
-            only = [name for m in picked for name in (m[2], m[3])]
+            only = [name for m in picked for name in m[2:5]]
             rows = run_script(script, samples, only, root / f"{script}-{samples}.json", args)
-            for method, _, ours, theirs, _ in picked:
-                found[samples][method] = (find(rows, ours), find(rows, theirs))
+            for method, _, ours, streamed, theirs, _ in picked:
+                found[samples][method] = tuple(find(rows, n) for n in (ours, streamed, theirs))
         if args.write:
             write_section("samples", report(found, args))
     return found
@@ -107,48 +112,59 @@ def report(found: dict[int, dict[str, tuple[dict[str, Any] | None, ...]]], args:
         f"Run {dt.date.today()} on {os.cpu_count()} CPU cores, SmolLM2-135M-Instruct, "
         f"{args.eval_windows} x 512 WikiText-2 test tokens scored, calibration windows of 512 "
         "tokens from WikiText-2 valid; one row at a time, nothing else heavy on the machine. "
-        "Time: the method alone (calibration walk and solve, not loading or saving); peak RSS: "
-        "the worker process's VmHWM. Command: `" + shlex.join(["python", *sys.argv]) + "`.",
+        "Each method has three rows: ours on the whole model loaded in memory (`quantize()` / "
+        "`prune()`), ours streamed from disk to disk (`sk.compress_checkpoint(stream=\"on\")`, "
+        "the command line's default for a checkpoint on disk), and llm-compressor. Time: the "
+        "method alone (calibration walk and solve; for the streamed row also the reading and "
+        "writing of the checkpoint, which interleave with the walk); peak RSS: the worker "
+        "process's VmHWM. Ratios are against llm-compressor. Command: `"
+        + shlex.join(["python", *sys.argv]) + "`.",
         "",
-        "| method | samples | ours s | llm-c s | time ratio | ours GiB | llm-c GiB | RSS ratio "
-        "| ours ppl | llm-c ppl | load before → after (ours; llm-c) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
+        "| method | samples | run | s | time ratio | GiB | RSS ratio | ppl | load before → after |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]  # fmt: skip
     floors = []
-    for method, _, _, _, time_field in METHODS:
+    gib = 2.0**30
+    for method, *_, time_field in METHODS:
         for samples, by_method in found.items():
-            ours, theirs = by_method.get(method, (None, None))
-            if ours is None or theirs is None:
-                lines.append(f"| {method} | {samples} | row missing | | | | | | | | |")
-                continue
-            t_ours, t_theirs = ours.get(time_field), theirs.get(time_field)
-            r_ours, r_theirs = ours.get("peak_rss"), theirs.get("peak_rss")
-            p_ours, p_theirs = ours.get("ppl"), theirs.get("ppl")
-            t_ratio, r_ratio = ratio(t_ours, t_theirs), ratio(r_ours, r_theirs)
-            gib = 2.0**30
-            loads = f"{_load(ours)}; {_load(theirs)}"
-            lines.append(
-                f"| {method} | {samples} | {fmt(t_ours, '.1f')} | {fmt(t_theirs, '.1f')} | "
-                f"{fmt(t_ratio, '.2f')}× | {fmt(r_ours and r_ours / gib, '.2f')} | "
-                f"{fmt(r_theirs and r_theirs / gib, '.2f')} | {fmt(r_ratio, '.2f')}× | "
-                f"{fmt(p_ours, '.3f')} | {fmt(p_theirs, '.3f')} | {loads} |"
-            )
-            if (
-                samples in FLOOR_SAMPLES
-                and t_ratio is not None
-                and r_ratio is not None
-                and p_ours is not None
-                and p_theirs is not None
-            ):
-                checks = [
-                    ("RSS", r_ratio <= RSS_FLOOR, f"{r_ratio:.2f}× (≤ {RSS_FLOOR}×)"),
-                    ("time", t_ratio <= TIME_FLOOR, f"{t_ratio:.2f}× (≤ {TIME_FLOOR}×)"),
-                    ("ppl", p_ours <= p_theirs, f"{p_ours:.3f} vs {p_theirs:.3f}"),
-                ]
-                text = "; ".join(f"{what} {'PASS' if ok else 'FAIL'} {n}" for what, ok, n in checks)
-                floors.append(f"- {method}, {samples} samples: {text}")
-    lines += ["", "Floors (issue 16: at 64 and 128 samples):", "", *floors]
+            ours, streamed, theirs = by_method.get(method, (None, None, None))
+            base_t = None if theirs is None else theirs.get(time_field)
+            base_r = None if theirs is None else theirs.get("peak_rss")
+            for run, row in (("ours, in memory", ours), ("ours, streamed", streamed),
+                             ("llm-compressor", theirs)):  # fmt: skip
+                if row is None:
+                    lines.append(f"| {method} | {samples} | {run} | row missing | | | | | |")
+                    continue
+                t, r = row.get(time_field), row.get("peak_rss")
+                lines.append(
+                    f"| {method} | {samples} | {run} | {fmt(t, '.1f')} | "
+                    f"{fmt(ratio(t, base_t), '.2f')}× | {fmt(r and r / gib, '.2f')} | "
+                    f"{fmt(ratio(r, base_r), '.2f')}× | {fmt(row.get('ppl'), '.3f')} | "
+                    f"{_load(row)} |"
+                )
+            if samples in FLOOR_SAMPLES:
+                floors.append(
+                    f"- {method}, {samples} samples: {_floor(streamed, theirs, time_field)}"
+                )
+    lines += ["", "Floors (issue 16: our streamed run, at 64 and 128 samples):", "", *floors]
     return "\n".join(lines)
+
+
+def _floor(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, time_field: str) -> str:
+    """PASS/FAIL of the three floors for one method and count."""
+    if ours is None or theirs is None:
+        return "not measured (row missing)"
+    t_ratio = ratio(ours.get(time_field), theirs.get(time_field))
+    r_ratio = ratio(ours.get("peak_rss"), theirs.get("peak_rss"))
+    p_ours, p_theirs = ours.get("ppl"), theirs.get("ppl")
+    if t_ratio is None or r_ratio is None or p_ours is None or p_theirs is None:
+        return "not measured (a value is missing)"
+    checks = [
+        ("RSS", r_ratio <= RSS_FLOOR, f"{r_ratio:.2f}× (≤ {RSS_FLOOR}×)"),
+        ("time", t_ratio <= TIME_FLOOR, f"{t_ratio:.2f}× (≤ {TIME_FLOOR}×)"),
+        ("ppl", p_ours <= p_theirs, f"{p_ours:.3f} vs {p_theirs:.3f}"),
+    ]
+    return "; ".join(f"{what} {'PASS' if ok else 'FAIL'} {n}" for what, ok, n in checks)
 
 
 def _load(row: dict[str, Any]) -> str:

@@ -564,6 +564,24 @@ def test_api_compress_checkpoint_streams_like_the_command_line(capsys: Any, tmp_
     assert not (tmp_path / "hqq").exists() and not list(tmp_path.glob(".hqq.*"))
 
 
+def test_api_compress_checkpoint_takes_token_ids_like_quantize(tmp_path: Path) -> None:
+    import swiss_knife as sk
+
+    source = _source(tmp_path, "llama")
+    ids = torch.randint(4, 60, (4, 32), generator=torch.Generator().manual_seed(1))
+    config = sk.GPTQConfig(bits=4, group_size=16)
+    streamed = sk.compress_checkpoint(source, config, tmp_path / "on", calibration=ids, stream="on")
+    model = sk.load(str(source), dtype="fp32", device="cpu")
+    sk.quantize(model, config, calibration=ids)
+    in_memory = sk.save(model, tmp_path / "memory")
+    a, b = _tensors(streamed), _tensors(in_memory)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for bad in (ids.float(), ids[0], torch.zeros(0, 4, dtype=torch.long)):
+        with pytest.raises(sk.UserInputError, match="token ids"):
+            sk.compress_checkpoint(source, config, tmp_path / "bad", calibration=bad)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_api_load_stream_measures_perplexity_block_by_block(tmp_path: Path) -> None:
     import swiss_knife as sk
 

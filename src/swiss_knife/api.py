@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import registry
@@ -96,7 +97,7 @@ def compress_checkpoint(
     config: Any,
     output_dir: str | Path,
     *,
-    calibration: str | Path | DataConfig | None = None,
+    calibration: str | Path | DataConfig | torch.Tensor | None = None,
     stream: str = "auto",
     overwrite: bool = False,
     device: str = "auto",
@@ -106,7 +107,9 @@ def compress_checkpoint(
     """Apply one stage (a quantize, prune, cast or layer-reduction config) to the checkpoint
     in `source` and save the result in `output_dir`, as the command line does: streamed from
     disk one block at a time where the stage and the checkpoint allow (``stream`` "auto";
-    "on" refuses otherwise, "off" loads the whole model). Returns the output folder.
+    "on" refuses otherwise, "off" loads the whole model). `calibration` is a text file, a
+    DataConfig, or token ids ``(num_samples, seq_len)`` as `quantize` takes them. Returns the
+    output folder.
 
         sk.compress_checkpoint("./Llama-3-70B", sk.GPTQConfig(bits=4, group_size=128),
                                "./70b-w4", calibration="wiki.txt")
@@ -116,7 +119,7 @@ def compress_checkpoint(
     from .config import CastConfig, LayerReductionConfig, ModelSpec, validate_dict
     from .device import resolve_device
     from .models import check_output_dir
-    from .stages import STREAM_MODES, StageData, open_for_stage, run_stage, write_checkpoint
+    from .stages import STREAM_MODES, open_for_stage, run_stage, write_checkpoint
 
     if stream not in STREAM_MODES:
         raise UserInputError(f"stream must be one of {', '.join(STREAM_MODES)}, got {stream!r}")
@@ -127,10 +130,7 @@ def compress_checkpoint(
     directory = Path(source).expanduser()
     protect = [source] if directory.exists() else []
     out = check_output_dir(output_dir, overwrite=overwrite, protect=protect)
-    data = StageData(
-        DataConfig(source=str(calibration)) if isinstance(calibration, str | Path) else calibration,
-        None,
-    )
+    data = _stage_data(calibration)
     label = str(getattr(config, "method", None) or getattr(config, "type", "stage"))
     loaded, staging = open_for_stage(
         stream,
@@ -177,6 +177,30 @@ def compress_checkpoint(
             shutil.rmtree(staging, ignore_errors=True)  # gone already when the save succeeded
 
 
+def _stage_data(calibration: Any) -> Any:
+    """The `StageData` of `compress_checkpoint`'s calibration argument: a text file, a
+    DataConfig, or token ids ``(num_samples, seq_len)`` already drawn."""
+    from .stages import StageData
+
+    if calibration is None:
+        return StageData()
+    if isinstance(calibration, torch.Tensor):
+        if calibration.ndim != 2 or calibration.is_floating_point() or calibration.numel() == 0:
+            raise UserInputError(
+                "calibration token ids must be a non-empty integer tensor (num_samples, "
+                f"seq_len), got {calibration.dtype} of shape {tuple(calibration.shape)}"
+            )
+        return StageData(tokens=calibration)
+    if isinstance(calibration, str | Path):
+        return StageData(DataConfig(source=str(calibration)))
+    if isinstance(calibration, DataConfig):
+        return StageData(calibration)
+    raise UserInputError(
+        "calibration must be a text file, a DataConfig or token ids (num_samples, seq_len), "
+        f"got {type(calibration).__name__}"
+    )
+
+
 def _parts(model: LoadedModel | nn.Module) -> tuple[nn.Module, Any | None, Any, str | None]:
     """(network, tokenizer, device, source) of what the user passed."""
     if isinstance(model, LoadedModel):
@@ -189,7 +213,6 @@ def _parts(model: LoadedModel | nn.Module) -> tuple[nn.Module, Any | None, Any, 
 
 def _calibration(calibration: Any, network: nn.Module, tokenizer: Any | None, config: Any) -> Any:
     """Token windows from a tensor, a text file path or a DataConfig (with the config's counts)."""
-    import torch
 
     if calibration is None or isinstance(calibration, torch.Tensor):
         return calibration

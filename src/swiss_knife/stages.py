@@ -80,6 +80,9 @@ class StageData:
 
     calibration: DataConfig | None = None
     train: DataConfig | None = None
+    # Windows already drawn, ``(num_samples, seq_len)`` token ids (the Python API accepts them
+    # as `sk.quantize` does); used instead of drawing from `calibration`.
+    tokens: Any | None = None
 
 
 @dataclass
@@ -121,7 +124,7 @@ def trains(stage: Any) -> bool:
 def check_data(stage: Any, data: StageData, speaker: Speaker, label: str) -> None:
     """Refuse, before any weights load, a stage whose text is missing."""
     reason = calibration_reason(stage)
-    if reason is not None and data.calibration is None:
+    if reason is not None and data.calibration is None and data.tokens is None:
         raise speaker.no_calibration(label, reason)
     if trains(stage) and data.train is None:
         raise speaker.no_train_text(label)
@@ -155,7 +158,9 @@ def run_stage(
     # the blocks are chosen by position or index; the methods draw windows only when they read
     # them.
     wants = isinstance(stage, LayerReductionConfig) or calibration_reason(stage) is not None
-    if wants and data.calibration is not None:
+    if wants and data.tokens is not None:
+        calibration = data.tokens
+    elif wants and data.calibration is not None:
         calibration = model_calibration_samples(
             model, data.calibration, tokenizer, stage.calibration
         )
