@@ -122,6 +122,14 @@ def tensor_types(path: Path) -> dict[str, str]:
     return found
 
 
+def block_mix(path: Path, kind: str) -> dict[str, str]:
+    """GPTQ's grid overrides for the block layers llama.cpp's file puts on another type than
+    `kind`: with an importance matrix its Q4_0 (Q5_0) puts the first eighth of the ffn_down
+    layers on Q4_1 (Q5_1), "to guard against craziness" (``llama-quant.cpp``)."""
+    return {m: f"gguf:{t}" for m, t in tensor_types(path).items()
+            if m.startswith("model.layers.") and t != kind}  # fmt: skip
+
+
 @dataclass
 class Tools:
     """llama.cpp's command-line tools, or None for the Python binding without imatrix."""
@@ -240,11 +248,11 @@ class CaseRun:
         self.measure(name, path)
         return path
 
-    def check_types(self, name: str, path: Path, want: dict[str, str]) -> None:
+    def check_types(self, name: str, path: Path, want: dict[str, str], file: str) -> None:
         got = tensor_types(path)
         differ = sorted(m for m in set(want) | set(got) if want.get(m) != got.get(m))
         same = "the same tensor types as" if not differ else f"{len(differ)} tensor types unlike"
-        self.notes.append(f"{name}: {same} llama.cpp's Q4_K_M file" +
+        self.notes.append(f"{name}: {same} llama.cpp's {file} file" +
                           (f" (e.g. {differ[0]}: {got.get(differ[0])} vs {want.get(differ[0])})"
                            if differ else ""))  # fmt: skip
 
@@ -298,29 +306,39 @@ def run_case(run: CaseRun) -> None:
         theirs = work / f"llama-{kind}.gguf"
         run.make(f"llama.cpp {label}", "`llama-quantize` from ours f16", theirs,
                  lambda k=kind, t=theirs: tools.quantize(f16, t, k, None))  # fmt: skip
+        their_imatrix = work / f"llama-{kind}-imatrix.gguf"
         if imatrix is not None:
-            path = work / f"llama-{kind}-imatrix.gguf"
             run.make(f"llama.cpp {label} + imatrix", "`llama-quantize --imatrix` from ours f16",
-                     path, lambda k=kind, p=path: tools.quantize(f16, p, k, imatrix))  # fmt: skip
+                     their_imatrix, lambda k=kind, p=their_imatrix: tools.quantize(f16, p, k, imatrix))  # fmt: skip
         k_mix = tensor_types(theirs) if kind == "q4_k_m" else {}
+        # Q4_0 with an importance matrix is a mix (a few ffn_down layers on Q4_1): GPTQ and RTN
+        # get the same per-tensor types as the file they are compared with.
+        mix = block_mix(their_imatrix, kind) if imatrix is not None and not k_mix else {}
         path = work / f"rtn-{kind}.gguf"
         rtn_type, overrides = ("q4_k", [f"{m}={t}" for m, t in k_mix.items()]) if k_mix else (
-            kind, None)  # fmt: skip
+            kind, [f"{m}={t.removeprefix('gguf:')}" for m, t in mix.items()] or None)  # fmt: skip
         run.make(f"ours RTN {label}", f"`swiss-knife export --type {rtn_type}`"
-                 + (" + llama.cpp's per-tensor types" if k_mix else ""), path,
+                 + (" + llama.cpp's per-tensor types" if k_mix or mix else ""), path,
                  lambda t=rtn_type, p=path, o=overrides: export_gguf(dense, p, type=t,
                                                                       overrides=o))  # fmt: skip
         methods = ("gptq", "awq") if kind != "q4_k_m" else ("gptq",)
         for method in methods:
             name = f"ours {method.upper()} {label}"
-            path = run.make(name, f"{method.upper()} `--grid {GRIDS[kind]}`, save, "
-                            "`export --type auto`", work / f"{method}-{kind}.gguf",
-                            lambda m=method, k=kind, x=k_mix: calibrated(
-                                m, k, run.prepared, work, ignore, x))  # fmt: skip
+            # AWQ takes one grid for every layer: its Q4_0 stays pure.
+            extra = {"grid_overrides": mix} if mix and method == "gptq" else {}
+            path = run.make(name, f"{method.upper()} `--grid {GRIDS[kind]}`"
+                            + (" + llama.cpp's imatrix file's per-tensor types" if extra else "")
+                            + ", save, `export --type auto`", work / f"{method}-{kind}.gguf",
+                            lambda m=method, k=kind, x=k_mix, e=extra: calibrated(
+                                m, k, run.prepared, work, ignore, x, e))  # fmt: skip
             if k_mix:
-                run.check_types(name, path, k_mix)
+                run.check_types(name, path, k_mix, "Q4_K_M")
+            elif extra:
+                want = {m: t.removeprefix("gguf:") for m, t in mix.items()}
+                want = {**{m: kind for m in tensor_types(path)}, **want}
+                run.check_types(name, path, want, f"{label} + imatrix")
         if k_mix:
-            run.check_types(f"ours RTN {label}", work / f"rtn-{kind}.gguf", k_mix)
+            run.check_types(f"ours RTN {label}", work / f"rtn-{kind}.gguf", k_mix, "Q4_K_M")
 
 
 def floors(reports: list[Any]) -> list[str]:

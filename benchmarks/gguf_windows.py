@@ -11,7 +11,9 @@ difference smaller than about two standard errors is reported as within noise.
 Files (SmolLM2-135M-Instruct, 64 x 512 calibration tokens of WikiText-2 valid for GPTQ and
 ``llama-imatrix`` alike, as in `gguf_export.py`): llama.cpp's ``llama-quantize --imatrix`` at
 each type, and ours GPTQ on the type's grid exported with ``auto``, with and without the scale
-refit (``refit_scales``).
+refit (``refit_scales``). llama.cpp's Q4_0 with an importance matrix is a mix (the first eighth
+of the ffn_down layers on Q4_1); ours gets the same per-tensor types (GPTQ's
+``grid_overrides``), and is also scored with every layer on Q4_0.
 
 Usage::
 
@@ -96,8 +98,18 @@ def main() -> None:
             theirs_path = work / f"llama-{kind}-imatrix.gguf"
             tools.quantize(f16, theirs_path, kind, imatrix)
             files = {f"llama.cpp {label} + imatrix": theirs_path}
-            for tag, extra in (("", {}), ("-norefit", {"refit_scales": False})):
-                name = f"ours GPTQ {label}" + (" without scale refit" if tag else "")
+            # llama.cpp's file is a mix (its Q4_0 + imatrix puts the first eighth of ffn_down
+            # on Q4_1): ours gets the same per-tensor types, and is also scored pure.
+            mix = gb.block_mix(theirs_path, kind)
+            variants: list[tuple[str, str, dict[str, Any]]] = [
+                ("", "", {"grid_overrides": mix} if mix else {}),
+                ("-norefit", " without scale refit",
+                 {"refit_scales": False, **({"grid_overrides": mix} if mix else {})}),
+            ]  # fmt: skip
+            if mix:
+                variants.append(("-pure", f", every layer {label}", {}))
+            for tag, words, extra in variants:
+                name = f"ours GPTQ {label}{words}"
                 gb.log(f"making {name}")
                 files[name] = gb.calibrated("gptq", kind, prepared, work, [], {}, extra, tag)
             measured = {}

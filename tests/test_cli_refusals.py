@@ -304,7 +304,7 @@ def test_a_flag_foreign_to_the_method_names_the_flags_it_takes(
     )
     assert line.startswith(
         "error: --threshold, --damp do not apply to --method rtn; it takes --bits, "
-        "--group-size, --symmetric, --bits-override, --grid, --clip-search"
+        "--group-size, --symmetric, --bits-override, --grid, --clip-search, --grid-override"
     )
     assert "--calibration-data" not in line  # rtn is data-free
 

@@ -408,7 +408,70 @@ def test_k_grid_refuses_widths_that_no_block_divides() -> None:
     message = str(info.value)
     assert "\n" not in message
     assert "model.layers.0.mlp.down_proj has 200 inputs" in message
-    assert "multiples of 256" in message and "of 32 for its fallback" in message
+    assert "multiples of 32 (and of 256 for the K types' super-blocks)" in message
+
+
+MIX = {r"re:model\.layers\.0\.mlp\.down_proj": "gguf:q4_1"}
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_grid_overrides_mix_block_types_as_llama_cpp_does(tmp_path: Path, method: str) -> None:
+    """gguf:q4_0 with layer 0's down_proj on Q4_1 (llama.cpp's Q4_0 + imatrix mix): saved dense
+    + the block sidecar, reloaded by plain transformers, exported with auto integer for integer
+    into a GGUF with the same mix."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny_llama(0, **WIDE)
+    settings: dict[str, Any] = {"grid": "gguf:q4_0", "grid_overrides": MIX}
+    config = (GPTQConfig(**settings, calibration=CAL) if method == "gptq"
+              else RTNConfig(**settings))  # fmt: skip
+    outcome = quantize(model, config, calibration=ids(1) if method == "gptq" else None)
+    assert outcome.report["gguf_grid"]["types"] == {"q4_0": 13, "q4_1": 1}
+    assert "model\\.layers\\.0\\.mlp\\.down_proj on Q4_1" in outcome.steps[0]
+    out = save(outcome, tmp_path / method)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    dense = load_file(str(out / "model.safetensors"))
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    for name, weight in linear_weights(model).items():
+        assert torch.equal(weight, dense[f"{name}.weight"]), name
+        assert torch.equal(reloaded.get_submodule(name).weight, weight), name
+    report = export_gguf(out, tmp_path / f"{method}.gguf", "auto")
+    assert len(report["exact_tensors"]) == 14
+    tensors = gguf_tensors(tmp_path / f"{method}.gguf")
+    for row in report["tensors"]:
+        if not row["exact"]:
+            continue
+        kind, _, values = tensors[row["name"]]
+        assert kind == ("Q4_1" if row["source"].startswith("model.layers.0.mlp.down") else "Q4_0")
+        assert np.array_equal(values, dense[row["source"]].numpy()), row["name"]
+
+
+def test_grid_overrides_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValidationError, match=r"grid overrides need a llama\.cpp grid"):
+        GPTQConfig(grid_overrides=MIX)
+    with pytest.raises(ValidationError, match=r"re:x=int: the grid must be one of gguf:q4_0"):
+        RTNConfig(grid="gguf:q4_0", grid_overrides={"re:x": "int"})
+    with pytest.raises(ValidationError, match="grid_overrides"):
+        AWQConfig(grid="gguf:q4_0", grid_overrides=MIX)  # one grid for every layer
+    with pytest.raises(UserInputError, match="matches none"):
+        quantize(make_tiny_llama(0, **WIDE), RTNConfig(grid="gguf:q4_0",
+                                                     grid_overrides={"re:nothing": "gguf:q8_0"}))  # fmt: skip
+    model = save_float(tmp_path / "float")
+    capsys.readouterr()
+    code, _, err = run(
+        capsys, "quantize", model, "--method", "rtn", "--grid", "gguf:q4_0", "--grid-override",
+        "re:.*down_proj=gguf:q4_1", "--stream", "on", "--output-dir", tmp_path / "on", "-q",
+    )  # fmt: skip
+    assert code == 2 and "grid overrides writes a GGUF block sidecar" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "on").exists()
+    code, out, err = run(
+        capsys, "quantize", model, "--method", "rtn", "--grid", "gguf:q4_0", "--grid-override",
+        "re:.*down_proj=gguf:q4_1", "--output-dir", tmp_path / "mix",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "re:.*down_proj on Q4_1" in out, out
+    types = json.loads((tmp_path / "mix" / "swiss_knife.json").read_text())["stage_report"]
+    assert types["gguf_grid"]["types"] == {"q4_0": 12, "q4_1": 2}
 
 
 # ----------------------------------------------------------------------------- command line

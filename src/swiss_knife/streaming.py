@@ -217,6 +217,8 @@ def stream_refusal(stage: Any) -> str | None:
     if method in ("rtn", "gptq", "awq", "static"):
         if grid.startswith("gguf:q") and grid.endswith("_k"):
             return f"{method} on a K grid writes a GGUF block sidecar for the whole model"
+        if getattr(stage, "grid_overrides", None):
+            return f"{method} with grid overrides writes a GGUF block sidecar for the whole model"
         return None
     if method in ("magnitude", "wanda", "sparsegpt"):
         if getattr(stage, "schedule", None) is not None:

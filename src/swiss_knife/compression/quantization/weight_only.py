@@ -41,7 +41,7 @@ from .gguf_grid import (
     BLOCK_GRIDS,
     GRID_FILE,
     K_FALLBACK,
-    GGUFGridConfig,
+    GGUFMixConfig,
     KSpec,
     block_scale_dtype,
     fallback_blocks,
@@ -50,20 +50,21 @@ from .gguf_grid import (
     is_k_grid,
     plan_k_grids,
     rtn_quantize_k,
+    uses_sidecar,
 )
 from .gptq import Factors, gptq_quantize, gptq_quantize_k
 from .grid import QuantGrid, QuantizedWeight
 from .rtn import rtn_quantize
 
 
-class RTNConfig(GGUFGridConfig):
+class RTNConfig(GGUFMixConfig):
     """Round-to-nearest weight-only quantization, optionally with a clipping-range search."""
 
     method: Literal["rtn"] = "rtn"
     clip_search: bool = Field(default=False, description="Search the range that minimises error.")
 
 
-class GPTQConfig(GGUFGridConfig):
+class GPTQConfig(GGUFMixConfig):
     """GPTQ (Frantar et al. 2022): second-order weight-only quantization on calibration data."""
 
     method: Literal["gptq"] = "gptq"
@@ -144,18 +145,27 @@ def _describe(config: RTNConfig | GPTQConfig) -> str:
         return (
             f"llama.cpp {kind} grid (super-blocks of 256 with quantized sub-block scales; "
             f"{fallback}, llama.cpp's fallback, where 256 does not divide a layer's width)"
-        )
+        ) + _overrides_note(config)
     group = f"groups of {config.group_size}" if config.group_size else "per-channel scales"
     grid = "symmetric" if config.symmetric else "asymmetric"
     text = f"{config.bits}-bit {grid} integer weights, {group}"
     if is_block_grid(config.grid):
         text += f" (llama.cpp {config.grid.removeprefix('gguf:').upper()} grid, fp16 scales)"
-    return text
+    return text + _overrides_note(config)
+
+
+def _overrides_note(config: RTNConfig | GPTQConfig) -> str:
+    """How the step line names the grid overrides, or nothing without any."""
+    if not config.grid_overrides:
+        return ""
+    pairs = ", ".join(f"{p} on {g.removeprefix('gguf:').upper()}"
+                      for p, g in config.grid_overrides.items())  # fmt: skip
+    return f"; overrides: {pairs}"
 
 
 def _plan(model: nn.Module, config: RTNConfig | GPTQConfig) -> dict[str, tuple[nn.Linear, Any]]:
-    """The targeted linears with their grids (a `QuantGrid`, or a `KSpec` for a K grid)."""
-    if is_k_grid(config.grid):
+    """The targeted linears with their grids (a `QuantGrid`, or a `KSpec` for a K type)."""
+    if uses_sidecar(config):
         return dict(plan_k_grids(model, config))
     # One asymmetric block grid (gguf:q4_1, q5_1) loads through load_compressed, as AWQ's does.
     asymmetric = is_block_grid(config.grid) and not BLOCK_GRIDS[config.grid][1]
@@ -207,7 +217,7 @@ def _grid_report(config: RTNConfig | GPTQConfig, blocks: Mapping[str, Any]) -> d
 
 
 def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantizeContext) -> QuantizationOutcome:
-    if is_k_grid(config.grid):
+    if uses_sidecar(config):
         return _apply_rtn_k(model, config)
     plan = _plan(model, config)
     quantized: dict[str, QuantizedWeight] = {}
@@ -349,15 +359,15 @@ class GPTQCalibrator(BlockCalibrator):
             block_size=cfg.block_size,
             damp=cfg.damp,
             act_order=cfg.act_order,
-            # a K grid's fallback layer is written as contiguous blocks of 32
-            static_groups=cfg.static_groups or is_k_grid(cfg.grid),
+            # the sidecar's block layers are written as contiguous blocks of 32
+            static_groups=cfg.static_groups or uses_sidecar(cfg),
             clip_search=cfg.clip_search,
             scale_dtype=_scale_dtype(cfg, weight.dtype),
             weighted_scales=_weighted(cfg, grid),
             refit_scales=cfg.refit_scales and _on_gguf_blocks(cfg) and grid.symmetric,
             factors=factors,
         )
-        if is_k_grid(cfg.grid):  # a K grid's fallback layer: GGUF block bytes
+        if uses_sidecar(cfg):  # a block layer of a K grid or of a mix: GGUF block bytes
             kind, data, values = fallback_blocks(qw)
             with torch.no_grad():
                 weight.copy_(values.to(weight.device, weight.dtype))
