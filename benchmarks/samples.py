@@ -95,7 +95,8 @@ def measure(args: Any, root: Path) -> dict[int, dict[str, tuple[dict[str, Any] |
         found[samples] = {}
         for script in ("quantization.py", "pruning.py"):
             picked = [m for m in METHODS if m[1] == script]
-            only = [name for m in picked for name in m[2:5]]
+            only = [name for m in picked for name in m[2:5]
+                    if args.in_memory or name != m[2]]  # fmt: skip
             rows = run_script(script, samples, only, root / f"{script}-{samples}.json", args)
             for method, _, ours, streamed, theirs, _ in picked:
                 found[samples][method] = tuple(find(rows, n) for n in (ours, streamed, theirs))
@@ -133,7 +134,12 @@ def report(found: dict[int, dict[str, tuple[dict[str, Any] | None, ...]]], args:
             for run, row in (("ours, in memory", ours), ("ours, streamed", streamed),
                              ("llm-compressor", theirs)):  # fmt: skip
                 if row is None:
-                    lines.append(f"| {method} | {samples} | {run} | row missing | | | | | |")
+                    why = (
+                        "not run (--no-in-memory)"
+                        if not args.in_memory and run == "ours, in memory"
+                        else "row missing"
+                    )
+                    lines.append(f"| {method} | {samples} | {run} | {why} | | | | | |")
                     continue
                 t, r = row.get(time_field), row.get("peak_rss")
                 lines.append(
@@ -177,6 +183,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, nargs="+", default=[16, 64, 128])
     parser.add_argument("--eval-windows", type=int, default=40)
     parser.add_argument("--no-write", dest="write", action="store_false")
+    parser.add_argument("--no-in-memory", dest="in_memory", action="store_false",
+                        help="skip our in-memory rows (the floors read the streamed ones)")  # fmt: skip
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sk-bench-samples-") as root:
         found = measure(args, Path(root))
