@@ -334,9 +334,7 @@ def run_case(run: CaseRun) -> None:
             if k_mix:
                 run.check_types(name, path, k_mix, "Q4_K_M")
             elif extra:
-                want = {m: t.removeprefix("gguf:") for m, t in mix.items()}
-                want = {**{m: kind for m in tensor_types(path)}, **want}
-                run.check_types(name, path, want, f"{label} + imatrix")
+                run.check_types(name, path, tensor_types(their_imatrix), f"{label} + imatrix")
         if k_mix:
             run.check_types(f"ours RTN {label}", work / f"rtn-{kind}.gguf", k_mix, "Q4_K_M")
 

@@ -101,11 +101,9 @@ def main() -> None:
             # llama.cpp's file is a mix (its Q4_0 + imatrix puts the first eighth of ffn_down
             # on Q4_1): ours gets the same per-tensor types, and is also scored pure.
             mix = gb.block_mix(theirs_path, kind)
-            variants: list[tuple[str, str, dict[str, Any]]] = [
-                ("", "", {"grid_overrides": mix} if mix else {}),
-                ("-norefit", " without scale refit",
-                 {"refit_scales": False, **({"grid_overrides": mix} if mix else {})}),
-            ]  # fmt: skip
+            with_mix: dict[str, Any] = {"grid_overrides": mix} if mix else {}
+            variants = [("", "", with_mix),
+                        ("-norefit", " without scale refit", {"refit_scales": False, **with_mix})]  # fmt: skip
             if mix:
                 variants.append(("-pure", f", every layer {label}", {}))
             for tag, words, extra in variants:

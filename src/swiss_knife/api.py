@@ -182,22 +182,26 @@ def _stage_data(calibration: Any) -> Any:
     DataConfig, or token ids ``(num_samples, seq_len)`` already drawn."""
     from .stages import StageData
 
-    if calibration is None:
-        return StageData()
-    if isinstance(calibration, torch.Tensor):
-        if calibration.ndim != 2 or calibration.is_floating_point() or calibration.numel() == 0:
-            raise UserInputError(
-                "calibration token ids must be a non-empty integer tensor (num_samples, "
-                f"seq_len), got {calibration.dtype} of shape {tuple(calibration.shape)}"
-            )
-        return StageData(tokens=calibration)
+    source = _calibration_source(calibration)
+    if not isinstance(source, torch.Tensor):
+        return StageData(source)
+    if source.ndim != 2 or source.is_floating_point() or source.numel() == 0:
+        raise UserInputError(
+            "calibration token ids must be a non-empty integer tensor (num_samples, "
+            f"seq_len), got {source.dtype} of shape {tuple(source.shape)}"
+        )
+    return StageData(tokens=source)
+
+
+def _calibration_source(calibration: Any) -> torch.Tensor | DataConfig | None:
+    """What the user passed as calibration, as token ids, a DataConfig (a path becomes one) or
+    None; anything else is refused in one line."""
+    if calibration is None or isinstance(calibration, torch.Tensor | DataConfig):
+        return calibration
     if isinstance(calibration, str | Path):
-        return StageData(DataConfig(source=str(calibration)))
-    if isinstance(calibration, DataConfig):
-        return StageData(calibration)
+        return DataConfig(source=str(calibration))
     raise UserInputError(
-        "calibration must be a text file, a DataConfig or token ids (num_samples, seq_len), "
-        f"got {type(calibration).__name__}"
+        "calibration must be token ids (num_samples, seq_len), a text file or a DataConfig"
     )
 
 
@@ -213,15 +217,9 @@ def _parts(model: LoadedModel | nn.Module) -> tuple[nn.Module, Any | None, Any, 
 
 def _calibration(calibration: Any, network: nn.Module, tokenizer: Any | None, config: Any) -> Any:
     """Token windows from a tensor, a text file path or a DataConfig (with the config's counts)."""
-
+    calibration = _calibration_source(calibration)
     if calibration is None or isinstance(calibration, torch.Tensor):
         return calibration
-    if isinstance(calibration, str | Path):
-        calibration = DataConfig(source=str(calibration))
-    if not isinstance(calibration, DataConfig):
-        raise UserInputError(
-            "calibration must be token ids (num_samples, seq_len), a text file or a DataConfig"
-        )
     if tokenizer is None:
         raise UserInputError("calibration text needs a tokenizer: pass a model from sk.load")
     from .config import CalibrationSettings

@@ -215,10 +215,11 @@ def stream_refusal(stage: Any) -> str | None:
         return None
     grid = str(getattr(stage, "grid", None))
     if method in ("rtn", "gptq", "awq", "static"):
-        if grid.startswith("gguf:q") and grid.endswith("_k"):
-            return f"{method} on a K grid writes a GGUF block sidecar for the whole model"
-        if getattr(stage, "grid_overrides", None):
-            return f"{method} with grid overrides writes a GGUF block sidecar for the whole model"
+        from .compression.quantization.gguf_grid import is_k_grid, uses_sidecar
+
+        if uses_sidecar(stage):
+            how = "on a K grid" if is_k_grid(grid) else "with grid overrides"
+            return f"{method} {how} writes a GGUF block sidecar for the whole model"
         return None
     if method in ("magnitude", "wanda", "sparsegpt"):
         if getattr(stage, "schedule", None) is not None:

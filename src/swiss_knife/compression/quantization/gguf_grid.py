@@ -510,7 +510,9 @@ def block_grid(grid: str) -> QuantGrid:
     return QuantGrid(bits=bits, symmetric=symmetric, group_size=BLOCK_GROUP)
 
 
-def plan_k_grids(model: nn.Module, config: Any) -> dict[str, tuple[nn.Linear, KSpec | QuantGrid]]:
+def plan_gguf_grids(
+    model: nn.Module, config: Any
+) -> dict[str, tuple[nn.Linear, KSpec | QuantGrid]]:
     """Every targeted linear with its GGUF type: a grid override's, else the grid family's
     member a bits override names, else the grid's. A K type on a layer whose input width 256
     does not divide becomes the 32-weight block type llama.cpp falls back to (`K_FALLBACK`:
@@ -642,7 +644,7 @@ __all__ = [
     "is_k_grid",
     "k_round",
     "k_steps",
-    "plan_k_grids",
+    "plan_gguf_grids",
     "read_grid_types",
     "rtn_quantize_k",
     "uses_sidecar",

@@ -48,7 +48,7 @@ from .gguf_grid import (
     gguf_grid_writer,
     is_block_grid,
     is_k_grid,
-    plan_k_grids,
+    plan_gguf_grids,
     rtn_quantize_k,
     uses_sidecar,
 )
@@ -166,7 +166,7 @@ def _overrides_note(config: RTNConfig | GPTQConfig) -> str:
 def _plan(model: nn.Module, config: RTNConfig | GPTQConfig) -> dict[str, tuple[nn.Linear, Any]]:
     """The targeted linears with their grids (a `QuantGrid`, or a `KSpec` for a K type)."""
     if uses_sidecar(config):
-        return dict(plan_k_grids(model, config))
+        return dict(plan_gguf_grids(model, config))
     # One asymmetric block grid (gguf:q4_1, q5_1) loads through load_compressed, as AWQ's does.
     asymmetric = is_block_grid(config.grid) and not BLOCK_GRIDS[config.grid][1]
     return dict(plan_grids(model, config, allow_asymmetric=asymmetric))
@@ -262,7 +262,7 @@ def _apply_rtn(model: nn.Module, config: RTNConfig, ctx: QuantizeContext) -> Qua
 
 def _apply_rtn_k(model: nn.Module, config: RTNConfig) -> QuantizationOutcome:
     """RTN on a K grid: each linear's super-block scales fitted on its own weights."""
-    plan = plan_k_grids(model, config)
+    plan = plan_gguf_grids(model, config)
     blocks: dict[str, tuple[str, Any]] = {}
     rows: list[dict[str, Any]] = []
     with torch.no_grad():
