@@ -13,6 +13,8 @@ below, so the day it can, the test says so; tests/test_plain_reload.py covers ev
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,27 @@ def test_registry_refuses_duplicates_and_names_the_choices() -> None:
         register_method("wanda", WandaPruneConfig, needs_calibration=True)(lambda m, c, x: None)  # type: ignore[arg-type,return-value]
     with pytest.raises(UserInputError, match=r"available: .*sparsegpt"):
         get_method("lottery-ticket")
+
+
+def test_method_order_does_not_depend_on_what_was_imported_first() -> None:
+    """Help and messages list methods in module file order, whichever module loaded first."""
+    script = (
+        "import importlib, sys\n"
+        "for module in sys.argv[1:]: importlib.import_module(module)\n"
+        "from swiss_knife import registry\n"
+        "print([registry.names(kind) for kind in ('quantize', 'prune')])\n"
+    )
+    first = (
+        "swiss_knife.compression.quantization.gptq",
+        "swiss_knife.compression.pruning.unstructured",
+    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", script, *pre], capture_output=True, text=True, check=True
+        )
+        for pre in ((), first)
+    ]
+    assert runs[0].stdout == runs[1].stdout
 
 
 # ----------------------------------------------------------------------------- conformance

@@ -65,6 +65,9 @@ class Method:
 _REGISTRY: dict[str, dict[str, Method]] = {kind: {} for kind in KINDS}
 _BY_CONFIG: dict[type, Method] = {}
 _LOADED: set[str] = set()
+# Each kind's built-in modules in file order: methods() lists by it, so the order of names in help
+# and messages does not depend on which module some other import happened to load first.
+_MODULE_ORDER: dict[str, list[str]] = {}
 
 
 def register(
@@ -102,14 +105,29 @@ def load_builtins(kind: str | None = None) -> None:
             continue
         _LOADED.add(each)
         package = importlib.import_module(_PACKAGES[each])
-        for info in pkgutil.iter_modules(getattr(package, "__path__", [])):
-            if not info.name.startswith("_"):
-                importlib.import_module(f"{package.__name__}.{info.name}")
+        modules = [
+            f"{package.__name__}.{info.name}"
+            for info in sorted(
+                pkgutil.iter_modules(getattr(package, "__path__", [])), key=lambda i: i.name
+            )
+            if not info.name.startswith("_")
+        ]
+        _MODULE_ORDER[each] = modules
+        for module in modules:
+            importlib.import_module(module)
 
 
 def methods(kind: str) -> list[Method]:
+    """The kind's methods: built-ins in module file order (registration order within a module),
+    then any registered from elsewhere, in registration order."""
     load_builtins(kind)
-    return list(_REGISTRY[kind].values())
+    order = _MODULE_ORDER.get(kind, [])
+
+    def rank(method: Method) -> int:
+        module = getattr(method.apply, "__module__", "")
+        return order.index(module) if module in order else len(order)
+
+    return sorted(_REGISTRY[kind].values(), key=rank)
 
 
 def names(kind: str) -> list[str]:
