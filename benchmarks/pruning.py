@@ -381,7 +381,7 @@ def prune_variant(
         }
         spec_file = out_dir.with_suffix(".spec.json")
         spec_file.write_text(json.dumps(spec, indent=2))
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_file)]
+        command = [args.ours_python, str(Path(__file__).resolve()), "--worker", str(spec_file)]
     error = run_logged(command, log_file)
     if error is not None:
         return None, f"{error} (log: {log_file})"
@@ -837,6 +837,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run only the variants whose 'Tool: label' contains one of these strings (one ending in $: ends with it)",
     )
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="llm-compressor venv")
+    parser.add_argument(
+        "--ours-python",
+        default=sys.executable,
+        help="Python that runs our workers (default: this one); samples.py passes the venv "
+        "with Swiss Knife's base install only (quantization.ensure_base_venv)",
+    )
     parser.add_argument("--keep", type=Path, default=None, help="keep checkpoints and logs here")
     parser.add_argument("--json", type=Path, default=None, help="also write all rows as JSON")
     parser.add_argument(

@@ -453,6 +453,28 @@ def ensure_llmc_venv(venv: Path) -> Path:
     return python
 
 
+def ensure_base_venv(venv: Path) -> Path:
+    """Python of a venv holding Swiss Knife with its base dependencies only (torch pinned to
+    2.13.0, CPU), as `pip install swiss-knife` gives a user: no dev extras (torchao,
+    bitsandbytes) and nothing else this machine's site-packages hold. transformers imports
+    some optional packages whenever they are installed (torchao, kernels and, through it,
+    boto3), which adds about 60 MB to every process that builds a model; llm-compressor runs
+    in a venv of its own, so our rows should too for a like-for-like peak RSS."""
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import swiss_knife"]
+    if python.exists():
+        found = subprocess.run(probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if found.returncode == 0:
+            return python
+    print(f"creating {venv} with Swiss Knife's base install (one-off)...", flush=True)
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, TORCH_PIN], check=True)
+    subprocess.run([*pip, "-e", str(REPO)], check=True)
+    return python
+
+
 def quantize_variant(
     variant: Variant,
     prepared: Prepared,
@@ -490,7 +512,8 @@ def quantize_variant(
         }
         spec_file = out_dir.with_suffix(".spec.json")
         spec_file.write_text(json.dumps(spec, indent=2))
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(spec_file)]
+        python = sys.executable if variant.kind == "bnb_peer" else args.ours_python
+        command = [python, str(Path(__file__).resolve()), "--worker", str(spec_file)]
     error = run_logged(command, log)
     if error is not None:
         return None, f"{error} (log: {log})"
@@ -1168,6 +1191,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run only the variants whose 'Tool: label' contains one of these strings (one ending in $: ends with it)",
     )
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV, help="llm-compressor venv")
+    parser.add_argument(
+        "--ours-python",
+        default=sys.executable,
+        help="Python that runs our workers (default: this one); samples.py passes the venv "
+        "with Swiss Knife's base install only (see ensure_base_venv)",
+    )
     parser.add_argument(
         "--keep", type=Path, default=None, help="keep checkpoints, logs and JSON in this folder"
     )

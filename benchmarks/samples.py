@@ -34,6 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import write_section
+from quantization import REPO, ensure_base_venv
 
 HERE = Path(__file__).resolve().parent
 # (method, script, our in-memory row, our streamed row, llm-compressor's row, time field); rows
@@ -63,6 +64,7 @@ def run_script(script: str, samples: int, only: list[str], out: Path, args: Any)
         sys.executable, str(HERE / script), "--models", "smollm2",
         "--calib-samples", str(samples), "--eval-windows", str(args.eval_windows),
         "--speed-repeats", "1", "--no-write", "--json", str(out), "--only", *only,
+        "--ours-python", args.ours_python,
     ]  # fmt: skip
     log(shlex.join(command[1:]))
     # The script exits 1 when one of its own floors fails; its rows are written all the same.
@@ -118,7 +120,11 @@ def report(found: dict[int, dict[str, tuple[dict[str, Any] | None, ...]]], args:
         "the command line's default for a checkpoint on disk), and llm-compressor. Time: the "
         "method alone (calibration walk and solve; for the streamed row also the reading and "
         "writing of the checkpoint, which interleave with the walk); peak RSS: the worker "
-        "process's VmHWM. Ratios are against llm-compressor. Command: `"
+        "process's VmHWM. Our workers run in "
+        + ("a venv with Swiss Knife's base install only (`pip install -e .`, torch 2.13.0 CPU), "
+           "as llm-compressor's run in a venv with its own install"
+           if args.base_venv else "this interpreter's environment (dev extras included)")
+        + ". Ratios are against llm-compressor. Command: `"
         + shlex.join(["python", *sys.argv]) + "`.",
         "",
         "| method | samples | run | s | time ratio | GiB | RSS ratio | ppl | load before → after |",
@@ -185,7 +191,13 @@ def main() -> None:
     parser.add_argument("--no-write", dest="write", action="store_false")
     parser.add_argument("--no-in-memory", dest="in_memory", action="store_false",
                         help="skip our in-memory rows (the floors read the streamed ones)")  # fmt: skip
+    parser.add_argument("--ours-venv", type=Path, default=REPO / ".benchmarks-sk",
+                        help="venv with Swiss Knife's base install only, created on first use; "
+                        "our workers run in it, as llm-compressor's run in its own venv")  # fmt: skip
+    parser.add_argument("--ours-in-this-python", dest="base_venv", action="store_false",
+                        help="run our workers in this interpreter (dev extras and all) instead")  # fmt: skip
     args = parser.parse_args()
+    args.ours_python = str(ensure_base_venv(args.ours_venv)) if args.base_venv else sys.executable
     with tempfile.TemporaryDirectory(prefix="sk-bench-samples-") as root:
         found = measure(args, Path(root))
     print(report(found, args))

@@ -220,6 +220,20 @@ def test_only_the_current_block_moves_and_everything_is_restored() -> None:
     assert all(not m._forward_hooks for m in model.modules())
 
 
+def test_the_replay_writes_each_output_into_its_input_buffer() -> None:
+    """In memory, block i's output goes into the buffers that held its input, so the walk does
+    not allocate a fresh set of activations per block (heap growth, see `_store_output`)."""
+    buffers: dict[int, list[int]] = {}
+
+    class Spy(BlockCalibrator):
+        def observe_block(self, ctx: BlockContext, inp: Tensor, out: Tensor) -> None:
+            buffers.setdefault(ctx.index, []).append(inp.data_ptr())
+
+    run_calibration(build("llama"), samples(), Spy(), batch_size=2)
+    assert len(buffers) >= 2 and len(buffers[0]) == 3
+    assert all(pointers == buffers[0] for pointers in buffers.values())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_walk_keeps_other_blocks_on_the_cpu() -> None:
     model = build("llama")

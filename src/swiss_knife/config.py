@@ -199,7 +199,10 @@ class CalibrationSettings(StrictModel):
     num_samples: int = Field(default=128, ge=1, description="Calibration windows.")
     seq_len: int = Field(default=512, ge=8, description="Tokens per calibration window.")
     seed: int = Field(default=0, description="Seed of the window sampler.")
-    batch_size: int = Field(default=8, ge=1, description="Windows per forward pass.")
+    # 2: a forward's temporaries (and the heap fragmentation they leave) grow with the batch;
+    # on SmolLM2 with 64 x 512 tokens a streamed GPTQ peaked at 926 MiB with 8 windows per
+    # pass and 709 MiB with 2, in the same time within noise (benchmarks/RESULTS.md, samples).
+    batch_size: int = Field(default=2, ge=1, description="Windows per forward pass.")
     precision: Literal["fp32", "bf16", "auto"] = Field(
         default="fp32",
         description="Precision of the block forward passes that gather statistics: bf16 runs "
