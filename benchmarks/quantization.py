@@ -431,15 +431,16 @@ def run_logged(command: list[str], log: Path, timeout: int = WORKER_TIMEOUT_S) -
     return f"exit status {proc.returncode}: {tail[-600:]}"
 
 
-def ensure_llmc_venv(venv: Path) -> Path:
-    """Python of a venv holding llm-compressor with torch pinned to 2.13.0 (CPU)."""
+def _ensure_venv(venv: Path, probe: str, what: str, install: list[str]) -> Path:
+    """Python of `venv`, created with torch pinned to 2.13.0 (CPU) and then `pip install
+    install` (torch held at the pin) unless `import probe` already works there."""
     python = venv / "bin" / "python"
-    probe = [str(python), "-c", "import llmcompressor, datasets"]
+    check = [str(python), "-c", f"import {probe}"]
     if python.exists():
-        found = subprocess.run(probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        found = subprocess.run(check, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if found.returncode == 0:
             return python
-    print(f"creating {venv} with llm-compressor (one-off, about a minute)...", flush=True)
+    print(f"creating {venv} with {what} (one-off, about a minute)...", flush=True)
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(python), "-m", "pip", "install", "-q"]
@@ -447,10 +448,15 @@ def ensure_llmc_venv(venv: Path) -> Path:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as constraints:
         constraints.write(TORCH_PIN + "\n")
     try:
-        subprocess.run([*pip, "-c", constraints.name, "llmcompressor"], check=True)
+        subprocess.run([*pip, "-c", constraints.name, *install], check=True)
     finally:
         os.unlink(constraints.name)
     return python
+
+
+def ensure_llmc_venv(venv: Path) -> Path:
+    """Python of a venv holding llm-compressor with torch pinned to 2.13.0 (CPU)."""
+    return _ensure_venv(venv, "llmcompressor, datasets", "llm-compressor", ["llmcompressor"])
 
 
 def ensure_base_venv(venv: Path) -> Path:
@@ -460,19 +466,7 @@ def ensure_base_venv(venv: Path) -> Path:
     some optional packages whenever they are installed (torchao, kernels and, through it,
     boto3), which adds about 60 MB to every process that builds a model; llm-compressor runs
     in a venv of its own, so our rows should too for a like-for-like peak RSS."""
-    python = venv / "bin" / "python"
-    probe = [str(python), "-c", "import swiss_knife"]
-    if python.exists():
-        found = subprocess.run(probe, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if found.returncode == 0:
-            return python
-    print(f"creating {venv} with Swiss Knife's base install (one-off)...", flush=True)
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(python), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, TORCH_PIN], check=True)
-    subprocess.run([*pip, "-e", str(REPO)], check=True)
-    return python
+    return _ensure_venv(venv, "swiss_knife", "Swiss Knife's base install", ["-e", str(REPO)])
 
 
 def quantize_variant(

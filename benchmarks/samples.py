@@ -96,7 +96,9 @@ def measure(args: Any, root: Path) -> dict[int, dict[str, tuple[dict[str, Any] |
     for samples in args.samples:
         found[samples] = {}
         for script in ("quantization.py", "pruning.py"):
-            picked = [m for m in METHODS if m[1] == script]
+            picked = [m for m in METHODS if m[1] == script and m[0] in args.methods]
+            if not picked:
+                continue
             only = [name for m in picked for name in m[2:5]
                     if args.in_memory or name != m[2]]  # fmt: skip
             rows = run_script(script, samples, only, root / f"{script}-{samples}.json", args)
@@ -132,7 +134,7 @@ def report(found: dict[int, dict[str, tuple[dict[str, Any] | None, ...]]], args:
     ]  # fmt: skip
     floors = []
     gib = 2.0**30
-    for method, *_, time_field in METHODS:
+    for method, *_, time_field in (m for m in METHODS if m[0] in args.methods):
         for samples, by_method in found.items():
             ours, streamed, theirs = by_method.get(method, (None, None, None))
             base_t = None if theirs is None else theirs.get(time_field)
@@ -188,6 +190,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, nargs="+", default=[16, 64, 128])
     parser.add_argument("--eval-windows", type=int, default=40)
+    parser.add_argument("--methods", nargs="+", default=[m[0] for m in METHODS],
+                        choices=[m[0] for m in METHODS], help="methods to run (default: all)")  # fmt: skip
     parser.add_argument("--no-write", dest="write", action="store_false")
     parser.add_argument("--no-in-memory", dest="in_memory", action="store_false",
                         help="skip our in-memory rows (the floors read the streamed ones)")  # fmt: skip
