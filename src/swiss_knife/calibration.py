@@ -99,6 +99,7 @@ from swiss_knife.arch import (
     get_blocks,
     linear_in_out,
 )
+from swiss_knife.config import TOKENS_PER_FORWARD
 from swiss_knife.device import fast_bf16_matmul
 from swiss_knife.errors import UnsupportedArchitectureError, UserInputError
 
@@ -587,7 +588,10 @@ def _check_samples(config: Any, samples: Any) -> None:
         )
 
 
-def _check_batch_size(batch_size: Any) -> int:
+def _check_batch_size(batch_size: Any, samples: Tensor) -> int:
+    """The mini-batch size: as given, or (None) as many windows as make `TOKENS_PER_FORWARD`."""
+    if batch_size is None:
+        return max(1, TOKENS_PER_FORWARD // max(1, int(samples.shape[-1])))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
     return batch_size
@@ -780,7 +784,7 @@ def capture_block_inputs(
     samples: Tensor,
     *,
     device: torch.device | str | None = None,
-    batch_size: int = 2,
+    batch_size: int | None = None,
     offload_activations: bool = False,
 ) -> BlockInputs:
     """Block 0's input hidden states and every block's call arguments, per mini-batch.
@@ -791,7 +795,7 @@ def capture_block_inputs(
     spec = get_arch(model)
     blocks = get_blocks(model, spec)
     _check_samples(model.config, samples)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = _check_batch_size(batch_size, samples)
     _check_not_meta(model)
     compute = _resolve_compute_device(device, blocks)
     storage = torch.device("cpu") if offload_activations else compute
@@ -1391,7 +1395,7 @@ def run_calibration(
     calibrator: BlockCalibrator,
     *,
     device: torch.device | str | None = None,
-    batch_size: int = 2,
+    batch_size: int | None = None,
     offload_activations: bool = False,
     progress: bool = False,
     measure_error: bool = True,
@@ -1414,7 +1418,7 @@ def run_calibration(
     spec = get_arch(model)
     blocks = get_blocks(model, spec)
     _check_samples(model.config, samples)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = _check_batch_size(batch_size, samples)
     stream = stream_of(model)
     if stream is None:
         _check_not_meta(model)
@@ -1546,7 +1550,7 @@ def block_io_scores(
     samples: Tensor,
     *,
     device: torch.device | str | None = None,
-    batch_size: int = 2,
+    batch_size: int | None = None,
     offload_activations: bool = False,
     progress: bool = False,
     precision: str = "fp32",

@@ -193,16 +193,25 @@ class EvaluateStageConfig(StageBase):
 # ----------------------------------------------------------------------- quantization stages
 
 
+# Calibration forwards take this many tokens when the batch size is not given.
+TOKENS_PER_FORWARD = 1024
+
+
 class CalibrationSettings(StrictModel):
     """How many token windows of the calibration text a data-driven method sees."""
 
     num_samples: int = Field(default=128, ge=1, description="Calibration windows.")
     seq_len: int = Field(default=512, ge=8, description="Tokens per calibration window.")
     seed: int = Field(default=0, description="Seed of the window sampler.")
-    # 2: a forward's temporaries (and the heap fragmentation they leave) grow with the batch;
-    # on SmolLM2 with 64 x 512 tokens a streamed GPTQ peaked at 926 MiB with 8 windows per
-    # pass and 709 MiB with 2, in the same time within noise (benchmarks/RESULTS.md, samples).
-    batch_size: int = Field(default=2, ge=1, description="Windows per forward pass.")
+    # Unset, 1024 tokens per forward (2 windows of 512): a forward's temporaries (and the heap
+    # fragments they leave) grow with its tokens; on SmolLM2 with 64 x 512 tokens a streamed
+    # GPTQ peaked at 926 MiB with 8 windows per pass and 709 MiB with 2, in the same time
+    # within noise (benchmarks/RESULTS.md, samples). Short windows get more per pass.
+    batch_size: int = Field(
+        default=2,
+        ge=1,
+        description="Windows per forward pass; default: as many as make 1024 tokens (at least 1).",
+    )
     precision: Literal["fp32", "bf16", "auto"] = Field(
         default="fp32",
         description="Precision of the block forward passes that gather statistics: bf16 runs "
@@ -218,6 +227,15 @@ class CalibrationSettings(StrictModel):
         "fresh folder inside this one, one mini-batch in memory at a time, instead of in "
         "memory; the folder is deleted when the walk ends. null: in memory.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _batch_by_tokens(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("batch_size") is None:
+            seq_len = data.get("seq_len", 512)
+            if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0:
+                data = {**data, "batch_size": max(1, TOKENS_PER_FORWARD // seq_len)}
+        return data
 
 
 class QuantizeBase(StrictModel):

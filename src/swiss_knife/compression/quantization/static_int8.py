@@ -631,7 +631,7 @@ def smooth_model(
     *,
     targets: list[str] | None = None,
     ignore: list[str] | None = None,
-    batch_size: int = 2,
+    batch_size: int | None = None,
     device: torch.device | str | None = None,
 ) -> StaticState:
     """Apply SmoothQuant to the float model in place (no quantization); its function is unchanged
