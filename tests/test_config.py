@@ -8,6 +8,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+import torch
 import yaml
 
 from swiss_knife.config import (
@@ -127,6 +128,20 @@ def test_defaults() -> None:
     assert config.evaluation == EvaluationConfig()
     assert config.evaluation.perplexity.window == 512
     assert config.evaluate_original is True
+
+
+def test_calibration_batch_defaults_to_1024_tokens_per_forward() -> None:
+    from swiss_knife.calibration import _check_batch_size
+    from swiss_knife.config import CalibrationSettings
+
+    assert CalibrationSettings().batch_size == 2  # 512-token windows
+    assert CalibrationSettings(seq_len=64).batch_size == 16
+    assert CalibrationSettings(seq_len=4096).batch_size == 1
+    assert CalibrationSettings(seq_len=64, batch_size=3).batch_size == 3
+    assert validate_dict(CalibrationSettings, {"seq_len": 128}).batch_size == 8
+    # The walk's own default, for the Python functions called without a config.
+    assert _check_batch_size(None, torch.zeros(5, 256, dtype=torch.long)) == 4
+    assert _check_batch_size(3, torch.zeros(5, 256, dtype=torch.long)) == 3
 
 
 # --------------------------------------------------------------------------- shorthands
