@@ -205,8 +205,9 @@ class CalibrationSettings(StrictModel):
     seed: int = Field(default=0, description="Seed of the window sampler.")
     # Unset, 1024 tokens per forward (2 windows of 512): a forward's temporaries (and the heap
     # fragments they leave) grow with its tokens; on SmolLM2 with 64 x 512 tokens a streamed
-    # GPTQ peaked at 926 MiB with 8 windows per pass and 709 MiB with 2, in the same time
-    # within noise (benchmarks/RESULTS.md, samples). Short windows get more per pass.
+    # GPTQ peaked at 926 MiB with 8 windows per pass and 709 MiB with 2; on 8 of its blocks,
+    # 2, 4 and 8 windows took 88, 84 and 91 s (benchmarks/RESULTS.md, samples). Short windows
+    # get more per pass.
     batch_size: int = Field(
         default=2,
         ge=1,
