@@ -99,7 +99,7 @@ from swiss_knife.arch import (
     get_blocks,
     linear_in_out,
 )
-from swiss_knife.config import TOKENS_PER_FORWARD
+from swiss_knife.config import default_batch_size
 from swiss_knife.device import fast_bf16_matmul
 from swiss_knife.errors import UnsupportedArchitectureError, UserInputError
 
@@ -589,9 +589,9 @@ def _check_samples(config: Any, samples: Any) -> None:
 
 
 def _check_batch_size(batch_size: Any, samples: Tensor) -> int:
-    """The mini-batch size: as given, or (None) as many windows as make `TOKENS_PER_FORWARD`."""
+    """The mini-batch size: as given, or (None) the config's default for these windows."""
     if batch_size is None:
-        return max(1, TOKENS_PER_FORWARD // max(1, int(samples.shape[-1])))
+        return default_batch_size(int(samples.shape[-1]))
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UserInputError(f"batch_size must be a positive integer, got {batch_size!r}")
     return batch_size

@@ -197,6 +197,11 @@ class EvaluateStageConfig(StageBase):
 TOKENS_PER_FORWARD = 1024
 
 
+def default_batch_size(seq_len: int) -> int:
+    """Windows of `seq_len` tokens per calibration forward when none is given."""
+    return max(1, TOKENS_PER_FORWARD // max(1, seq_len))
+
+
 class CalibrationSettings(StrictModel):
     """How many token windows of the calibration text a data-driven method sees."""
 
@@ -235,7 +240,7 @@ class CalibrationSettings(StrictModel):
         if isinstance(data, dict) and data.get("batch_size") is None:
             seq_len = data.get("seq_len", 512)
             if isinstance(seq_len, int) and not isinstance(seq_len, bool) and seq_len > 0:
-                data = {**data, "batch_size": max(1, TOKENS_PER_FORWARD // seq_len)}
+                data = {**data, "batch_size": default_batch_size(seq_len)}
         return data
 
 
